@@ -1,0 +1,220 @@
+"""Loading the config file, environment and command line into one frozen Config.
+
+`load_config()` is the single pure function used by start-up, `--check-config` and
+SIGHUP reload alike: it either returns a complete Config or raises ConfigError naming
+FILE:LINE, the key, what is wrong and what was expected.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Mapping
+
+import configargparse
+
+from . import __version__
+from .settings import GLOBAL_BY_NAME, GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, BadValue
+
+DEFAULT_PATH = "/etc/gproxyd/gproxyd.conf"
+
+Settings = make_dataclass(
+    "Settings", [(o.attr, Any) for o in GLOBAL_OPTIONS], frozen=True,
+    namespace={"__doc__": "The [gproxyd] section: process-wide options."})
+
+_RouteOptions = make_dataclass(
+    "_RouteOptions", [(o.attr, Any) for o in ROUTE_OPTIONS], frozen=True)
+
+
+@dataclass(frozen=True)
+class Route(_RouteOptions):
+    """One [route NAME] section: a listener and where its traffic goes."""
+    name: str = ""
+    where: str = ""  # FILE:LINE of the section header, for messages
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    settings: Any
+    routes: tuple[Route, ...] = field(default_factory=tuple)
+
+
+class ConfigError(Exception):
+    """A user error in the configuration. str() is the complete message to print."""
+
+    def __init__(self, where: str, key: str, problem: str):
+        self.where, self.key, self.problem = where, key, problem
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+# --- reading the INI text, keeping line numbers ---------------------------------------
+
+_SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]\s*(?:[;#].*)?$")
+_KEY = re.compile(r"^([A-Za-z0-9_.-]+)\s*[=:]\s*(.*)$")
+_INLINE_COMMENT = re.compile(r"\s+[;#].*$")
+
+
+@dataclass
+class _Section:
+    title: str
+    line: int
+    values: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+def _read_sections(path: str) -> list[_Section]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(path, "", f"cannot read config file: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "cannot read config file: not UTF-8 text") from None
+    sections: list[_Section] = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        header = _SECTION.match(line)
+        if header:
+            sections.append(_Section(" ".join(header.group(1).split()), number))
+            continue
+        pair = _KEY.match(line)
+        if not pair:
+            raise ConfigError(f"{path}:{number}", "",
+                              f"cannot parse {line!r} (expected [section] or key = value)")
+        if not sections:
+            raise ConfigError(f"{path}:{number}", pair.group(1),
+                              "key outside any section (expected it under [gproxyd] or "
+                              "[route NAME])")
+        key, value = pair.group(1).lower(), _INLINE_COMMENT.sub("", pair.group(2)).strip()
+        section = sections[-1]
+        if key in section.values:
+            raise ConfigError(f"{path}:{number}", key,
+                              f"given twice in [{section.title}] (first on line "
+                              f"{section.values[key][1]})")
+        section.values[key] = (value, number)
+    return sections
+
+
+# --- building the frozen config -------------------------------------------------------
+
+def _parse(option, text: str, where: str) -> Any:
+    try:
+        return option.parse(text)
+    except BadValue as error:
+        raise ConfigError(where, option.name, str(error)) from None
+
+
+def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
+    """The `gproxyd` command line: -c, the actions, and one flag per global option."""
+    parser = configargparse.ArgumentParser(
+        prog=prog, auto_env_var_prefix=None,
+        description="gproxyd: transparent TCP proxy with shadow traffic and live benchmarking.",
+        epilog="Every global option may also be set in the [gproxyd] section of the config "
+               "file and in a GPROXYD_* environment variable; precedence: defaults < file < "
+               "environment < command line.")
+    parser.add_argument("-c", "--config", default=DEFAULT_PATH, env_var="GPROXYD_CONFIG",
+                        metavar="FILE", help=f"config file (default: {DEFAULT_PATH})")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config file, print a summary and exit (0 if good, "
+                             "78 if not)")
+    parser.add_argument("--version", action="version", version=f"gproxyd {__version__}")
+    for option in GLOBAL_OPTIONS:
+        default = "off" if option.default == "" else option.default
+        parser.add_argument(option.flag, dest=option.attr, default=None, env_var=option.env,
+                            metavar=option.metavar,
+                            help=f"{option.help} (default: {default})")
+    return parser
+
+
+def _cli_and_env(argv: list[str], env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Global option values given on the command line or in GPROXYD_* variables."""
+    namespace = build_parser().parse_known_args(argv, env_vars=dict(env))[0]
+    found: dict[str, tuple[str, str]] = {}
+    for option in GLOBAL_OPTIONS:
+        value = getattr(namespace, option.attr, None)
+        if value is None:
+            continue
+        flag_given = any(arg == option.flag or arg.startswith(option.flag + "=") for arg in argv)
+        found[option.name] = (value, option.flag if flag_given else option.env)
+    return found
+
+
+def _settings(path: str, section: _Section | None, overrides: dict[str, tuple[str, str]]):
+    values = {}
+    for option in GLOBAL_OPTIONS:
+        if option.name in overrides:
+            text, where = overrides[option.name]
+        elif section and option.name in section.values:
+            text, line = section.values[option.name]
+            where = f"{path}:{line}"
+        else:
+            text, where = option.default, "default"
+        values[option.attr] = _parse(option, text, where)
+    return Settings(**values)
+
+
+def _route(path: str, section: _Section, name: str) -> Route:
+    values: dict[str, Any] = {}
+    for option in ROUTE_OPTIONS:
+        if option.name in section.values:
+            text, line = section.values[option.name]
+            values[option.attr] = _parse(option, text, f"{path}:{line}")
+        elif option.default is None:
+            raise ConfigError(f"{path}:{section.line}", option.name,
+                              f"missing in [route {name}] (expected {option.name} = "
+                              f"{option.metavar.lower()})")
+        else:
+            values[option.attr] = option.parse(option.default)
+    return Route(name=name, where=f"{path}:{section.line}", **values)
+
+
+def load_config(path: str = DEFAULT_PATH, argv: list[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read PATH, then GPROXYD_* variables and command-line flags, into a Config.
+
+    Precedence: defaults < file < environment < command line.
+    """
+    argv = list(argv or [])
+    env = os.environ if env is None else env
+    sections = _read_sections(path)
+    global_section = None
+    routes: list[Route] = []
+    listen_seen: dict[Any, str] = {}
+    for section in sections:
+        where = f"{path}:{section.line}"
+        kind, _, name = section.title.partition(" ")
+        if section.title == "gproxyd":
+            if global_section is not None:
+                raise ConfigError(where, "", f"section [gproxyd] given twice (first on line "
+                                             f"{global_section.line})")
+            global_section = section
+            allowed = GLOBAL_BY_NAME
+        elif kind == "route" and re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            if any(route.name == name for route in routes):
+                raise ConfigError(where, "", f"route {name!r} defined twice")
+            allowed = ROUTE_BY_NAME
+        else:
+            raise ConfigError(where, "", f"unknown section [{section.title}] (expected "
+                                         "[gproxyd] or [route NAME], NAME of letters, digits, "
+                                         "'-', '_' or '.')")
+        for key, (_, line) in section.values.items():
+            if key not in allowed:
+                raise ConfigError(f"{path}:{line}", key,
+                                  f"unknown key in [{section.title}] (expected one of: "
+                                  f"{', '.join(sorted(allowed))})")
+        if allowed is ROUTE_BY_NAME:
+            route = _route(path, section, name)
+            listen_key = route.listen.sockaddr
+            if listen_key in listen_seen:
+                raise ConfigError(f"{path}:{section.values['listen'][1]}", "listen",
+                                  f"address {route.listen} already used by route "
+                                  f"{listen_seen[listen_key]} (expected one route per "
+                                  "listen address)")
+            listen_seen[listen_key] = name
+            routes.append(route)
+    if not routes:
+        raise ConfigError(path, "", "no [route NAME] section (expected at least one route)")
+    settings = _settings(path, global_section, _cli_and_env(argv, env))
+    return Config(path=path, settings=settings, routes=tuple(routes))

@@ -1,0 +1,230 @@
+"""The option registry: every config key declared once, with its type, default and help.
+
+`--help`, the man pages, the example config and validation are all generated from
+`GLOBAL_OPTIONS` and `ROUTE_OPTIONS`; nothing else lists option names.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class BadValue(ValueError):
+    """A value that does not parse; str() is `what is wrong (what was expected)`."""
+
+
+# --- value types ----------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
+               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
+               "gib": 1024 ** 3}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def duration(text: str) -> float:
+    """'250ms', '5s', '15m', '1h' (a bare number is seconds) -> seconds."""
+    match = _NUMBER_UNIT.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _DURATION_UNITS and unit != "":
+        raise BadValue(f"bad duration {text!r} (expected a number with ms, s, m or h, e.g. 5s)")
+    return float(match.group(1)) * _DURATION_UNITS.get(unit, 1.0)
+
+
+def size(text: str) -> int:
+    """'4MiB', '512KiB', '65536' -> bytes."""
+    match = _NUMBER_UNIT.match(text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise BadValue(f"bad size {text!r} (expected bytes with KiB, MiB or GiB, e.g. 4MiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BadValue(f"bad number {text!r} (expected a whole number >= 1)")
+    return value
+
+
+def percentage(text: str) -> float:
+    """'100%', '12.5%' or '0.125' -> a share between 0 and 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise BadValue(f"bad share {text!r} (expected 0% to 100%)")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise BadValue(f"bad value {text!r} (expected one of: {', '.join(allowed)})")
+        return value
+    parse.__name__ = "|".join(allowed)
+    return parse
+
+
+def text_value(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise BadValue("empty value (expected some text)")
+    return value
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise BadValue(f"bad boolean {text!r} (expected yes or no)")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP or unix-socket endpoint. `text` is the address as the user wrote it."""
+    text: str
+    family: int
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    numeric: bool = True  # a literal IP: connect without asking a resolver
+
+    @property
+    def sockaddr(self) -> Any:
+        return self.path if self.family == socket.AF_UNIX else (self.host, self.port)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def address(text: str) -> Address:
+    """'host:port', '[v6]:port', 'unix:/path' -> Address."""
+    raw = text.strip()
+    if raw.startswith("unix:"):
+        path = raw[5:]
+        if not path.startswith("/"):
+            raise BadValue(f"bad unix socket address {raw!r} (expected unix:/absolute/path)")
+        return Address(raw, socket.AF_UNIX, path=path)
+    if raw.startswith("["):
+        host, sep, port = raw[1:].partition("]:")
+        if not sep:
+            raise BadValue(f"bad address {raw!r} (expected [ipv6]:port)")
+    else:
+        host, sep, port = raw.rpartition(":")
+        if not sep or not host:
+            raise BadValue(f"bad address {raw!r} (expected host:port, [ipv6]:port or unix:/path)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BadValue(f"bad port {port!r} (expected 1-65535)")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", host):
+            raise BadValue(f"bad host {host!r} (expected an IP address or a host name)") from None
+        return Address(raw, socket.AF_INET, host=host, port=int(port), numeric=False)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return Address(raw, family, host=str(ip), port=int(port))
+
+
+def address_list(text: str) -> tuple[Address, ...]:
+    """Comma-separated addresses; empty means none."""
+    return tuple(address(part) for part in text.split(",") if part.strip())
+
+
+def admin_address(text: str) -> Address | None:
+    return None if text.strip().lower() == "off" else address(text)
+
+
+def optional_text(text: str) -> str:
+    return text.strip()
+
+
+# --- the registry ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    name: str                      # as written in the config file: drain-timeout
+    parse: Callable[[str], Any]
+    default: str | None            # as text, parsed like a user value; None = required
+    help: str
+    metavar: str = "VALUE"
+    cli: bool = True               # also a --flag and GPROXYD_* variable (global options)
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return "GPROXYD_" + self.attr.upper()
+
+
+GLOBAL_OPTIONS: tuple[Option, ...] = (
+    Option("admin", admin_address, "127.0.0.1:9901",
+           "Admin HTTP endpoint (/stats, /metrics) as host:port, or 'off'.", "ADDRESS"),
+    Option("log-file", text_value, "-",
+           "Where the log goes: a file path, or '-' for standard error (journald under systemd).",
+           "PATH"),
+    Option("log-level", choice("debug", "info", "warning", "error"), "info",
+           "Least severe log level written: debug, info, warning or error.", "LEVEL"),
+    Option("log-format", choice("text", "json"), "text",
+           "Log line format: text, or json (one object a line).", "FORMAT"),
+    Option("drain-timeout", duration, "30s",
+           "On stop, how long live connections may finish before they are closed.", "DURATION"),
+    Option("stats-interval", duration, "60s",
+           "How often a summary line per route is logged; 0 turns it off.", "DURATION"),
+    Option("user", optional_text, "",
+           "After binding, drop privileges to this user (empty: keep the current user).", "USER"),
+    Option("group", optional_text, "",
+           "After binding, drop privileges to this group (default: the user's group).", "GROUP"),
+    Option("pid-file", optional_text, "",
+           "Write the daemon's process id here (removed on exit).", "PATH"),
+)
+
+ROUTE_OPTIONS: tuple[Option, ...] = (
+    Option("listen", address, None,
+           "Where clients connect: host:port, [ipv6]:port or unix:/path.", "ADDRESS"),
+    Option("production", address, None,
+           "The production backend every byte is relayed to: host:port or unix:/path.",
+           "ADDRESS"),
+    Option("shadow", address_list, "",
+           "Zero or more shadow backends (comma-separated) that get a copy of every client "
+           "byte; their answers are read and discarded.", "ADDRESSES"),
+    Option("shadow-sample", percentage, "100%",
+           "Share of client connections mirrored to the shadows.", "PERCENT"),
+    Option("shadow-buffer", size, "4MiB",
+           "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
+    Option("shadow-connect-timeout", duration, "1s",
+           "How long connecting to a shadow may take.", "DURATION"),
+    Option("shadow-linger", duration, "5s",
+           "After production is done, how long a shadow gets to finish its answer.",
+           "DURATION"),
+    Option("connect-timeout", duration, "5s",
+           "How long connecting to production may take before the client is closed.",
+           "DURATION"),
+    Option("idle-timeout", duration, "15m",
+           "Close a connection after this long with no byte in either direction.", "DURATION"),
+    Option("max-connections", positive_int, "10000",
+           "Most client connections served at once; clients over it are closed at once.",
+           "NUMBER"),
+    Option("protocol", choice("tcp", "http", "redis", "beanstalkd"), "tcp",
+           "How the route's traffic is understood for measurement: tcp, http, redis or "
+           "beanstalkd. Bytes are never changed by it.", "PROTOCOL"),
+)
+
+GLOBAL_BY_NAME = {option.name: option for option in GLOBAL_OPTIONS}
+ROUTE_BY_NAME = {option.name: option for option in ROUTE_OPTIONS}
