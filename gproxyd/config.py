@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import configargparse
 
 from . import __version__
-from .settings import GLOBAL_BY_NAME, GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, BadValue
+from .settings import (GLOBAL_BY_NAME, GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, BadValue,
+                       boolean)
 
 DEFAULT_PATH = "/etc/gproxyd/gproxyd.conf"
 
@@ -106,9 +107,18 @@ def _parse(option, text: str, where: str) -> Any:
         raise ConfigError(where, option.name, str(error)) from None
 
 
+EX_USAGE = 64
+
+
+class _Parser(configargparse.ArgumentParser):
+    def error(self, message: str):
+        self.print_usage()
+        self.exit(EX_USAGE, f"{self.prog}: {message}\n")
+
+
 def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
     """The `gproxyd` command line: -c, the actions, and one flag per global option."""
-    parser = configargparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, auto_env_var_prefix=None,
         description="gproxyd: transparent TCP proxy with shadow traffic and live benchmarking.",
         epilog="Every global option may also be set in the [gproxyd] section of the config "
@@ -122,9 +132,11 @@ def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gproxyd {__version__}")
     for option in GLOBAL_OPTIONS:
         default = "off" if option.default == "" else option.default
+        # A yes/no option is also a bare switch: `--daemonize` means `--daemonize yes`.
+        switch = {"nargs": "?", "const": "yes"} if option.parse is boolean else {}
         parser.add_argument(option.flag, dest=option.attr, default=None, env_var=option.env,
-                            metavar=option.metavar,
-                            help=f"{option.help} (default: {default})")
+                            metavar=option.metavar, help=f"{option.help} (default: {default})",
+                            **switch)
     return parser
 
 

@@ -52,6 +52,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def optional_int(text: str) -> int | None:
+    raw = text.strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadValue(f"bad number {text!r} (expected a whole number, or nothing)") from None
+
+
 def percentage(text: str) -> float:
     """'100%', '12.5%' or '0.125' -> a share between 0 and 1."""
     raw = text.strip()
@@ -191,6 +201,9 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
            "After binding, drop privileges to this user (empty: keep the current user).", "USER"),
     Option("group", optional_text, "",
            "After binding, drop privileges to this group (default: the user's group).", "GROUP"),
+    Option("daemonize", boolean, "no",
+           "Detach from the terminal and run in the background (for hosts without "
+           "systemd; needs log-file set to a file).", "yes|no"),
     Option("pid-file", optional_text, "",
            "Write the daemon's process id here (removed on exit).", "PATH"),
 )
@@ -206,6 +219,9 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "byte; their answers are read and discarded.", "ADDRESSES"),
     Option("shadow-sample", percentage, "100%",
            "Share of client connections mirrored to the shadows.", "PERCENT"),
+    Option("shadow-seed", optional_int, "",
+           "Seed for choosing which connections are mirrored (empty: unpredictable); "
+           "a fixed seed makes the choice repeatable.", "NUMBER"),
     Option("shadow-buffer", size, "4MiB",
            "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
     Option("shadow-connect-timeout", duration, "1s",

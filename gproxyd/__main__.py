@@ -1,0 +1,4 @@
+"""`python -m gproxyd` is the `gproxyd` command."""
+from .cli import run
+
+run()

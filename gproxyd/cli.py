@@ -1,0 +1,92 @@
+"""Entry points: `gproxyd` (the daemon, --check-config, demo). Owns the exit codes."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import ConfigError, build_parser, load_config
+
+EX_OK = 0
+EX_FAILURE = 1      # could not start or serve: a bind, privilege or log-file problem
+EX_USAGE = 64
+EX_CONFIG = 78      # sysexits.h EX_CONFIG: the configuration is wrong
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"gproxyd: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+        return demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, argv, os.environ)
+    except ConfigError as error:
+        return _fail(str(error), EX_CONFIG)
+    if args.check_config:
+        from .master import describe_route
+        print(f"{config.path}: configuration OK, {len(config.routes)} route(s)")
+        for route in config.routes:
+            print(f"  {describe_route(route)}")
+        return EX_OK
+    settings = config.settings
+    if settings.daemonize and settings.log_file == "-":
+        return _fail(f"{config.path}: log-file: '-' (standard error) is closed when "
+                     "daemonized (expected a file path with daemonize)", EX_CONFIG)
+    return _serve(config, argv)
+
+
+def _serve(config, argv: list[str]) -> int:
+    """Bind, detach, drop privileges, then start gevent's loop and serve until stopped."""
+    from . import logs
+    from .daemon import PrivilegeError, daemon_context, drop_privileges
+    from .listener import ListenError
+    from .master import Master
+
+    settings = config.settings
+    try:
+        logs.configure(settings)
+    except OSError as error:
+        return _fail(f"log-file: cannot open {settings.log_file}: {error.strerror}",
+                     EX_FAILURE)
+    try:
+        sockets = Master.bind_all(config)
+    except ListenError as error:
+        return _fail(str(error), EX_FAILURE)
+    context = None
+    if settings.daemonize:
+        # Detach before gevent creates its loop: libev's fds do not survive the fork.
+        keep = [sock.fileno() for sock in sockets.values()] + [logs.log_fileno()]
+        context = daemon_context(settings.pid_file, [fd for fd in keep if fd is not None])
+        context.open()
+    elif settings.pid_file:
+        from .daemon import PidFile
+        context = PidFile(settings.pid_file)
+        context.__enter__()
+    import logging
+    log = logging.getLogger("gproxyd")
+    try:
+        try:
+            switched = drop_privileges(settings.user, settings.group)
+        except PrivilegeError as error:
+            log.error("%s; not serving as root", error)
+            return _fail(str(error), EX_FAILURE)
+        if switched:
+            log.info("%s", switched)
+        from gevent import monkey
+        monkey.patch_all()
+        master = Master(config, argv, os.environ, sockets)
+        master.start()
+        return master.run()
+    finally:
+        if context is not None:
+            context.__exit__(None, None, None)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Becoming a Unix daemon: detaching with python-daemon, pid file, dropping privileges."""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+
+
+class PrivilegeError(Exception):
+    """Privileges could not be dropped as configured; the daemon must not go on."""
+
+
+def drop_privileges(user: str, group: str) -> str | None:
+    """Switch to `user` (and `group`, default: the user's primary group).
+
+    Returns a description of the switch, or None when there was nothing to do.
+    Raises PrivilegeError when the switch is asked for but impossible.
+    """
+    if not user and not group:
+        return None
+    try:
+        entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise PrivilegeError(f"user: no such user {user!r}") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise PrivilegeError(f"group: no such group {group!r}") from None
+    if os.getuid() == entry.pw_uid and os.getgid() == gid:
+        return None
+    try:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(entry.pw_uid)
+    except PermissionError as error:
+        raise PrivilegeError(f"cannot switch to user {entry.pw_name} group {gid}: "
+                             f"{error.strerror} (start as root to use user/group)") from None
+    if os.getuid() == 0 and entry.pw_uid != 0:
+        raise PrivilegeError("still running as root after dropping privileges")
+    return f"running as user {entry.pw_name} (uid {entry.pw_uid}), gid {gid}"
+
+
+class PidFile:
+    """A pid file written after the fork and removed at exit (python-daemon's pidfile API)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        with open(self.path, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        return False
+
+
+def daemon_context(pid_file: str, keep_fds: list[int]):
+    """A python-daemon DaemonContext that keeps our listening sockets and log file open."""
+    import daemon
+    return daemon.DaemonContext(files_preserve=keep_fds, detach_process=True,
+                                pidfile=PidFile(pid_file) if pid_file else None,
+                                working_directory="/", umask=0o022,
+                                signal_map={})

@@ -1,0 +1,210 @@
+"""Listener: one route's listening socket, gevent server and pool; owns its sessions.
+
+The master creates a Listener per listen address, may swap its route on reload
+(`update()`: new connections use the new route, live ones keep theirs), and ends it
+with `close()` (stop accepting) followed by `drain()` (let live sessions finish).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import socket
+import stat
+import time
+
+import _socket
+import gevent
+from gevent.monkey import get_original
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from .config import Route
+from .relay import Channel
+from .session import Session
+from .settings import Address
+from .stats import RouteStats
+
+log = logging.getLogger("gproxyd.listener")
+
+# The standard library's class even after monkey-patching: the server accepts from it
+# without gevent's wrapper, and wraps nothing.
+_StdlibSocket = get_original("socket", "socket")
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BACKLOG = 4096
+
+
+class ListenError(Exception):
+    """A listen address that cannot be bound; str() says why and what to do."""
+
+
+def bind(address: Address) -> socket.socket:
+    """A non-blocking listening socket for `address`, or ListenError with cause and hint."""
+    sock = _StdlibSocket(address.family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        if address.family == socket.AF_UNIX:
+            _remove_stale_unix_socket(address.path)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address.sockaddr)
+        sock.listen(_BACKLOG)
+    except OSError as error:
+        sock.close()
+        hint = {
+            errno.EACCES: " (run as root or grant CAP_NET_BIND_SERVICE)",
+            errno.EADDRINUSE: " (another process listens there)",
+            errno.EADDRNOTAVAIL: " (no interface of this host has that address)",
+        }.get(error.errno, "")
+        raise ListenError(f"cannot listen on {address}: {error.strerror}{hint}") from None
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """A socket file nobody listens on is left over from a crash: remove it."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def _peer_name(family: int, address) -> str:
+    if family == socket.AF_INET6:
+        return f"[{address[0]}]:{address[1]}"
+    if family == socket.AF_INET:
+        return f"{address[0]}:{address[1]}"
+    return "unix"
+
+
+class _Server(StreamServer):
+    """A StreamServer that hands out plain sockets and survives running out of fds."""
+
+    _last_warning = 0.0
+
+    def do_read(self):
+        try:
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            if error.errno not in _OUT_OF_RESOURCES:
+                raise
+            self._pause_accepting(error)
+            return None
+        listening = self.socket
+        return _socket.socket(listening.family, listening.type, 0, fd), address
+
+    def _pause_accepting(self, error: OSError) -> None:
+        # Accepting again at once would spin: the pending connection stays readable.
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.error("cannot accept on %s: %s (raise the open-files limit, e.g. "
+                      "LimitNOFILE=, or lower max-connections); pausing accepts",
+                      self.address, error.strerror)
+        self.stop_accepting()
+        self._timer = self.loop.timer(0.1)
+        self._timer.start(self._start_accepting_if_started)
+
+
+class Listener:
+    """Accepts connections for one route and runs a Session for each."""
+
+    def __init__(self, route: Route, stats: RouteStats | None = None,
+                 sock: socket.socket | None = None):
+        self.route = route
+        self.stats = stats or RouteStats()
+        self.sessions: set[Session] = set()
+        self._sampler = random.Random(route.shadow_seed)
+        self._listening = sock or bind(route.listen)
+        self._server = _Server(self._listening, self._handle, spawn=Pool())
+        self._reaper: gevent.Greenlet | None = None
+        self._last_rejection_log = 0.0
+
+    @property
+    def address(self) -> Address:
+        return self.route.listen
+
+    def start(self) -> None:
+        self._server.start()
+        self._reaper = gevent.spawn(self._reap_idle)
+
+    def update(self, route: Route) -> None:
+        """Use `route` for connections accepted from now on."""
+        if route.shadow_seed != self.route.shadow_seed:
+            self._sampler = random.Random(route.shadow_seed)
+        self.route = route
+
+    def close(self) -> None:
+        """Stop accepting; live sessions go on (see drain())."""
+        self._server.close()
+        if self.route.listen.family == socket.AF_UNIX:
+            try:
+                os.unlink(self.route.listen.path)
+            except OSError:
+                pass
+
+    def drain(self, timeout: float | None) -> int:
+        """Wait up to `timeout` (None: as long as it takes) for live sessions; abort the rest.
+
+        Returns how many sessions had to be aborted.
+        """
+        pool = self._server.pool
+        pool.join(timeout=timeout)
+        leftover = list(self.sessions)
+        for session in leftover:
+            session.abort("stopped: drain-timeout passed")
+        if leftover:
+            pool.join(timeout=self.route.shadow_linger + 1)
+        if self._reaper is not None:
+            self._reaper.kill(block=False)
+        return len(leftover)
+
+    # --- per connection ------------------------------------------------------------------
+
+    def _handle(self, sock: socket.socket, address) -> None:
+        route = self.route
+        if len(self.sessions) >= route.max_connections:
+            sock.close()
+            self.stats.rejected += 1
+            now = time.monotonic()
+            if now - self._last_rejection_log > 10:
+                self._last_rejection_log = now
+                log.warning("route %s: max-connections (%d) reached; closing new clients "
+                            "(%d so far)", route.name, route.max_connections,
+                            self.stats.rejected)
+            return
+        mirror = bool(route.shadow) and (route.shadow_sample >= 1.0 or
+                                         self._sampler.random() < route.shadow_sample)
+        session = Session(route, Channel(sock), _peer_name(sock.family, address), self.stats,
+                          mirror)
+        self.sessions.add(session)
+        self.stats.active += 1
+        self.stats.total += 1
+        try:
+            session.run()
+        finally:
+            self.sessions.discard(session)
+            self.stats.active -= 1
+            session.finish()
+
+    def _reap_idle(self) -> None:
+        while True:
+            gevent.sleep(max(0.05, min(1.0, self.route.idle_timeout / 4)))
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if session.idle_seconds(now) >= session.route.idle_timeout:
+                    session.abort("idle-timeout")

@@ -1,0 +1,68 @@
+"""Log set-up: where lines go (stderr or a file), their format, and reopening on SIGUSR1."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_handler: logging.Handler | None = None
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp}.{int(record.msecs):03d} {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _open_handler(path: str) -> logging.Handler:
+    if path == "-":
+        return logging.StreamHandler(sys.stderr)
+    return logging.FileHandler(path, encoding="utf-8")
+
+
+def configure(settings) -> None:
+    """Apply log-file, log-level and log-format; safe to call again on reload.
+
+    Raises OSError if the log file cannot be opened (the caller reports it).
+    """
+    global _handler
+    handler = _open_handler(settings.log_file)
+    handler.setFormatter(_JsonFormatter() if settings.log_format == "json" else _TextFormatter())
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    _handler = handler
+    handler.path = settings.log_file  # type: ignore[attr-defined]
+
+
+def reopen() -> None:
+    """Reopen the log file (after logrotate moved it away); nothing to do for stderr."""
+    if isinstance(_handler, logging.FileHandler):
+        _handler.acquire()
+        try:
+            _handler.close()
+            _handler.stream = _handler._open()
+        finally:
+            _handler.release()
+
+
+def log_fileno() -> int | None:
+    """The log file's descriptor, to keep open across daemonizing."""
+    stream = getattr(_handler, "stream", None)
+    return stream.fileno() if stream is not None else None

@@ -1,0 +1,194 @@
+"""Master: owns the listeners and runs the process's lifecycle.
+
+Signal handlers only queue the signal; `run()` dispatches them one at a time:
+SIGHUP reloads (a bad config keeps the running one), SIGUSR1 reopens the log file,
+SIGTERM/SIGINT drain and stop (a second one stops at once).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Mapping
+
+import gevent
+from gevent.queue import Queue
+
+from . import logs
+from .config import Config, ConfigError, Route, load_config
+from .listener import Listener, ListenError, bind
+from .systemd import sd_notify, watchdog_interval
+
+log = logging.getLogger("gproxyd")
+
+_DRAINED = "drained"
+
+
+def _listen_key(route: Route):
+    return route.listen.family, route.listen.sockaddr
+
+
+def describe_route(route: Route) -> str:
+    shadows = ", ".join(a.text for a in route.shadow) or "none"
+    return (f"route {route.name}: {route.listen} -> production {route.production}, "
+            f"shadows {shadows}, protocol {route.protocol}")
+
+
+class Master:
+    """Runs the listeners of one Config; reconciles them with a new one on reload."""
+
+    def __init__(self, config: Config, argv: list[str], env: Mapping[str, str],
+                 sockets: dict | None = None):
+        self.config = config
+        self._argv, self._env = argv, env
+        self._signals: Queue = Queue()
+        self.listeners: dict = {}
+        self._stopping = False
+        self._prebound = sockets or {}
+        self._retiring: set[Listener] = set()
+
+    # --- start ---------------------------------------------------------------------------
+
+    @staticmethod
+    def bind_all(config: Config) -> dict:
+        """Bind every route's listen address (before daemonizing or dropping privileges).
+
+        Raises ListenError naming the first address that fails; binds nothing then.
+        """
+        bound: dict = {}
+        try:
+            for route in config.routes:
+                bound[_listen_key(route)] = bind(route.listen)
+        except ListenError:
+            for sock in bound.values():
+                sock.close()
+            raise
+        return bound
+
+    def start(self) -> None:
+        sockets = self._prebound or self.bind_all(self.config)
+        for route in self.config.routes:
+            listener = Listener(route, sock=sockets[_listen_key(route)])
+            listener.start()
+            self.listeners[_listen_key(route)] = listener
+            log.info("%s", describe_route(route))
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            gevent.signal_handler(signum, self._signals.put, signum)
+        interval = watchdog_interval()
+        if interval:
+            gevent.spawn(self._watchdog, interval)
+        log.info("gproxyd ready: %d route(s)", len(self.listeners))
+        sd_notify("READY=1\nSTATUS=serving")
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit status."""
+        while True:
+            event = self._signals.get()
+            if event == _DRAINED:
+                log.info("gproxyd stopped")
+                return 0
+            if event == signal.SIGHUP:
+                self.reload()
+            elif event == signal.SIGUSR1:
+                logs.reopen()
+                log.info("log file reopened")
+            elif event in (signal.SIGTERM, signal.SIGINT):
+                if self._stopping:
+                    self._stop_now(event)
+                else:
+                    self._begin_stop(event)
+
+    def _watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            gevent.sleep(interval)
+
+    # --- stop ----------------------------------------------------------------------------
+
+    def _begin_stop(self, signum: int) -> None:
+        self._stopping = True
+        sd_notify("STOPPING=1")
+        timeout = self.config.settings.drain_timeout
+        live = sum(len(listener.sessions) for listener in self._all_listeners())
+        log.info("%s: stopping; draining %d live connection(s) for up to %.0fs "
+                 "(send it again to stop at once)", signal.Signals(signum).name, live, timeout)
+        for listener in self.listeners.values():
+            listener.close()
+        gevent.spawn(self._drain, timeout)
+
+    def _all_listeners(self) -> list[Listener]:
+        return list(self.listeners.values()) + list(self._retiring)
+
+    def _drain(self, timeout: float) -> None:
+        drains = [gevent.spawn(listener.drain, timeout) for listener in self._all_listeners()]
+        gevent.joinall(drains)
+        aborted = sum(drain.value or 0 for drain in drains)
+        if aborted:
+            log.warning("drain-timeout passed: closed %d connection(s)", aborted)
+        self._signals.put(_DRAINED)
+
+    def _stop_now(self, signum: int) -> None:
+        log.info("%s again: closing all connections now", signal.Signals(signum).name)
+        for listener in self._all_listeners():
+            for session in list(listener.sessions):
+                session.abort("stopped")
+
+    def _retire(self, listener: Listener) -> None:
+        """A removed route: its live connections finish in their own time."""
+        self._retiring.add(listener)
+
+        def wait_then_forget():
+            listener.drain(None)
+            self._retiring.discard(listener)
+        gevent.spawn(wait_then_forget)
+
+    # --- reload --------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config; apply it if it is good, keep the running one if not."""
+        sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
+        try:
+            self._reload()
+        finally:
+            sd_notify("READY=1\nSTATUS=serving")
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config.path, self._argv, self._env)
+        except ConfigError as error:
+            log.error("reload failed: %s; keeping the running configuration", error)
+            return
+        new_keys = {_listen_key(route): route for route in new.routes}
+        added = [route for key, route in new_keys.items() if key not in self.listeners]
+        try:
+            sockets = self.bind_all(Config(new.path, new.settings, tuple(added)))
+        except ListenError as error:
+            log.error("reload failed: %s; keeping the running configuration", error)
+            return
+        if new.settings != self.config.settings:
+            try:
+                logs.configure(new.settings)
+            except OSError as error:
+                log.error("reload: cannot open log file %s: %s; keeping the old log",
+                          new.settings.log_file, error.strerror)
+        removed, changed = [], []
+        for key, listener in list(self.listeners.items()):
+            if key not in new_keys:
+                del self.listeners[key]
+                listener.close()
+                self._retire(listener)
+                removed.append(listener.route.name)
+            elif new_keys[key] != listener.route:
+                listener.update(new_keys[key])
+                changed.append(new_keys[key].name)
+        for route in added:
+            listener = Listener(route, sock=sockets[_listen_key(route)])
+            listener.start()
+            self.listeners[_listen_key(route)] = listener
+        self.config = new
+        log.info("reloaded %s: %d route(s); added: %s; changed: %s; removed: %s",
+                 new.path, len(self.listeners), ", ".join(r.name for r in added) or "none",
+                 ", ".join(changed) or "none", ", ".join(removed) or "none")
+

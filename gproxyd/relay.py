@@ -1,0 +1,301 @@
+"""The copy loops: move one direction of a connection, cut-through, with half-close.
+
+Sockets here are plain non-blocking `_socket.socket`s waited on with our own libev
+watchers, not gevent socket objects: it saves a layer of Python per chunk on the hot
+path. Two loops exist:
+
+- `splice_pump` moves bytes kernel-to-kernel through a pipe (`os.splice`), zero copy;
+  used when nothing in the process needs to see the bytes.
+- `copy_pump` reads into a reused buffer with `recv_into` and hands each chunk to a
+  callback (shadows, observers, hooks) before writing it on.
+
+Neither holds a pipe or a buffer while the connection is idle: both go back to a
+process-wide free list whenever the source has nothing to read, so an idle proxied
+connection costs no buffer memory and no pipe file descriptors.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from typing import Callable
+
+import _socket
+import gevent
+from gevent import get_hub
+
+from .settings import Address
+
+CHUNK = 256 * 1024
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_KEEP_SPARE = 16  # pipes/buffers kept for reuse; more are freed
+
+# Why a direction stopped.
+EOF = "eof"
+
+
+class Channel:
+    """One socket of a session, driven non-blocking on the gevent hub.
+
+    The Channel owns its socket: `close()` closes it. `abort()` may be called from any
+    greenlet: it shuts the socket down both ways, which wakes every greenlet waiting on
+    it (their reads see EOF, their writes fail), so no greenlet has to be killed.
+    """
+    __slots__ = ("sock", "fd", "_hub", "_read_watcher", "_write_watcher", "closed")
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._hub = get_hub()
+        loop = self._hub.loop
+        self._read_watcher = loop.io(self.fd, 1)
+        self._write_watcher = loop.io(self.fd, 2)
+        self.closed = False
+        if sock.family != socket.AF_UNIX:
+            # Cut-through: a small write goes out now, not after Nagle's delay.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def wait_readable(self) -> None:
+        self._hub.wait(self._read_watcher)
+
+    def wait_writable(self) -> None:
+        self._hub.wait(self._write_watcher)
+
+    def sendall(self, data) -> None:
+        """Write all of `data`, waiting (cooperatively) while the peer is slow to read."""
+        view = memoryview(data)
+        send = self.sock.send
+        while view:
+            try:
+                sent = send(view)
+            except BlockingIOError:
+                self.wait_writable()
+                continue
+            view = view[sent:]
+
+    def recv_into(self, buffer) -> int:
+        """Read what is available into `buffer`, waiting for at least one byte or EOF."""
+        while True:
+            try:
+                return self.sock.recv_into(buffer)
+            except BlockingIOError:
+                self.wait_readable()
+
+    def shutdown_write(self) -> None:
+        """Pass an EOF on: the peer reads end-of-stream; we may still read from it."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already gone: the other direction reports it
+
+    def abort(self) -> None:
+        """Stop all traffic both ways now; wakes any greenlet blocked on this socket."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the socket; a greenlet still waiting on it gets OSError(EBADF)."""
+        if not self.closed:
+            self.closed = True
+            for watcher in (self._read_watcher, self._write_watcher):
+                self._hub.cancel_wait(watcher, _closed_error(), True)
+            self.sock.close()
+
+
+def _closed_error() -> OSError:
+    return OSError(errno.EBADF, "socket closed while in use")
+
+
+class _FreeList:
+    """Spare pipes or buffers, shared by all connections of the process."""
+
+    def __init__(self, make: Callable, drop: Callable = lambda item: None):
+        self._items: list = []
+        self._make, self._drop = make, drop
+
+    def take(self):
+        return self._items.pop() if self._items else self._make()
+
+    def give(self, item) -> None:
+        if len(self._items) < _KEEP_SPARE:
+            self._items.append(item)
+        else:
+            self._drop(item)
+
+    def discard(self, item) -> None:
+        self._drop(item)
+
+
+def _make_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size: the default 64 KiB still works
+    return read_end, write_end
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+def _make_buffer() -> tuple[bytearray, memoryview]:
+    buffer = bytearray(CHUNK)
+    return buffer, memoryview(buffer)
+
+
+_pipes = _FreeList(_make_pipe, _close_pipe)
+_buffers = _FreeList(_make_buffer)
+
+
+class Counter:
+    """Bytes moved in one direction; read by the session and the idle reaper."""
+    __slots__ = ("bytes",)
+
+    def __init__(self):
+        self.bytes = 0
+
+
+def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
+    """Move src -> dst through a pipe until src's EOF; then half-close dst.
+
+    Returns EOF. Raises OSError on a reset or broken connection (the caller aborts the
+    session). Backpressure is the kernel's: we never read more than the pipe holds and
+    never read again before the pipe has been written out.
+    """
+    splice = os.splice
+    pipe = None
+    try:
+        while True:
+            if pipe is None:
+                src.wait_readable()
+                pipe = _pipes.take()
+            try:
+                pending = splice(src.fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                _pipes.give(pipe)  # the pipe is empty here: lend it out while we wait
+                pipe = None
+                continue
+            if pending == 0:
+                dst.shutdown_write()
+                return EOF
+            counter.bytes += pending
+            while pending:
+                try:
+                    pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    dst.wait_writable()
+    except BaseException:
+        if pipe is not None:
+            _pipes.discard(pipe)  # it may still hold bytes: never reuse it
+            pipe = None
+        raise
+    finally:
+        if pipe is not None:
+            _pipes.give(pipe)
+
+
+def copy_pump(src: Channel, dst: Channel, counter: Counter,
+              on_chunk: Callable[[memoryview], None], on_eof: Callable[[], None]) -> str:
+    """Move src -> dst through a reused buffer, showing each chunk to `on_chunk` first.
+
+    `on_chunk` must not keep the memoryview (it is overwritten by the next read); it
+    copies what it needs. On src's EOF, `on_eof()` runs, dst is half-closed, and EOF
+    is returned. Raises OSError on a reset or broken connection.
+    """
+    recv_into = src.sock.recv_into
+    send = dst.sock.send
+    buffer = view = None
+    try:
+        while True:
+            if buffer is None:
+                src.wait_readable()
+                buffer, view = _buffers.take()
+            try:
+                received = recv_into(buffer)
+            except BlockingIOError:
+                _buffers.give((buffer, view))
+                buffer = None
+                continue
+            if received == 0:
+                on_eof()
+                dst.shutdown_write()
+                return EOF
+            counter.bytes += received
+            chunk = view[:received]
+            on_chunk(chunk)
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            if sent < received:
+                dst.sendall(chunk[sent:])
+    finally:
+        if buffer is not None:
+            _buffers.give((buffer, view))
+
+
+def read_and_discard(src: Channel, counters) -> None:
+    """Read src until EOF, adding what arrives to `counters.bytes_received`."""
+    recv_into = src.sock.recv_into
+    while True:
+        src.wait_readable()
+        buffer, view = _buffers.take()
+        try:
+            received = recv_into(buffer)
+        except BlockingIOError:
+            continue
+        finally:
+            _buffers.give((buffer, view))
+        if received == 0:
+            return
+        counters.bytes_received += received
+
+
+def connect(address: Address, timeout: float) -> Channel:
+    """Open a TCP or unix connection within `timeout` seconds; raise OSError if not.
+
+    Literal IP addresses go straight to connect(); only host names ask the resolver.
+    """
+    if address.numeric:
+        family, sockaddr = address.family, address.sockaddr
+    else:
+        with gevent.Timeout(timeout, socket.timeout(errno.ETIMEDOUT, "connect timed out")):
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                address.host, address.port, 0, socket.SOCK_STREAM)[0]
+    channel = Channel(_socket.socket(family, socket.SOCK_STREAM))
+    sock = channel.sock
+    try:
+        code = sock.connect_ex(sockaddr)
+        if code in (errno.EINPROGRESS, errno.EAGAIN):
+            with gevent.Timeout(timeout, False):
+                channel.wait_writable()
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code in (errno.EINPROGRESS, errno.EAGAIN):
+                code = errno.ETIMEDOUT
+        if code:
+            raise OSError(code, os.strerror(code))
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+def adopt(gevent_socket) -> Channel:
+    """Take an accepted gevent socket over as a Channel (the gevent object is spent)."""
+    sock = _socket.socket(gevent_socket.family, gevent_socket.type, gevent_socket.proto,
+                          gevent_socket.detach())
+    return Channel(sock)
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """An ordinary way for a peer to go away (not worth a traceback)."""
+    return isinstance(error, OSError) and error.errno in (
+        errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNABORTED,
+        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF)

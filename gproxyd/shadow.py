@@ -1,0 +1,140 @@
+"""ShadowSink: a bounded, isolated mirror of one client stream to one shadow backend.
+
+The session calls `feed()` with every client chunk and `finish()` at the client's EOF.
+Neither ever blocks: bytes go into a queue of at most `shadow-buffer` bytes, and the
+sink's own writer greenlet connects and writes. If the queue would overflow, the shadow
+connection is dropped (counted, logged once) and production carries on untouched.
+A reader greenlet reads and discards the shadow's answers, counting them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import gevent
+from gevent.event import Event
+
+from .relay import Channel, connect, is_disconnect, read_and_discard
+from .settings import Address
+from .stats import ShadowCounters
+
+log = logging.getLogger("gproxyd.shadow")
+
+
+class ShadowSink:
+    """Owns one shadow connection: its socket, its queue, its writer and reader greenlets."""
+
+    def __init__(self, address: Address, limit: int, connect_timeout: float,
+                 counters: ShadowCounters, label: str):
+        self.address = address
+        self._limit = limit
+        self._connect_timeout = connect_timeout
+        self._counters = counters
+        self._label = label  # "route web client 1.2.3.4:5" for log lines
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._eof = False
+        self._wakeup = Event()
+        self._channel: Channel | None = None
+        self.state = "connecting"  # -> open -> done | dropped | failed | reset
+        counters.mirrored += 1
+        self._writer = gevent.spawn(self._write_loop)
+        self._reader: gevent.Greenlet | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("connecting", "open")
+
+    def feed(self, chunk) -> None:
+        """Queue a copy of `chunk` for the shadow; drop the shadow if over the bound."""
+        if not self.alive:
+            return
+        size = len(chunk)
+        if self._queued + size > self._limit:
+            self._counters.dropped += 1
+            log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
+                        self._label, self.address, self._limit)
+            self._stop("dropped")
+            return
+        self._queue.append(bytes(chunk))
+        self._queued += size
+        self._wakeup.set()
+
+    def finish(self) -> None:
+        """The client sent EOF: pass it on once the queue is written out."""
+        self._eof = True
+        self._wakeup.set()
+
+    def linger(self, timeout: float) -> None:
+        """Give the shadow up to `timeout` to take the rest and answer, then close it."""
+        self.finish()
+        self._writer.join(timeout=timeout)
+        if self.alive:
+            self._stop("done")  # out of time; the writer closes the channel
+        self._writer.join()
+
+    def _stop(self, state: str) -> None:
+        self.state = state
+        self._queue.clear()
+        self._queued = 0
+        self._wakeup.set()
+        if self._channel is not None:
+            self._channel.abort()  # wakes the writer and reader; they close the channel
+
+    def _write_loop(self) -> None:
+        try:
+            channel = connect(self.address, self._connect_timeout)
+        except OSError as error:
+            if self.alive:
+                self._counters.connect_failures += 1
+                log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
+                         error.strerror or error)
+                self._stop("failed")
+            return
+        if not self.alive:  # dropped or lingered out while connecting
+            channel.close()
+            return
+        self._channel = channel
+        self.state = "open"
+        self._reader = gevent.spawn(self._read_loop)
+        try:
+            self._drain_queue(channel)
+        except OSError as error:
+            if self.alive:
+                self._counters.resets += 1
+                log.info("%s: shadow %s: connection lost: %s", self._label, self.address,
+                         error.strerror or error)
+                self._stop("reset")
+        finally:
+            self._reader.join()
+            channel.close()
+            if self.alive:
+                self.state = "done"
+
+    def _drain_queue(self, channel: Channel) -> None:
+        queue = self._queue
+        while self.alive:
+            if not queue:
+                if self._eof:
+                    channel.shutdown_write()
+                    return
+                self._wakeup.clear()
+                self._wakeup.wait()
+                continue
+            data = queue.popleft()
+            channel.sendall(data)  # waits for this shadow only; feed() keeps queueing
+            if not self.alive:
+                return
+            self._queued -= len(data)
+            self._counters.bytes_sent += len(data)
+
+    def _read_loop(self) -> None:
+        channel = self._channel
+        try:
+            read_and_discard(channel, self._counters)
+        except OSError as error:
+            if self.alive and not is_disconnect(error):
+                log.info("%s: shadow %s: read failed: %s", self._label, self.address, error)
+            if self.alive:
+                self._counters.resets += 1
+                self._stop("reset")
