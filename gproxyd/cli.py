@@ -69,6 +69,10 @@ def _serve(config, argv: list[str]) -> int:
         context.__enter__()
     import logging
     log = logging.getLogger("gproxyd")
+    from gevent import monkey
+    monkey.patch_all()
+    # Build everything (and so import all it needs) while every file is still readable.
+    master = Master(config, argv, os.environ, sockets)
     try:
         try:
             switched = drop_privileges(settings.user, settings.group)
@@ -77,9 +81,6 @@ def _serve(config, argv: list[str]) -> int:
             return _fail(str(error), EX_FAILURE)
         if switched:
             log.info("%s", switched)
-        from gevent import monkey
-        monkey.patch_all()
-        master = Master(config, argv, os.environ, sockets)
         master.start()
         return master.run()
     finally:

@@ -41,7 +41,7 @@ class Master:
                  sockets: dict | None = None):
         self.config = config
         self._argv, self._env = argv, env
-        self._signals: Queue = Queue()
+        self._signals: Queue = Queue()  # also creates gevent's hub, before any privilege drop
         self.listeners: dict = {}
         self._stopping = False
         self._prebound = sockets or {}

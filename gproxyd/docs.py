@@ -1,0 +1,504 @@
+"""Rendering the example config and the man pages from the option registry.
+
+`python3 -m gproxyd.docs` rewrites etc/gproxyd.conf, man/gproxyd.8 and man/gproxyd.conf.5;
+tests/test_docs.py fails when a committed copy differs from what is rendered here. Option
+names, types, defaults and help come from settings.GLOBAL_OPTIONS and
+settings.ROUTE_OPTIONS only; this module adds the prose around them.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .config import DEFAULT_PATH
+from .settings import GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, Option, boolean
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+REGENERATE = "python3 -m gproxyd.docs"
+
+# The example route of etc/gproxyd.conf. Its keys are looked up in the registry, so a
+# renamed option breaks rendering instead of silently documenting a key that is gone.
+EXAMPLE_ROUTE_NAME = "web"
+EXAMPLE_ROUTE = {"listen": "127.0.0.1:8080", "production": "127.0.0.1:8081"}
+EXAMPLE_ROUTE_COMMENTED = {"shadow": "127.0.0.1:8082, 127.0.0.1:8083"}
+
+# Illustrations for options whose default is empty, by metavar (the kind of value).
+# test_docs.py checks that every such option gets one and that it parses.
+SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxyd/gproxyd.pid",
+                     "NUMBER": "42"}
+
+# A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
+MAN_EXAMPLE = """\
+[gproxyd]
+admin = 127.0.0.1:9901
+log-file = /var/log/gproxyd/gproxyd.log   ; reopened on SIGUSR1
+
+# The web site: production answers, two candidates get a tenth of the traffic.
+[route web]
+listen = [::]:8080
+production = 10.0.0.5:80
+shadow = 10.0.0.6:80, unix:/run/candidate/http.sock
+shadow-sample = 10%
+protocol = http
+
+[route cache]
+listen = unix:/run/gproxyd/redis.sock
+production = 10.0.0.9:6379
+idle-timeout = 1h
+protocol = redis
+"""
+
+
+def example_value(option: Option) -> str:
+    """A value to show in `key = value` examples: valid for the option, never empty."""
+    for table in (EXAMPLE_ROUTE, EXAMPLE_ROUTE_COMMENTED):
+        if option.name in table and ROUTE_BY_NAME.get(option.name) is option:
+            return table[option.name]
+    if option.default:
+        return option.default
+    return SAMPLE_BY_METAVAR.get(option.metavar, "")
+
+
+def command_line(option: Option) -> str:
+    """How the flag is written: a yes/no option may also be given bare (`--daemonize`)."""
+    if option.parse is boolean:
+        return f"{option.flag} [{option.metavar}]"
+    return f"{option.flag} {option.metavar}"
+
+
+def describe_default(option: Option) -> str:
+    if option.default is None:
+        return "none (required)"
+    return option.default or "empty"
+
+
+# --- the example config ----------------------------------------------------------------
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=79, initial_indent="; ", subsequent_indent="; ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _conf_entry(option: Option, in_route: bool) -> list[str]:
+    lines = _comment(option.help)
+    if not in_route:
+        lines += _comment(f"Command line: {command_line(option)}; "
+                          f"environment: {option.env}.")
+    if in_route and option.name in EXAMPLE_ROUTE:
+        if option.default is None:
+            lines.append("; Required.")
+        lines.append(f"{option.name} = {EXAMPLE_ROUTE[option.name]}")
+    elif in_route and option.name in EXAMPLE_ROUTE_COMMENTED:
+        lines.append(f"; Default: {describe_default(option)}. For example:")
+        lines.append(f";{option.name} = {EXAMPLE_ROUTE_COMMENTED[option.name]}")
+    elif option.default is None:
+        raise ValueError(f"required option {option.name} has no value in EXAMPLE_ROUTE")
+    else:
+        lines.append(f";{option.name} = {option.default}".rstrip())
+    return lines + [""]
+
+
+def render_example_config() -> str:
+    """etc/gproxyd.conf: every key with its help; commented-out keys show their default."""
+    unknown = set(EXAMPLE_ROUTE).union(EXAMPLE_ROUTE_COMMENTED).difference(ROUTE_BY_NAME)
+    if unknown:
+        raise ValueError(f"EXAMPLE_ROUTE names keys the registry lacks: {sorted(unknown)}")
+    lines = _comment(
+        f"gproxyd configuration ({DEFAULT_PATH}); the full description is gproxyd.conf(5).")
+    lines += [";"]
+    lines += _comment(
+        f"Generated from gproxyd/settings.py by `{REGENERATE}`. Comments start with ';' "
+        "or '#'. A commented-out key shows its default: remove the ';' to change it.")
+    lines += [";"]
+    lines += _comment(
+        "[gproxyd] holds the process-wide options; each is also a command-line flag and a "
+        "GPROXYD_* environment variable (precedence: defaults < file < environment < "
+        "command line). Each [route NAME] section is one listener and the backends its "
+        "connections are relayed to; add as many as needed, each with its own listen "
+        "address. Check the file with `gproxyd --check-config -c FILE`; reload it with "
+        "SIGHUP (systemctl reload gproxyd).")
+    lines += ["", "[gproxyd]", ""]
+    for option in GLOBAL_OPTIONS:
+        lines += _conf_entry(option, in_route=False)
+    lines += [f"[route {EXAMPLE_ROUTE_NAME}]", ""]
+    for option in ROUTE_OPTIONS:
+        lines += _conf_entry(option, in_route=True)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --- roff ------------------------------------------------------------------------------
+
+def roff(text: str) -> str:
+    """Plain text made safe for a roff text line or macro argument.
+
+    Hyphens become minus signs and quotes ASCII quotes, so that flags, keys and values
+    copied from the rendered page work when pasted.
+    """
+    return (text.replace("\\", "\\e").replace("-", "\\-")
+            .replace("'", "\\(aq").replace("`", "\\(ga"))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def _line(text: str) -> str:
+    """One roff text line; one starting with '.' or a quote would be read as a request."""
+    line = roff(text)
+    return "\\&" + line if line.startswith((".", "'")) else line
+
+
+def _text(text: str) -> str:
+    """Roff text lines, one sentence a line as roff wants (it then spaces sentences right)."""
+    return "\n".join(_line(sentence) for sentence in _SENTENCE_END.split(text))
+
+
+# Flags, keys, variables and paths are set in bold or italic and never hyphenated (\%):
+# a reader must see GPROXYD_DRAIN_TIMEOUT whole to copy it.
+def _bold(text: str) -> str:
+    return f"\\fB\\%{roff(text)}\\fR"
+
+
+def _italic(text: str) -> str:
+    return f"\\fI\\%{roff(text)}\\fR"
+
+
+def _example(text: str) -> list[str]:
+    """An indented literal block in a paragraph of its own, one line per line of TEXT."""
+    body = [_line(line) if line else "" for line in text.splitlines()]
+    return [".PP", ".RS 4", ".EX", *body, ".EE", ".RE"]
+
+
+def _header(name: str, section: int, manual: str) -> list[str]:
+    return [f'.\\" Generated from gproxyd/settings.py by `{REGENERATE}`; do not edit.',
+            f'.TH {roff(name.upper())} {section} "" "gproxyd {__version__}" "{manual}"']
+
+
+def _flag_tag(option: Option) -> str:
+    if option.parse is boolean:
+        return f"{_bold(option.flag)} [{_italic(option.metavar)}]"
+    return f"{_bold(option.flag)} {_italic(option.metavar)}"
+
+
+def _global_option_item(option: Option) -> list[str]:
+    lines = [".TP", _flag_tag(option), _text(option.help)]
+    if option.parse is boolean:
+        lines.append(f"A bare {_bold(option.flag)} means {_bold('yes')}.")
+    return lines + [".br",
+                    f"Default: {_bold(describe_default(option))}",
+                    ".br",
+                    f"Environment: {_bold(option.env)}",
+                    ".br",
+                    f"Config file: {_bold(option.name)} in {_bold('[gproxyd]')}"]
+
+
+def render_man8() -> str:
+    """man/gproxyd.8: the command, its options, signals and exit status."""
+    lines = _header("gproxyd", 8, "System Manager's Manual")
+    lines += [
+        ".SH NAME",
+        "gproxyd \\- transparent TCP proxy with shadow traffic and live benchmarking",
+        ".SH SYNOPSIS",
+        ".B gproxyd",
+        ".RB [ \\-c",
+        ".IR FILE ]",
+        ".RB [ \\-\\-check\\-config ]",
+        ".RI [ options ]",
+        ".br",
+        ".B gproxyd demo",
+        ".SH DESCRIPTION",
+        _text("gproxyd is a transparent TCP proxy. For every route of its configuration "
+              "file it listens on one address and relays each client connection, byte for "
+              "byte and in both directions, to the route's production backend."),
+        ".PP",
+        _text("A route may also have shadow backends. Each shadow gets a copy of the bytes "
+              "the client sends; what a shadow answers is read and discarded. A shadow that "
+              "is slow, down or falls too far behind is dropped for that connection, and "
+              "never slows down or breaks the connection to production."),
+        ".PP",
+        _text("A route can be told which protocol it carries (http, redis, beanstalkd) to "
+              "measure requests and responses instead of plain connections; the bytes are "
+              "never changed by it. Counters and latency histograms are served by the admin "
+              "HTTP endpoint (/stats, /metrics)."),
+        ".PP",
+        f"{_bold('gproxyd demo')} " + _text(
+            "is a self-contained tour that needs no configuration file: it starts a small "
+            "HTTP production server and a slower candidate on free loopback ports, puts a "
+            "route in front of production with the candidate as its shadow, sends HTTP "
+            "traffic through it and prints what each side saw."),
+        ".PP",
+        _text("Routes and global options are read from the configuration file described in"),
+        ".BR gproxyd.conf (5).",
+        _text("Each global option can also be given as a command-line option and as a "
+              "GPROXYD_* environment variable; precedence is defaults < file < environment "
+              "< command line. The same loader serves start-up, --check-config and reload. "
+              "A mistake is reported without a traceback, naming the file, line, key, what "
+              "is wrong and what was expected:"),
+        *_example(f"gproxyd: {DEFAULT_PATH}:12: listen: bad port 'notaport' "
+                  "(expected 1-65535)"),
+        ".PP",
+        _text("Under systemd (NOTIFY_SOCKET set) gproxyd tells the service manager it is "
+              "ready once every listen address is bound, and sends watchdog pings when "
+              "WatchdogSec= asks for them. Binding a port below 1024 needs root or "
+              "CAP_NET_BIND_SERVICE; the user and group options drop privileges after "
+              "binding."),
+        ".SH OPTIONS",
+        ".TP",
+        f"{_bold('-c')} {_italic('FILE')}, {_bold('--config')} {_italic('FILE')}",
+        _text("Read the configuration from FILE."),
+        ".br",
+        f"Default: {_bold(DEFAULT_PATH)}",
+        ".br",
+        f"Environment: {_bold('GPROXYD_CONFIG')}",
+        ".TP",
+        _bold("--check-config"),
+        _text("Load and validate the configuration (file, environment and command line) as "
+              "start-up would, print a summary of the routes and exit: 0 when it is good, "
+              "78 when it is not. Nothing is bound or started."),
+        ".TP",
+        _bold("--version"),
+        _text("Print the version and exit."),
+        ".TP",
+        f"{_bold('-h')}, {_bold('--help')}",
+        _text("Print a summary of the options and exit."),
+        ".PP",
+        _text("The global options below are the keys of the [gproxyd] section of"),
+        ".BR gproxyd.conf (5);",
+        _text("a value given here overrides the environment and the file."),
+    ]
+    for option in GLOBAL_OPTIONS:
+        lines += _global_option_item(option)
+    lines += [
+        ".SH SIGNALS",
+        ".TP",
+        _bold("SIGHUP"),
+        _text("Reload: read the configuration file again, with the same environment and "
+              "command line. If it is good it is applied: routes are matched by listen "
+              "address, so an unchanged address keeps its socket and gets the new settings, "
+              "a removed route stops accepting while its connections finish, and a new "
+              "route starts. Live connections keep the settings they were accepted with. If "
+              "the new configuration has an error, or a new address cannot be bound, the "
+              "error is logged and the running configuration stays in force."),
+        ".TP",
+        f"{_bold('SIGTERM')}, {_bold('SIGINT')}",
+        _text("Graceful stop: stop accepting, let live connections finish for up to "
+              "drain-timeout, then close what is left and exit. A second SIGTERM or SIGINT "
+              "closes every connection at once."),
+        ".TP",
+        _bold("SIGUSR1"),
+        _text("Reopen the log file, after logrotate(8) has moved it away."),
+        ".SH ENVIRONMENT",
+        ".TP",
+        _bold("GPROXYD_CONFIG"),
+        _text("The configuration file, like --config."),
+        ".TP",
+        _bold("GPROXYD_*"),
+        _text("One variable per global option, named after it (GPROXYD_LOG_LEVEL for "
+              "log-level); see OPTIONS."),
+        ".TP",
+        _bold("NOTIFY_SOCKET"),
+        _text("Set by systemd for Type=notify services: readiness, reload, stop and "
+              "watchdog notifications go there."),
+        ".SH FILES",
+        ".TP",
+        _italic(DEFAULT_PATH),
+        _text("The configuration file; an annotated example with every key is shipped as "
+              "share/doc/gproxyd/gproxyd.conf."),
+        ".SH \"EXIT STATUS\"",
+        ".TP",
+        _bold("0"),
+        _text("Success: stopped on request, or --check-config found the configuration good."),
+        ".TP",
+        _bold("1"),
+        _text("Runtime failure, such as a listen address that cannot be bound or "
+              "privileges that cannot be dropped."),
+        ".TP",
+        _bold("64"),
+        _text("Usage error (EX_USAGE): an unknown option or a missing option argument."),
+        ".TP",
+        _bold("78"),
+        _text("Configuration error (EX_CONFIG): the file, a GPROXYD_* variable or a "
+              "command-line option value is wrong."),
+        ".SH EXAMPLES",
+        _text("Check a configuration before installing it:"),
+        *_example("gproxyd --check-config -c ./gproxyd.conf"),
+        ".PP",
+        _text("Run in the foreground with debug logging and no admin endpoint:"),
+        *_example("gproxyd -c ./gproxyd.conf --log-level debug --admin off"),
+        ".PP",
+        _text("The same through the environment:"),
+        *_example("GPROXYD_LOG_LEVEL=debug GPROXYD_ADMIN=off gproxyd -c ./gproxyd.conf"),
+        ".PP",
+        _text("Apply an edited configuration without dropping connections:"),
+        *_example("systemctl reload gproxyd      # or: kill -HUP PID"),
+        ".PP",
+        _text("Try it out without writing a configuration:"),
+        *_example("gproxyd demo"),
+        ".SH \"SEE ALSO\"",
+        ".BR gproxyd.conf (5),",
+        ".BR systemd.service (5),",
+        ".BR logrotate (8)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _file_option_item(option: Option, section: str) -> list[str]:
+    lines = [".TP",
+             f"{_bold(option.name)} = {_italic(option.metavar)}",
+             _text(option.help),
+             ".br",
+             f"Default: {_bold(describe_default(option))}"]
+    if section == "gproxyd":
+        lines += [".br", f"Command line: {_flag_tag(option)}",
+                  ".br", f"Environment: {_bold(option.env)}"]
+    return lines + [".br", f"Example: {_bold(f'{option.name} = {example_value(option)}')}"]
+
+
+def render_man5() -> str:
+    """man/gproxyd.conf.5: the file syntax, the value forms and every key."""
+    lines = _header("gproxyd.conf", 5, "File Formats Manual")
+    lines += [
+        ".SH NAME",
+        "gproxyd.conf \\- configuration file of gproxyd",
+        ".SH SYNOPSIS",
+        _italic(DEFAULT_PATH),
+        ".SH DESCRIPTION",
+        ".BR gproxyd (8)",
+        _text("reads its routes and process-wide options from one INI file, at start-up, "
+              "for --check-config and on every reload (SIGHUP)."),
+        ".SH SYNTAX",
+        _text("The file is UTF-8 text made of sections. A section starts with a header line "
+              "in square brackets; the lines after it, up to the next header, are its keys, "
+              "one key = value (or key: value) a line. Spaces around keys and values are "
+              "ignored, and keys are not case-sensitive. A key may be given once per "
+              "section. Values do not continue on the next line."),
+        ".PP",
+        _text("A line whose first character other than a space is ; or # is a comment, as is "
+              "the rest of a line from a ; or # that follows a space."),
+        ".TP",
+        _bold("[gproxyd]"),
+        _text("The global options, listed below. The section may appear once, or not at all: "
+              "every global option has a default, and each can be overridden by a "
+              "command-line option and by a GPROXYD_* environment variable (precedence: "
+              "defaults < file < environment < command line)."),
+        ".TP",
+        f"{_bold('[route')} {_italic('NAME')}{_bold(']')}",
+        _text("One listener and the backends its connections go to. NAME is made of letters, "
+              "digits, -, _ and . and is unique. At least one route is needed, and no two "
+              "routes may share a listen address."),
+        ".SH VALUES",
+        ".TP",
+        _italic("ADDRESS"),
+        f"{_bold('host:port')}, {_bold('[ipv6]:port')} or {_bold('unix:/path')}, e.g. "
+        f"{_bold('0.0.0.0:8080')}, {_bold('[::1]:8080')}, {_bold('backend.internal:80')} or "
+        f"{_bold('unix:/run/app/app.sock')}.",
+        _text("The host is an IP address or a host name; the port is 1 to 65535; a unix "
+              "socket path is absolute. ADDRESSES is a comma-separated list of them, empty "
+              "for none."),
+        ".TP",
+        _italic("DURATION"),
+        _text("A number with a unit: ms, s, m or h, e.g. 250ms, 5s, 15m or 1h. A bare number "
+              "is seconds."),
+        ".TP",
+        _italic("SIZE"),
+        _text("A number of bytes, optionally with a unit: KiB, MiB or GiB (1024-based; K, KB, "
+              "M, MB, G and GB mean the same), e.g. 65536, 512KiB or 4MiB."),
+        ".TP",
+        _italic("PERCENT"),
+        _text("A share from 0% to 100%, e.g. 12.5%, or as a fraction from 0 to 1, e.g. 0.125."),
+        ".TP",
+        _italic("NUMBER"),
+        _text("A whole number."),
+        ".TP",
+        _italic("yes|no"),
+        _text("Either yes or no; true, on and 1 also mean yes; false, off and 0 also mean no."),
+        ".TP",
+        f"{_italic('LEVEL')}, {_italic('FORMAT')}, {_italic('PROTOCOL')}",
+        _text("One of the words listed in the key's description."),
+        ".TP",
+        f"{_italic('PATH')}, {_italic('USER')}, {_italic('GROUP')}",
+        _text("A file path; a user or group name."),
+        ".SH \"GLOBAL OPTIONS\"",
+        _text("Keys of the [gproxyd] section."),
+    ]
+    for option in GLOBAL_OPTIONS:
+        lines += _file_option_item(option, "gproxyd")
+    lines += [
+        ".SH \"ROUTE OPTIONS\"",
+        _text("Keys of a [route NAME] section."),
+    ]
+    for option in ROUTE_OPTIONS:
+        lines += _file_option_item(option, "route")
+    lines += [
+        ".SH RELOADING",
+        _text("On SIGHUP the file is read again. Routes are matched by listen address: an "
+              "unchanged address keeps its socket and takes the new settings for new "
+              "connections, a removed route stops accepting while its connections finish, "
+              "and a new route starts. A file with an error changes nothing: the error is "
+              "logged and the running configuration stays in force."),
+        ".SH DIAGNOSTICS",
+        _text("Every mistake is reported as FILE:LINE: key: what is wrong (what was "
+              "expected), for instance:"),
+        *_example(f"{DEFAULT_PATH}:12: listen: bad port 'notaport' (expected 1-65535)"),
+        ".PP",
+        _text("A value from the environment or the command line names the variable or the "
+              "option instead of FILE:LINE. Check a file with"),
+        _bold("gproxyd --check-config -c FILE") + ".",
+        ".SH EXAMPLE",
+        *_example(MAN_EXAMPLE.rstrip("\n")),
+        ".SH FILES",
+        ".TP",
+        _italic(DEFAULT_PATH),
+        _text("The configuration file read by default."),
+        ".SH \"SEE ALSO\"",
+        ".BR gproxyd (8)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+OUTPUTS: dict[str, Callable[[], str]] = {
+    "etc/gproxyd.conf": render_example_config,
+    "man/gproxyd.8": render_man8,
+    "man/gproxyd.conf.5": render_man5,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=REGENERATE, description="Rewrite the example config and the man pages from the "
+                                     "option registry.")
+    parser.add_argument("--root", type=Path, default=SOURCE_ROOT,
+                        help="the source tree to write into (default: %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a file differs from its rendering")
+    args = parser.parse_args(argv)
+    stale = []
+    for relative, render in OUTPUTS.items():
+        target = args.root / relative
+        text = render()
+        try:
+            current = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(relative)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        print(f"wrote {target}")
+    if stale:
+        print(f"out of date: {', '.join(stale)} (run `{REGENERATE}`)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

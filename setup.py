@@ -1,0 +1,43 @@
+"""gproxyd packaging: `pip install .` installs the gproxyd command, man pages and examples."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (HERE / "gproxyd" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="gproxyd",
+    version=VERSION,
+    description="Transparent TCP proxy daemon with shadow traffic and live benchmarking",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gproxyd", "gproxyd.*"]),
+    install_requires=[
+        "gevent>=23.9",
+        "configargparse>=1.7",
+        "python-daemon>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5"],
+    },
+    entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run"]},
+    # Relative paths land under the installation prefix; copying the unit and config
+    # into /etc and /lib/systemd is the documented `make install-service` step.
+    data_files=[
+        ("share/man/man8", ["man/gproxyd.8"]),
+        ("share/man/man5", ["man/gproxyd.conf.5"]),
+        ("share/doc/gproxyd", ["etc/gproxyd.conf", "systemd/gproxyd.service",
+                               "etc/logrotate.d/gproxyd", "README.md"]),
+    ],
+    classifiers=[
+        "Environment :: No Input/Output (Daemon)",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)

@@ -1,0 +1,310 @@
+"""The installed gproxyd as a service: start, serve, reload, drain, stop, daemonize, logs."""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+
+import gevent
+import pytest
+
+from service import (GLOBAL, Daemon, TaggedEcho, exchange, free_port, gproxyd_command,
+                     route_section, wait_until)
+
+
+@pytest.fixture
+def backends():
+    servers = {tag: TaggedEcho(tag.encode()) for tag in ("a", "b", "c")}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def daemons():
+    started = []
+
+    def make(directory, config, **kwargs):
+        daemon = Daemon(directory, config, **kwargs)
+        started.append(daemon)
+        return daemon
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+def test_check_config_good_and_bad(tmp_path):
+    good = tmp_path / "good.conf"
+    good.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
+    result = subprocess.run(gproxyd_command() + ["--check-config", "-c", str(good)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK, 1 route(s)" in result.stdout
+
+    bad = tmp_path / "bad.conf"
+    bad.write_text(GLOBAL + "[route web]\nlisten = 127.0.0.1:notaport\nproduction = x:1\n")
+    for args in (["--check-config", "-c", str(bad)], ["-c", str(bad)]):
+        result = subprocess.run(gproxyd_command() + args, capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 78
+        assert result.stderr == (f"gproxyd: {bad}:7: listen: bad port 'notaport' "
+                                 "(expected 1-65535)\n")
+
+
+def test_usage_error_exits_64(tmp_path):
+    result = subprocess.run(gproxyd_command() + ["--no-such-flag"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 64
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_listen_failure_names_address_and_exits_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.conf"
+        config.write_text(GLOBAL + route_section("web", port, "127.0.0.1:9"))
+        result = subprocess.run(gproxyd_command() + ["-c", str(config)], capture_output=True,
+                                text=True, timeout=30)
+    assert result.returncode == 1
+    assert (f"gproxyd: cannot listen on 127.0.0.1:{port}: Address already in use "
+            "(another process listens there)") in result.stderr
+
+
+def test_serves_logs_and_notifies_until_sigterm(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address))
+    daemon.start()
+    assert exchange(port, b"hello") == b"a:hello"
+    daemon.wait_log("route=web client=127.0.0.1:")
+    line = [l for l in daemon.log().splitlines() if "route=web client=" in l][0]
+    assert f"production={backends['a'].address}" in line
+    assert "up=5 down=7" in line and "close=eof" in line and "duration=" in line
+    assert f"route web: 127.0.0.1:{port} -> production {backends['a'].address}" in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    daemon.notify.wait_for("STOPPING=1")
+
+
+def test_reload_reconciles_routes_without_failing_a_request(tmp_path, backends, daemons):
+    steady, changed, removed, added = (free_port() for _ in range(4))
+    a, b = backends["a"].address, backends["b"].address
+    first = GLOBAL + route_section("steady", steady, a) + route_section("changed", changed, a) \
+        + route_section("removed", removed, a)
+    second = GLOBAL + route_section("steady", steady, a) + route_section("changed", changed, b) \
+        + route_section("added", added, b)
+    daemon = daemons(tmp_path, first)
+    daemon.start()
+    live = socket.create_connection(("127.0.0.1", changed), timeout=5)
+    live.sendall(b"before")
+    assert live.recv(100) == b"a:before"
+
+    results = {"ok": 0, "failed": []}
+
+    def load():
+        for number in range(400):
+            payload = b"load%d" % number
+            try:
+                answer = exchange(steady, payload)
+                if answer == b"a:" + payload:
+                    results["ok"] += 1
+                else:
+                    results["failed"].append(answer)
+            except OSError as error:
+                results["failed"].append(repr(error))
+    loader = gevent.spawn(load)
+    for config in (second, first, second):
+        gevent.sleep(0.05)
+        daemon.write_config(config)
+        daemon.reload()
+    loader.join(timeout=60)
+    assert loader.dead
+    assert results == {"ok": 400, "failed": []}
+
+    # The live connection on the changed route keeps its old production...
+    live.sendall(b"after")
+    assert live.recv(100) == b"a:after"
+    live.close()
+    # ...new connections use the new one; the added route serves; the removed one is gone.
+    assert exchange(changed, b"x") == b"b:x"
+    assert exchange(added, b"y") == b"b:y"
+    with pytest.raises(ConnectionRefusedError):
+        exchange(removed, b"z")
+    daemon.wait_log("reloaded")
+    assert "added: added; changed: changed; removed: removed" in daemon.log()
+
+
+def test_removed_route_lets_live_connection_finish(tmp_path, backends, daemons):
+    keep, gone = free_port(), free_port()
+    a = backends["a"].address
+    daemon = daemons(tmp_path, GLOBAL + route_section("keep", keep, a)
+                     + route_section("gone", gone, a))
+    daemon.start()
+    live = socket.create_connection(("127.0.0.1", gone), timeout=5)
+    live.sendall(b"1")
+    assert live.recv(10) == b"a:1"
+    daemon.write_config(GLOBAL + route_section("keep", keep, a))
+    daemon.reload()
+    with pytest.raises(ConnectionRefusedError):
+        exchange(gone)
+    live.sendall(b"2")
+    assert live.recv(10) == b"a:2"
+    live.close()
+
+
+def test_bad_reload_keeps_running_config(tmp_path, backends, daemons):
+    port = free_port()
+    good = GLOBAL + route_section("web", port, backends["a"].address)
+    daemon = daemons(tmp_path, good)
+    daemon.start()
+    daemon.write_config(good + "[route broken]\nlisten = 127.0.0.1:1\n")
+    daemon.reload()
+    daemon.wait_log("reload failed:")
+    assert (f"reload failed: {daemon.config_path}:10: production: missing in [route broken] "
+            "(expected production = address); keeping the running configuration") in daemon.log()
+    assert exchange(port, b"still") == b"a:still"
+
+
+def test_sigterm_drains_live_connections_and_refuses_new_ones(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address))
+    daemon.start()
+    live = socket.create_connection(("127.0.0.1", port), timeout=5)
+    live.sendall(b"1")
+    assert live.recv(10) == b"a:1"
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_log("draining 1 live connection(s)")
+    with pytest.raises(ConnectionRefusedError):
+        exchange(port)
+    live.sendall(b"2")
+    assert live.recv(10) == b"a:2"
+    assert daemon.process.poll() is None
+    live.close()
+    assert daemon.wait() == 0
+    assert "gproxyd stopped" in daemon.log()
+
+
+def test_second_sigterm_stops_at_once(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL.replace("10s", "60s")
+                     + route_section("web", port, backends["a"].address))
+    daemon.start()
+    live = socket.create_connection(("127.0.0.1", port), timeout=5)
+    live.sendall(b"1")
+    assert live.recv(10) == b"a:1"
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_log("draining 1 live connection(s)")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    assert live.recv(10) == b""  # closed by the proxy
+    live.close()
+
+
+def test_drain_timeout_closes_what_is_left(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL.replace("10s", "300ms")
+                     + route_section("web", port, backends["a"].address))
+    daemon.start()
+    live = socket.create_connection(("127.0.0.1", port), timeout=5)
+    live.sendall(b"1")
+    assert live.recv(10) == b"a:1"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    assert live.recv(10) == b""
+    assert "drain-timeout passed: closed 1 connection(s)" in daemon.log()
+    live.close()
+
+
+def test_sigusr1_reopens_log_file(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address))
+    daemon.start()
+    rotated = tmp_path / "gproxyd.log.1"
+    os.rename(daemon.log_path, rotated)
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_log("log file reopened")
+    assert exchange(port, b"x") == b"a:x"
+    daemon.wait_log("route=web client=")
+    assert "route=web client=" not in rotated.read_text()
+
+
+def test_json_log_format(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address),
+                     extra_args=["--log-format", "json"])
+    daemon.start()
+    exchange(port)
+    daemon.wait_log("route=web client=")
+    entries = [json.loads(line) for line in daemon.log().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["message"].startswith("route=web client=") for e in entries)
+
+
+def test_daemonize_writes_and_removes_pid_file(tmp_path, backends):
+    port = free_port()
+    daemon = Daemon(tmp_path, GLOBAL + route_section("web", port, backends["a"].address),
+                    extra_args=["--daemonize", "--pid-file", str(tmp_path / "gproxyd.pid")])
+    pid_file = tmp_path / "gproxyd.pid"
+    try:
+        daemon.start(wait_ready=False)
+        assert daemon.wait(timeout=15) == 0  # the parent returns once detached
+        pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                             what="pid file"))
+        assert pid != daemon.pid
+        daemon.notify.wait_for("READY=1")
+        assert exchange(port, b"bg") == b"a:bg"
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="daemon exit")
+        assert not pid_file.exists()
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        daemon.stop()
+
+
+def test_daemonize_refuses_stderr_logging(tmp_path):
+    config = tmp_path / "c.conf"
+    config.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
+    result = subprocess.run(gproxyd_command() + ["-c", str(config), "--daemonize"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert "log-file: '-' (standard error) is closed when daemonized" in result.stderr
+
+
+def _free_privileged_port() -> int:
+    for port in range(700, 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024")
+
+
+def test_privilege_drop_after_binding_a_privileged_port(tmp_path, backends, daemons):
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    nobody = pwd.getpwnam("nobody")
+    port = _free_privileged_port()
+    os.chmod(tmp_path, 0o777)  # the log file is opened before the switch; its dir must stay usable
+    daemon = daemons(tmp_path, GLOBAL.replace("admin = off", "admin = off\nuser = nobody")
+                     + route_section("web", port, backends["a"].address))
+    daemon.start()
+    status = open(f"/proc/{daemon.pid}/status").read()
+    uid_line = [line for line in status.splitlines() if line.startswith("Uid:")][0]
+    assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
+    assert exchange(port, b"low") == b"a:low"
+    assert f"running as user nobody (uid {nobody.pw_uid})" in daemon.log()
+
+
+def test_privilege_drop_failure_refuses_to_serve(tmp_path, daemons):
+    config = GLOBAL.replace("admin = off", "admin = off\nuser = no-such-user-gproxyd") \
+        + route_section("web", free_port(), "127.0.0.1:9")
+    daemon = daemons(tmp_path, config)
+    daemon.start(wait_ready=False)
+    assert daemon.wait() == 1
+    assert "user: no such user 'no-such-user-gproxyd'" in daemon.process.stderr.read().decode()
