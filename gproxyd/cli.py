@@ -33,10 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         for route in config.routes:
             print(f"  {describe_route(route)}")
         return EX_OK
-    settings = config.settings
-    if settings.daemonize and settings.log_file == "-":
-        return _fail(f"{config.path}: log-file: '-' (standard error) is closed when "
-                     "daemonized (expected a file path with daemonize)", EX_CONFIG)
     return _serve(config, argv)
 
 

@@ -53,7 +53,7 @@ class ConfigError(Exception):
 
 _SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]\s*(?:[;#].*)?$")
 _KEY = re.compile(r"^([A-Za-z0-9_.-]+)\s*[=:]\s*(.*)$")
-_INLINE_COMMENT = re.compile(r"\s+[;#].*$")
+_INLINE_COMMENT = re.compile(r"(?:^|\s+)[;#].*$")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _Parser(configargparse.ArgumentParser):
 def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
     """The `gproxyd` command line: -c, the actions, and one flag per global option."""
     parser = _Parser(
-        prog=prog, auto_env_var_prefix=None,
+        prog=prog, allow_abbrev=False, auto_env_var_prefix=None,
         description="gproxyd: transparent TCP proxy with shadow traffic and live benchmarking.",
         epilog="Every global option may also be set in the [gproxyd] section of the config "
                "file and in a GPROXYD_* environment variable; precedence: defaults < file < "
@@ -131,11 +131,12 @@ def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
                              "78 if not)")
     parser.add_argument("--version", action="version", version=f"gproxyd {__version__}")
     for option in GLOBAL_OPTIONS:
-        default = "off" if option.default == "" else option.default
         # A yes/no option is also a bare switch: `--daemonize` means `--daemonize yes`.
         switch = {"nargs": "?", "const": "yes"} if option.parse is boolean else {}
         parser.add_argument(option.flag, dest=option.attr, default=None, env_var=option.env,
-                            metavar=option.metavar, help=f"{option.help} (default: {default})",
+                            metavar=option.metavar,
+                            help=f"{option.help} (default: {option.default})"
+                            if option.default else option.help,
                             **switch)
     return parser
 
@@ -156,15 +157,23 @@ def _cli_and_env(argv: list[str], env: Mapping[str, str]) -> dict[str, tuple[str
 def _settings(path: str, section: _Section | None, overrides: dict[str, tuple[str, str]]):
     values = {}
     for option in GLOBAL_OPTIONS:
+        # The file's value is checked even when overridden: the same file must not pass
+        # --check-config under one environment and fail under another.
+        if section and option.name in section.values:
+            text, line = section.values[option.name]
+            values[option.attr] = _parse(option, text, f"{path}:{line}")
+        else:
+            values[option.attr] = _parse(option, option.default, "default")
         if option.name in overrides:
             text, where = overrides[option.name]
-        elif section and option.name in section.values:
-            text, line = section.values[option.name]
-            where = f"{path}:{line}"
-        else:
-            text, where = option.default, "default"
-        values[option.attr] = _parse(option, text, where)
-    return Settings(**values)
+            values[option.attr] = _parse(option, text, where)
+    settings = Settings(**values)
+    if settings.daemonize and settings.log_file == "-":
+        where = f"{path}:{section.values['log-file'][1]}" if (
+            section and "log-file" in section.values) else path
+        raise ConfigError(where, "log-file", "'-' (standard error) is closed when daemonized "
+                                             "(expected a file path with daemonize)")
+    return settings
 
 
 def _route(path: str, section: _Section, name: str) -> Route:
@@ -204,8 +213,11 @@ def load_config(path: str = DEFAULT_PATH, argv: list[str] | None = None,
             global_section = section
             allowed = GLOBAL_BY_NAME
         elif kind == "route" and re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-            if any(route.name == name for route in routes):
-                raise ConfigError(where, "", f"route {name!r} defined twice")
+            first = next((route for route in routes if route.name == name), None)
+            if first is not None:
+                raise ConfigError(where, "", f"route {name!r} given twice (first on line "
+                                             f"{first.where.rsplit(':', 1)[1]}; expected each "
+                                             "route name once)")
             allowed = ROUTE_BY_NAME
         else:
             raise ConfigError(where, "", f"unknown section [{section.title}] (expected "

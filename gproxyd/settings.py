@@ -134,6 +134,9 @@ def address(text: str) -> Address:
         host, sep, port = raw.rpartition(":")
         if not sep or not host:
             raise BadValue(f"bad address {raw!r} (expected host:port, [ipv6]:port or unix:/path)")
+        if ":" in host:
+            raise BadValue(f"bad address {raw!r} (expected an IPv6 address in brackets: "
+                           "[ipv6]:port)")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise BadValue(f"bad port {port!r} (expected 1-65535)")
     try:
@@ -168,7 +171,6 @@ class Option:
     default: str | None            # as text, parsed like a user value; None = required
     help: str
     metavar: str = "VALUE"
-    cli: bool = True               # also a --flag and GPROXYD_* variable (global options)
 
     @property
     def attr(self) -> str:

@@ -1,0 +1,206 @@
+"""The generated docs: committed copies are current, man pages are clean roff, and every
+option of the registry is documented where it belongs."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gproxyd import docs
+from gproxyd.config import build_parser, load_config
+from gproxyd.settings import GLOBAL_OPTIONS, ROUTE_OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+MAN_PAGES = ["man/gproxyd.8", "man/gproxyd.conf.5"]
+ALL_OPTIONS = GLOBAL_OPTIONS + ROUTE_OPTIONS
+
+
+def _committed(relative: str) -> str:
+    return (ROOT / relative).read_text(encoding="utf-8")
+
+
+def _plain(roff_source: str) -> str:
+    """The words of a man page source, escapes undone, lines joined by spaces."""
+    text = re.sub(r"\\f[BIRP]|\\%|\\&", "", roff_source)
+    text = text.replace("\\-", "-").replace("\\(aq", "'").replace("\\(ga", "`")
+    text = text.replace("\\e", "\\")
+    lines = [re.sub(r"^\.(B|I|BR|IR|RB|RI) ", "", line) for line in text.splitlines()
+             if not line.startswith(".\\\"")]
+    return " ".join(lines)
+
+
+def _section(roff_source: str, title: str) -> str:
+    """The source of one .SH section of a man page."""
+    match = re.search(rf'^\.SH "?{re.escape(title)}"?\n(.*?)(?=^\.SH |\Z)', roff_source,
+                      re.M | re.S)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+# --- the committed copies are what the registry renders -------------------------------
+
+@pytest.mark.parametrize("relative", sorted(docs.OUTPUTS))
+def test_committed_copy_is_current(relative):
+    rendered = docs.OUTPUTS[relative]()
+    assert (ROOT / relative).exists(), f"{relative} is missing: run `{docs.REGENERATE}`"
+    assert _committed(relative) == rendered, (
+        f"{relative} differs from what gproxyd/docs.py renders from the option registry: "
+        f"run `{docs.REGENERATE}` and commit the result")
+
+
+def test_main_writes_every_output_and_check_finds_it_current(tmp_path, capsys):
+    assert docs.main(["--root", str(tmp_path)]) == 0
+    for relative, render in docs.OUTPUTS.items():
+        assert (tmp_path / relative).read_text(encoding="utf-8") == render()
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 0
+    (tmp_path / "man/gproxyd.8").write_text("stale\n", encoding="utf-8")
+    capsys.readouterr()
+    assert docs.main(["--root", str(tmp_path), "--check"]) == 1
+    assert "man/gproxyd.8" in capsys.readouterr().err
+
+
+# --- the man pages are clean roff --------------------------------------------------------
+
+@pytest.mark.parametrize("device", [[], ["-Tutf8"]], ids=["default-device", "utf8"])
+@pytest.mark.parametrize("relative", MAN_PAGES)
+def test_man_page_renders_without_warnings(relative, device):
+    groff = shutil.which("groff")
+    assert groff, "groff is not installed (apt-get install groff); the man pages go unchecked"
+    result = subprocess.run([groff, "-man", "-ww", "-z", *device, str(ROOT / relative)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("relative", MAN_PAGES)
+def test_man_page_has_no_unescaped_hyphen_or_request_like_text(relative):
+    for number, line in enumerate(_committed(relative).splitlines(), 1):
+        if line.startswith(".\\\""):
+            continue
+        # Every '-' is written \- (a hyphen would not survive copy and paste)...
+        assert not re.search(r"(?<!\\)-", line), f"{relative}:{number}: bare '-': {line}"
+        # ...and a text line never starts with a quote.
+        assert not line.startswith("'"), f"{relative}:{number}: {line}"
+
+
+def test_man8_sections():
+    source = _committed("man/gproxyd.8")
+    for title in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SIGNALS", "ENVIRONMENT",
+                  "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"]:
+        _section(source, title)
+    synopsis = _plain(_section(source, "SYNOPSIS"))
+    assert "gproxyd [ -c FILE ] [ --check-config ] [ options ]" in synopsis
+    assert "gproxyd demo" in synopsis
+    signals = _plain(_section(source, "SIGNALS"))
+    for name in ["SIGHUP", "SIGTERM", "SIGINT", "SIGUSR1"]:
+        assert name in signals
+    exit_status = _plain(_section(source, "EXIT STATUS"))
+    for code in ["0", "1", "64", "78"]:
+        assert f"\\fB\\%{code}\\fR" in _section(source, "EXIT STATUS"), code
+    assert "EX_CONFIG" in exit_status and "EX_USAGE" in exit_status
+    assert "/etc/gproxyd/gproxyd.conf" in _plain(_section(source, "FILES"))
+    assert ".BR gproxyd.conf (5)," in _section(source, "SEE ALSO")
+
+
+def test_man5_sections():
+    source = _committed("man/gproxyd.conf.5")
+    for title in ["NAME", "SYNOPSIS", "DESCRIPTION", "SYNTAX", "VALUES", "GLOBAL OPTIONS",
+                  "ROUTE OPTIONS", "DIAGNOSTICS", "EXAMPLE", "FILES", "SEE ALSO"]:
+        _section(source, title)
+    syntax = _plain(_section(source, "SYNTAX"))
+    for word in ["[gproxyd]", "[route NAME]", ";", "#"]:
+        assert word in syntax
+    values = _plain(_section(source, "VALUES"))
+    for form in ["host:port", "[ipv6]:port", "unix:/path", "ms, s, m or h", "KiB, MiB or GiB"]:
+        assert form in values
+
+
+# --- every option is documented where it belongs -----------------------------------------
+
+def test_every_global_option_is_in_help():
+    # Route keys live only in the file, so they have no flag.
+    help_text = build_parser().format_help()
+    for option in GLOBAL_OPTIONS:
+        assert docs.command_line(option) in help_text, option.name
+        assert option.env in help_text, option.name
+        assert " ".join(option.help.split()[:4]) in " ".join(help_text.split()), option.name
+
+
+def test_every_global_option_is_in_man8():
+    options = _plain(_section(_committed("man/gproxyd.8"), "OPTIONS"))
+    for flag in ["-c FILE", "--config FILE", "--check-config", "--version", "--help"]:
+        assert flag in options, flag
+    for option in GLOBAL_OPTIONS:
+        assert option.flag in options and option.metavar in options, option.name
+        assert option.help in options, option.name
+        assert f"Default: {docs.describe_default(option)}" in options, option.name
+        assert f"Environment: {option.env}" in options, option.name
+
+
+def test_every_option_is_in_man5():
+    source = _committed("man/gproxyd.conf.5")
+    for title, options in [("GLOBAL OPTIONS", GLOBAL_OPTIONS), ("ROUTE OPTIONS", ROUTE_OPTIONS)]:
+        section = _plain(_section(source, title))
+        for option in options:
+            assert f"{option.name} = {option.metavar}" in section, option.name
+            assert option.help in section, option.name
+            assert f"Default: {docs.describe_default(option)}" in section, option.name
+            assert f"Example: {option.name} = {docs.example_value(option)}" in section
+            if options is GLOBAL_OPTIONS:
+                assert option.flag in section and option.env in section, option.name
+
+
+def test_every_kind_of_value_is_explained_in_man5():
+    values = _plain(_section(_committed("man/gproxyd.conf.5"), "VALUES"))
+    for option in ALL_OPTIONS:
+        assert option.metavar in values, f"{option.name}: {option.metavar} not under VALUES"
+
+
+def test_every_option_is_in_the_example_config():
+    text = _committed("etc/gproxyd.conf")
+    for option in ALL_OPTIONS:
+        lines = re.findall(rf"^;?{re.escape(option.name)} =.*$", text, re.M)
+        assert len(lines) == 1, f"{option.name}: {lines}"
+        assert " ".join(option.help.split()) in " ".join(
+            line.lstrip("; ") for line in text.splitlines()), option.name
+    for option in GLOBAL_OPTIONS:
+        assert option.env in text and option.flag in text, option.name
+
+
+def test_every_example_value_is_valid():
+    for option in ALL_OPTIONS:
+        value = docs.example_value(option)
+        assert value, f"{option.name}: no example (add its metavar to SAMPLE_BY_METAVAR)"
+        option.parse(value)
+
+
+# --- the examples load -------------------------------------------------------------------
+
+def test_example_config_loads():
+    config = load_config(str(ROOT / "etc/gproxyd.conf"), [], {})
+    (route,) = config.routes
+    assert (route.name, str(route.listen), str(route.production)) == \
+        ("web", "127.0.0.1:8080", "127.0.0.1:8081")
+    assert route.shadow == ()
+
+
+def test_example_config_loads_with_every_key_uncommented(tmp_path):
+    text = re.sub(r"^;(?=[a-z-]+ =)", "", _committed("etc/gproxyd.conf"), flags=re.M)
+    path = tmp_path / "gproxyd.conf"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(str(path), [], {})
+    assert len(config.routes[0].shadow) == 2
+    for option in GLOBAL_OPTIONS:
+        assert getattr(config.settings, option.attr) == option.parse(option.default)
+
+
+def test_man5_example_loads(tmp_path):
+    path = tmp_path / "gproxyd.conf"
+    path.write_text(docs.MAN_EXAMPLE, encoding="utf-8")
+    config = load_config(str(path), [], {})
+    assert [route.name for route in config.routes] == ["web", "cache"]
+    shown = _section(_committed("man/gproxyd.conf.5"), "EXAMPLE")
+    assert [_plain(line) for line in shown.splitlines() if not line.startswith(".")] == \
+        docs.MAN_EXAMPLE.splitlines()
