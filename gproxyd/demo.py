@@ -46,9 +46,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _client(port: int, requests: int, latencies: list[float]) -> None:
+def _client(port: int, requests: int, pause: float, latencies: list[float]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     for number in range(requests):
+        time.sleep(pause)
         started = time.perf_counter()
         conn.request("GET", f"/item/{number}")
         response = conn.getresponse()
@@ -67,8 +68,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gproxyd demo", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per client")
     parser.add_argument("--clients", type=int, default=4, help="concurrent keep-alive clients")
-    parser.add_argument("--candidate-delay", type=float, default=0.005,
+    parser.add_argument("--candidate-delay", type=float, default=0.002,
                         help="seconds the candidate adds to every answer")
+    parser.add_argument("--pause", type=float, default=0.005,
+                        help="seconds each client waits between requests (a candidate "
+                             "slower than the request rate builds a queue)")
     parser.add_argument("--serve", action="store_true",
                         help="after the tour, keep serving until Ctrl-C (try it with curl)")
     args = parser.parse_args(argv)
@@ -81,6 +85,7 @@ def main(argv: list[str]) -> int:
 
     from .config import load_config
     from .listener import Listener
+    from .report import table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     production, production_port = _backend("production", 0.0)
@@ -88,7 +93,7 @@ def main(argv: list[str]) -> int:
     listen_port = _free_port()
     config_text = (f"[gproxyd]\nadmin = off\n\n[route demo]\nlisten = 127.0.0.1:{listen_port}\n"
                    f"production = 127.0.0.1:{production_port}\n"
-                   f"shadow = 127.0.0.1:{candidate_port}\n")
+                   f"shadow = 127.0.0.1:{candidate_port}\nprotocol = http\n")
     with tempfile.TemporaryDirectory() as workdir:
         path = os.path.join(workdir, "gproxyd.conf")
         with open(path, "w", encoding="utf-8") as handle:
@@ -101,25 +106,22 @@ def main(argv: list[str]) -> int:
     listener.start()
 
     latencies: list[float] = []
+    before = {"routes": {route.name: listener.stats.snapshot()}}
     started = time.perf_counter()
-    clients = [gevent.spawn(_client, listen_port, args.requests, latencies)
+    clients = [gevent.spawn(_client, listen_port, args.requests, args.pause, latencies)
                for _ in range(args.clients)]
     gevent.joinall(clients, raise_error=True)
     elapsed = time.perf_counter() - started
     listener.close()
     listener.drain(10)
 
-    stats = listener.stats
-    shadow = stats.shadows[route.shadow[0].text]
     print(f"sent {len(latencies)} HTTP requests over {args.clients} keep-alive connections "
-          f"in {elapsed:.2f}s ({len(latencies) / elapsed:.0f} req/s)")
-    print(f"client saw production only: p50 {_percentile(latencies, 0.5) * 1000:.2f} ms, "
-          f"p99 {_percentile(latencies, 0.99) * 1000:.2f} ms")
-    print(f"production: {stats.total} connections, {stats.bytes_up} bytes in, "
-          f"{stats.bytes_down} bytes out")
-    print(f"candidate:  {shadow.mirrored} connections mirrored, {shadow.bytes_sent} bytes in, "
-          f"{shadow.bytes_received} bytes out, {shadow.dropped} dropped, "
-          f"{shadow.connect_failures} connect failures")
+          f"in {elapsed:.2f}s ({len(latencies) / elapsed:.0f} req/s); every answer came from "
+          f"production: p50 {_percentile(latencies, 0.5) * 1000:.2f} ms, "
+          f"p99 {_percentile(latencies, 0.99) * 1000:.2f} ms as the client saw it\n")
+    print("what gproxyd measured on both sides (gproxyctl stats shows the same live):\n")
+    document = {"routes": {route.name: listener.stats.snapshot()}}
+    print(table(document, before, elapsed))
     if args.serve:
         listener = Listener(route)
         listener.start()

@@ -15,6 +15,8 @@ import gevent
 from gevent.queue import Queue
 
 from . import logs
+from .admin import AdminServer
+from .report import summary_line
 from .config import Config, ConfigError, Route, load_config
 from .listener import Listener, ListenError, bind
 from .systemd import sd_notify, watchdog_interval
@@ -46,17 +48,25 @@ class Master:
         self._stopping = False
         self._prebound = sockets or {}
         self._retiring: set[Listener] = set()
+        self._admin: AdminServer | None = None
+        self._reporter: gevent.Greenlet | None = None
 
     # --- start ---------------------------------------------------------------------------
 
     @staticmethod
-    def bind_all(config: Config) -> dict:
-        """Bind every route's listen address (before daemonizing or dropping privileges).
+    def bind_all(config: Config, admin: bool = True) -> dict:
+        """Bind every route's listen address and the admin address (under the key
+        "admin"), before daemonizing or dropping privileges.
 
         Raises ListenError naming the first address that fails; binds nothing then.
         """
         bound: dict = {}
         try:
+            if admin and config.settings.admin is not None:
+                try:
+                    bound["admin"] = bind(config.settings.admin)
+                except ListenError as error:
+                    raise ListenError(f"admin: {error}") from None
             for route in config.routes:
                 bound[_listen_key(route)] = bind(route.listen)
         except ListenError:
@@ -67,6 +77,8 @@ class Master:
 
     def start(self) -> None:
         sockets = self._prebound or self.bind_all(self.config)
+        if "admin" in sockets:
+            self._start_admin(self.config.settings.admin, sockets["admin"])
         for route in self.config.routes:
             listener = Listener(route, sock=sockets[_listen_key(route)])
             listener.start()
@@ -77,6 +89,7 @@ class Master:
         interval = watchdog_interval()
         if interval:
             gevent.spawn(self._watchdog, interval)
+        self._reporter = gevent.spawn(self._report_periodically)
         log.info("gproxyd ready: %d route(s)", len(self.listeners))
         sd_notify("READY=1\nSTATUS=serving")
 
@@ -100,6 +113,23 @@ class Master:
                 else:
                     self._begin_stop(event)
 
+    def stats(self) -> dict:
+        """{route name: RouteStats} of the serving listeners, for the admin endpoint."""
+        return {listener.route.name: listener.stats for listener in self.listeners.values()}
+
+    def _start_admin(self, address, sock=None) -> None:
+        self._admin = AdminServer(address, self.stats, sock)
+        self._admin.start()
+        log.info("admin endpoint on http://%s/ (/stats, /metrics)", address)
+
+    def _report_periodically(self) -> None:
+        while True:
+            interval = self.config.settings.stats_interval
+            gevent.sleep(interval or 60)
+            if interval:
+                for name, stats in self.stats().items():
+                    log.info("%s", summary_line(name, stats.snapshot()))
+
     def _watchdog(self, interval: float) -> None:
         while True:
             sd_notify("WATCHDOG=1")
@@ -116,6 +146,8 @@ class Master:
                  "(send it again to stop at once)", signal.Signals(signum).name, live, timeout)
         for listener in self.listeners.values():
             listener.close()
+        if self._admin is not None:
+            self._admin.stop()
         gevent.spawn(self._drain, timeout)
 
     def _all_listeners(self) -> list[Listener]:
@@ -134,6 +166,16 @@ class Master:
         for listener in self._all_listeners():
             for session in list(listener.sessions):
                 session.abort("stopped")
+
+    def _replace_admin(self, address) -> None:
+        if self._admin is not None:
+            self._admin.stop()
+            self._admin = None
+        if address is not None:
+            try:
+                self._start_admin(address)
+            except ListenError as error:
+                log.error("reload: admin: %s; the admin endpoint is off", error)
 
     def _retire(self, listener: Listener) -> None:
         """A removed route: its live connections finish in their own time."""
@@ -163,10 +205,12 @@ class Master:
         new_keys = {_listen_key(route): route for route in new.routes}
         added = [route for key, route in new_keys.items() if key not in self.listeners]
         try:
-            sockets = self.bind_all(Config(new.path, new.settings, tuple(added)))
+            sockets = self.bind_all(Config(new.path, new.settings, tuple(added)), admin=False)
         except ListenError as error:
             log.error("reload failed: %s; keeping the running configuration", error)
             return
+        if new.settings.admin != self.config.settings.admin:
+            self._replace_admin(new.settings.admin)
         if new.settings != self.config.settings:
             try:
                 logs.configure(new.settings)

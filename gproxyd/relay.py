@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import socket
+from time import monotonic
 from typing import Callable
 
 import _socket
@@ -155,19 +156,27 @@ _buffers = _FreeList(_make_buffer)
 
 
 class Counter:
-    """Bytes moved in one direction; read by the session and the idle reaper."""
-    __slots__ = ("bytes",)
+    """Bytes moved in one direction, and when the first of them moved."""
+    __slots__ = ("bytes", "first")
 
     def __init__(self):
         self.bytes = 0
+        self.first = 0.0
+
+
+class Broken(Exception):
+    """A pump stopped because `channel` failed (reset, broken pipe); `error` says how."""
+
+    def __init__(self, channel: Channel, error: OSError):
+        super().__init__(channel, error)
+        self.channel, self.error = channel, error
 
 
 def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
     """Move src -> dst through a pipe until src's EOF; then half-close dst.
 
-    Returns EOF. Raises OSError on a reset or broken connection (the caller aborts the
-    session). Backpressure is the kernel's: we never read more than the pipe holds and
-    never read again before the pipe has been written out.
+    Returns EOF; raises Broken naming the failed channel. Backpressure is the kernel's:
+    we never read more than the pipe holds, nor read again before it is written out.
     """
     splice = os.splice
     pipe = None
@@ -182,15 +191,21 @@ def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
                 _pipes.give(pipe)  # the pipe is empty here: lend it out while we wait
                 pipe = None
                 continue
+            except OSError as error:
+                raise Broken(src, error) from None
             if pending == 0:
                 dst.shutdown_write()
                 return EOF
+            if not counter.bytes:
+                counter.first = monotonic()
             counter.bytes += pending
             while pending:
                 try:
                     pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     dst.wait_writable()
+                except OSError as error:
+                    raise Broken(dst, error) from None
     except BaseException:
         if pipe is not None:
             _pipes.discard(pipe)  # it may still hold bytes: never reuse it
@@ -202,12 +217,13 @@ def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
 
 
 def copy_pump(src: Channel, dst: Channel, counter: Counter,
-              on_chunk: Callable[[memoryview], None], on_eof: Callable[[], None]) -> str:
-    """Move src -> dst through a reused buffer, showing each chunk to `on_chunk` first.
+              on_chunk: Callable[[memoryview], object], on_eof: Callable[[], None]) -> str:
+    """Move src -> dst through a reused buffer; each chunk passes through `on_chunk`.
 
-    `on_chunk` must not keep the memoryview (it is overwritten by the next read); it
-    copies what it needs. On src's EOF, `on_eof()` runs, dst is half-closed, and EOF
-    is returned. Raises OSError on a reset or broken connection.
+    `on_chunk(chunk)` returns what to write to dst: the chunk itself, other bytes, or
+    None to write nothing. It must not keep the memoryview (the next read overwrites
+    it). On src's EOF, `on_eof()` runs, dst is half-closed and EOF is returned.
+    Raises Broken naming the failed channel.
     """
     recv_into = src.sock.recv_into
     send = dst.sock.send
@@ -223,39 +239,50 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
                 _buffers.give((buffer, view))
                 buffer = None
                 continue
+            except OSError as error:
+                raise Broken(src, error) from None
             if received == 0:
                 on_eof()
                 dst.shutdown_write()
                 return EOF
+            if not counter.bytes:
+                counter.first = monotonic()
             counter.bytes += received
-            chunk = view[:received]
-            on_chunk(chunk)
+            data = on_chunk(view[:received])
+            if not data:
+                continue
             try:
-                sent = send(chunk)
-            except BlockingIOError:
-                sent = 0
-            if sent < received:
-                dst.sendall(chunk[sent:])
+                try:
+                    sent = send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    dst.sendall(memoryview(data)[sent:])
+            except OSError as error:
+                raise Broken(dst, error) from None
     finally:
         if buffer is not None:
             _buffers.give((buffer, view))
 
 
-def read_and_discard(src: Channel, counters) -> None:
-    """Read src until EOF, adding what arrives to `counters.bytes_received`."""
+def read_all(src: Channel, on_data: Callable[[memoryview], None]) -> None:
+    """Read src until EOF, showing each chunk to `on_data`; raises Broken on failure."""
     recv_into = src.sock.recv_into
     while True:
         src.wait_readable()
         buffer, view = _buffers.take()
         try:
             received = recv_into(buffer)
+            if received:
+                on_data(view[:received])
         except BlockingIOError:
             continue
+        except OSError as error:
+            raise Broken(src, error) from None
         finally:
             _buffers.give((buffer, view))
         if received == 0:
             return
-        counters.bytes_received += received
 
 
 def connect(address: Address, timeout: float) -> Channel:

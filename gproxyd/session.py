@@ -3,7 +3,10 @@
 A session runs in the greenlet its listener spawned for the connection (`run()`):
 that greenlet connects production, then relays client -> production itself while a
 second greenlet relays production -> client. The session owns both channels and its
-shadow sinks, and has closed all of them when `run()` returns.
+shadow sinks, and has closed all of them when `finish()` returns.
+
+Each direction takes the cheapest path that serves the route: `splice` when nothing
+needs to see the bytes, `recv_into` a reused buffer when shadows or an observer do.
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import time
 import gevent
 
 from .config import Route
-from .relay import (EOF, Channel, Counter, connect, copy_pump, is_disconnect,
-                    splice_pump)
+from .observe import Exchanges
+from .relay import EOF, Broken, Channel, Counter, connect, copy_pump, is_disconnect, splice_pump
 from .shadow import ShadowSink
 from .stats import RouteStats
 
@@ -28,8 +31,8 @@ def _describe(error: BaseException) -> str:
 
 
 class Session:
-    __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "up", "down",
-                 "started", "reason", "_idle_mark")
+    __slots__ = ("route", "client", "peer", "stats", "production", "observer", "shadows",
+                 "up", "down", "started", "reason", "_idle_mark", "_production_failed")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool):
@@ -38,17 +41,21 @@ class Session:
         self.peer = peer
         self.stats = stats
         self.production: Channel | None = None
+        label = f"route {route.name} client {peer}"
+        self.observer = Exchanges(route.protocol, stats.production, stats, label)
         self.shadows: list[ShadowSink] = []
         self.up = Counter()    # client -> production
         self.down = Counter()  # production -> client
         self.started = time.monotonic()
         self.reason = ""
         self._idle_mark = (0, self.started)
+        self._production_failed = False
         if mirror:
-            label = f"route {route.name} client {peer}"
             self.shadows = [
                 ShadowSink(address, route.shadow_buffer, route.shadow_connect_timeout,
-                           stats.shadow(address.text), label)
+                           stats.shadow(address.text),
+                           Exchanges(route.protocol, stats.shadow(address.text), stats,
+                                     f"{label} shadow {address}"), label)
                 for address in route.shadow]
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -63,7 +70,8 @@ class Session:
             try:
                 self.production = connect(self.route.production, self.route.connect_timeout)
             except OSError as error:
-                self.stats.production_errors += 1
+                self.stats.production.connect_failures += 1
+                self.stats.production.errors += 1
                 self.reason = f"production unreachable: {_describe(error)}"
                 return
             downstream = gevent.spawn(self._relay_down)
@@ -79,6 +87,8 @@ class Session:
         self.client.abort()
         if self.production is not None:
             self.production.abort()
+        for sink in self.shadows:
+            sink.finish()
 
     def idle_seconds(self, now: float) -> float:
         """How long no byte has moved either way, as seen at successive calls."""
@@ -91,39 +101,55 @@ class Session:
 
     def _relay_up(self) -> None:
         try:
-            if self.shadows:
-                copy_pump(self.client, self.production, self.up, self._mirror, self._mirror_eof)
+            if self.shadows or self.observer.framed:
+                copy_pump(self.client, self.production, self.up, self._upstream_chunk,
+                          self._client_eof)
             else:
                 splice_pump(self.client, self.production, self.up)
-        except OSError as error:
-            self._fail("client -> production", error)
+        except Broken as broken:
+            self._fail("client -> production", broken)
 
     def _relay_down(self) -> None:
         try:
-            splice_pump(self.production, self.client, self.down)
-        except OSError as error:
-            self._fail("production -> client", error)
+            if self.observer.framed:
+                copy_pump(self.production, self.client, self.down, self._downstream_chunk,
+                          _nothing)
+            else:
+                splice_pump(self.production, self.client, self.down)
+        except Broken as broken:
+            self._fail("production -> client", broken)
 
-    def _mirror(self, chunk) -> None:
+    def _upstream_chunk(self, chunk):
         for sink in self.shadows:
             sink.feed(chunk)
+        if self.observer.framed:
+            self.observer.sent(chunk)
+        return chunk
 
-    def _mirror_eof(self) -> None:
+    def _downstream_chunk(self, chunk):
+        self.observer.received(chunk)
+        return chunk
+
+    def _client_eof(self) -> None:
         for sink in self.shadows:
             sink.finish()
 
-    def _fail(self, direction: str, error: OSError) -> None:
-        if not is_disconnect(error):
+    def _fail(self, direction: str, broken: Broken) -> None:
+        if broken.channel is self.production:
+            self._production_failed = True
+            self.stats.production.resets += 1
+        if not is_disconnect(broken.error):
             log.warning("route %s client %s: %s: %s", self.route.name, self.peer, direction,
-                        _describe(error))
-        self.abort(f"{direction}: {_describe(error)}")
+                        _describe(broken.error))
+        side = "production" if broken.channel is self.production else "client"
+        self.abort(f"{side} {_describe(broken.error)}")
 
     def _close(self) -> None:
         self.client.close()
-        if self.production is not None:
-            self.production.close()
-        self.stats.bytes_up += self.up.bytes
-        self.stats.bytes_down += self.down.bytes
+        if self.production is None:
+            return
+        self.production.close()
+        self.observer.closed(self.up, self.down, error=self._production_failed)
 
     def finish(self) -> None:
         """After run(): give shadows their linger time, then log the connection's line."""
@@ -135,3 +161,7 @@ class Session:
                      "close=%s", self.route.name, self.peer, self.route.production,
                      time.monotonic() - self.started, self.up.bytes, self.down.bytes,
                      shadows, self.reason or EOF)
+
+
+def _nothing() -> None:
+    pass

@@ -4,42 +4,51 @@ The session calls `feed()` with every client chunk and `finish()` at the client'
 Neither ever blocks: bytes go into a queue of at most `shadow-buffer` bytes, and the
 sink's own writer greenlet connects and writes. If the queue would overflow, the shadow
 connection is dropped (counted, logged once) and production carries on untouched.
-A reader greenlet reads and discards the shadow's answers, counting them.
+A reader greenlet reads the shadow's answers, shows them to the observer and drops them.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
+from time import monotonic
 
 import gevent
 from gevent.event import Event
 
-from .relay import Channel, connect, is_disconnect, read_and_discard
+from .observe import Exchanges
+from .relay import Broken, Channel, Counter, connect, is_disconnect, read_all
 from .settings import Address
-from .stats import ShadowCounters
+from .stats import ShadowStats
 
 log = logging.getLogger("gproxyd.shadow")
 
 
 class ShadowSink:
-    """Owns one shadow connection: its socket, its queue, its writer and reader greenlets."""
+    """Owns one shadow connection: its socket, its queue, its writer and reader greenlets.
+
+    States: connecting -> open -> done (finished normally), or dropped (fell behind by
+    more than the buffer), failed (could not connect), reset (broke mid-stream).
+    """
 
     def __init__(self, address: Address, limit: int, connect_timeout: float,
-                 counters: ShadowCounters, label: str):
+                 stats: ShadowStats, observer: Exchanges, label: str):
         self.address = address
+        self.observer = observer
         self._limit = limit
         self._connect_timeout = connect_timeout
-        self._counters = counters
+        self._stats = stats
         self._label = label  # "route web client 1.2.3.4:5" for log lines
-        self._queue: deque[bytes] = deque()
+        self._queue: deque = deque()
         self._queued = 0
         self._eof = False
         self._wakeup = Event()
         self._channel: Channel | None = None
-        self.state = "connecting"  # -> open -> done | dropped | failed | reset
-        counters.mirrored += 1
-        self._writer = gevent.spawn(self._write_loop)
         self._reader: gevent.Greenlet | None = None
+        self.sent = Counter()
+        self.received = Counter()
+        self.state = "connecting"
+        stats.mirrored += 1
+        self._writer = gevent.spawn(self._write_loop)
 
     @property
     def alive(self) -> bool:
@@ -51,7 +60,7 @@ class ShadowSink:
             return
         size = len(chunk)
         if self._queued + size > self._limit:
-            self._counters.dropped += 1
+            self._stats.dropped += 1
             log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
                         self._label, self.address, self._limit)
             self._stop("dropped")
@@ -79,14 +88,15 @@ class ShadowSink:
         self._queued = 0
         self._wakeup.set()
         if self._channel is not None:
-            self._channel.abort()  # wakes the writer and reader; they close the channel
+            self._channel.abort()  # wakes the writer and reader; the writer closes it
 
     def _write_loop(self) -> None:
         try:
             channel = connect(self.address, self._connect_timeout)
         except OSError as error:
             if self.alive:
-                self._counters.connect_failures += 1
+                self._stats.connect_failures += 1
+                self._stats.errors += 1
                 log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
                          error.strerror or error)
                 self._stop("failed")
@@ -100,16 +110,13 @@ class ShadowSink:
         try:
             self._drain_queue(channel)
         except OSError as error:
-            if self.alive:
-                self._counters.resets += 1
-                log.info("%s: shadow %s: connection lost: %s", self._label, self.address,
-                         error.strerror or error)
-                self._stop("reset")
+            self._lost(error)
         finally:
             self._reader.join()
             channel.close()
             if self.alive:
                 self.state = "done"
+            self.observer.closed(self.sent, self.received, error=self.state == "reset")
 
     def _drain_queue(self, channel: Channel) -> None:
         queue = self._queue
@@ -121,20 +128,38 @@ class ShadowSink:
                 self._wakeup.clear()
                 self._wakeup.wait()
                 continue
-            data = queue.popleft()
+            data = queue[0]
             channel.sendall(data)  # waits for this shadow only; feed() keeps queueing
             if not self.alive:
                 return
+            queue.popleft()
             self._queued -= len(data)
-            self._counters.bytes_sent += len(data)
+            if not self.sent.bytes:
+                self.sent.first = monotonic()
+            self.sent.bytes += len(data)
+            if self.observer.framed:
+                self.observer.sent(data)
 
     def _read_loop(self) -> None:
-        channel = self._channel
         try:
-            read_and_discard(channel, self._counters)
-        except OSError as error:
-            if self.alive and not is_disconnect(error):
-                log.info("%s: shadow %s: read failed: %s", self._label, self.address, error)
-            if self.alive:
-                self._counters.resets += 1
-                self._stop("reset")
+            read_all(self._channel, self._answer)
+        except Broken as broken:
+            self._lost(broken.error)
+
+    def _answer(self, chunk) -> None:
+        if not self.received.bytes:
+            self.received.first = monotonic()
+        self.received.bytes += len(chunk)
+        if self.observer.framed:
+            self.observer.received(chunk)
+
+    def _lost(self, error: OSError) -> None:
+        if not self.alive:
+            return
+        self._stats.resets += 1
+        if not is_disconnect(error):
+            log.warning("%s: shadow %s: %s", self._label, self.address, error)
+        else:
+            log.info("%s: shadow %s: connection lost: %s", self._label, self.address,
+                     error.strerror or error)
+        self._stop("reset")

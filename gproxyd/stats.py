@@ -1,18 +1,120 @@
-"""Counters per route and backend, kept in constant memory; snapshots for logs and admin."""
+"""Counters and latency histograms per route and backend, in constant memory.
+
+Sessions and observers write here; the admin endpoint, gproxyctl and the periodic log
+line read `RouteStats.snapshot()`. Nothing here grows per request.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+_SUB_BITS = 5                       # 32 sub-buckets per power of two: <= ~3% error
+_SUB = 1 << _SUB_BITS
+_BUCKETS = 64 * _SUB                # covers microseconds up to ~2^63: never overflows
+
+
+class Histogram:
+    """Latency histogram in log-linear (HDR-style) microsecond buckets.
+
+    Values below 64 µs are exact; above, each power of two is split into 32 buckets, so
+    a reported percentile is within ~3% of the true value. Memory is fixed.
+    """
+    __slots__ = ("counts", "count", "total", "max")
+
+    def __init__(self):
+        self.counts = [0] * _BUCKETS
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def record(self, seconds: float) -> None:
+        micros = int(seconds * 1e6) if seconds > 0 else 0
+        shift = micros.bit_length() - (_SUB_BITS + 1)
+        if shift < 0:
+            shift = 0
+        self.counts[(shift << _SUB_BITS) + (micros >> shift)] += 1
+        self.count += 1
+        self.total += seconds
+        if seconds > self.max:
+            self.max = seconds
+
+    def percentile(self, share: float) -> float:
+        """The value (seconds) under which `share` of the recorded values fall; 0 if none."""
+        if not self.count:
+            return 0.0
+        rank = max(1, int(share * self.count + 0.5))
+        seen = 0
+        for index, hits in enumerate(self.counts):
+            if hits:
+                seen += hits
+                if seen >= rank:
+                    return min(self._midpoint(index), self.max)
+        return self.max
+
+    def count_below(self, seconds: float) -> int:
+        """How many values are <= `seconds` (bucket resolution), for Prometheus buckets."""
+        limit = int(seconds * 1e6)
+        below = 0
+        for index, hits in enumerate(self.counts):
+            if hits:
+                if self._upper(index) > limit + 1:
+                    break
+                below += hits
+        return below
+
+    @staticmethod
+    def _bounds(index: int) -> tuple[int, int]:
+        shift = max(0, (index >> _SUB_BITS) - 1)
+        mantissa = index - (shift << _SUB_BITS)
+        return mantissa << shift, (mantissa + 1) << shift
+
+    def _midpoint(self, index: int) -> float:
+        low, high = self._bounds(index)
+        return (low + high) / 2e6 if high - low > 1 else low / 1e6
+
+    def _upper(self, index: int) -> int:
+        return self._bounds(index)[1]
+
+    def summary_ms(self) -> dict:
+        return {"p50": round(self.percentile(0.50) * 1e3, 3),
+                "p90": round(self.percentile(0.90) * 1e3, 3),
+                "p99": round(self.percentile(0.99) * 1e3, 3),
+                "p999": round(self.percentile(0.999) * 1e3, 3),
+                "max": round(self.max * 1e3, 3)}
 
 
 @dataclass
-class ShadowCounters:
-    """One shadow backend of a route, summed over all mirrored connections."""
-    mirrored: int = 0          # client connections copied to this shadow
+class BackendStats:
+    """One backend (production, or one shadow) of a route, over all its connections."""
+    requests: int = 0
+    errors: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     connect_failures: int = 0
+    resets: int = 0            # the backend reset or broke a connection mid-stream
+    latency: Histogram = field(default_factory=Histogram)
+
+    def record(self, seconds: float, error: bool = False) -> None:
+        self.requests += 1
+        self.errors += error
+        self.latency.record(seconds)
+
+    def snapshot(self) -> dict:
+        return {"requests": self.requests, "errors": self.errors,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "connect_failures": self.connect_failures, "resets": self.resets,
+                "latency_ms": self.latency.summary_ms()}
+
+
+@dataclass
+class ShadowStats(BackendStats):
+    """A shadow backend: also how often it was mirrored to, dropped, and disagreed."""
+    mirrored: int = 0          # client connections copied to this shadow
     dropped: int = 0           # shadow-buffer overflowed: that shadow connection was dropped
-    resets: int = 0            # the shadow reset or broke the connection mid-stream
+    mismatches: int = 0        # answers that differ from production's
+
+    def snapshot(self) -> dict:
+        return dict(super().snapshot(), mirrored=self.mirrored, dropped=self.dropped,
+                    mismatches=self.mismatches)
 
 
 @dataclass
@@ -21,16 +123,19 @@ class RouteStats:
     active: int = 0
     total: int = 0
     rejected: int = 0          # over max-connections
-    production_errors: int = 0  # refused, unreachable, timed out, reset
-    bytes_up: int = 0
-    bytes_down: int = 0
-    shadows: dict[str, ShadowCounters] = field(default_factory=dict)
+    parser_fallbacks: int = 0  # connections whose protocol could not be followed
+    production: BackendStats = field(default_factory=BackendStats)
+    shadows: dict[str, ShadowStats] = field(default_factory=dict)
 
-    def shadow(self, name: str) -> ShadowCounters:
-        counters = self.shadows.get(name)
-        if counters is None:
-            counters = self.shadows[name] = ShadowCounters()
-        return counters
+    def shadow(self, name: str) -> ShadowStats:
+        stats = self.shadows.get(name)
+        if stats is None:
+            stats = self.shadows[name] = ShadowStats()
+        return stats
 
     def snapshot(self) -> dict:
-        return asdict(self)
+        return {"connections": {"active": self.active, "total": self.total,
+                                "rejected": self.rejected},
+                "parser_fallbacks": self.parser_fallbacks,
+                "production": self.production.snapshot(),
+                "shadows": {name: stats.snapshot() for name, stats in self.shadows.items()}}

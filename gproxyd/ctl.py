@@ -1,0 +1,112 @@
+"""`gproxyctl`: ask a running gproxyd how production and its shadows compare.
+
+    gproxyctl stats [--watch] [--json] [-c FILE]
+
+It reads the admin address from the same config file gproxyd uses and talks to its
+admin endpoint (GET /stats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from .config import DEFAULT_PATH, ConfigError, load_config
+from .report import table
+
+EX_OK, EX_UNAVAILABLE, EX_USAGE, EX_CONFIG = 0, 69, 64, 78
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gproxyctl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    stats = commands.add_parser("stats", help="production vs shadows, per route")
+    stats.add_argument("-c", "--config", default=DEFAULT_PATH, metavar="FILE",
+                       help=f"gproxyd's config file, for the admin address (default: "
+                            f"{DEFAULT_PATH})")
+    stats.add_argument("--json", action="store_true", help="print /stats as JSON and exit")
+    stats.add_argument("--watch", action="store_true",
+                       help="refresh the table every --interval seconds until Ctrl-C")
+    stats.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                       help="seconds between two samples (req/s is measured over it)")
+    stats.add_argument("--count", type=int, default=0, metavar="N",
+                       help="with --watch: stop after N refreshes (0: never)")
+    return parser
+
+
+def fetch(address, path: str = "/stats", timeout: float = 5.0) -> dict:
+    """GET an admin endpoint path as JSON. address: settings.Address."""
+    if address.family == socket.AF_UNIX:
+        return json.loads(_get_unix(address.path, path, timeout))
+    host = f"[{address.host}]" if address.family == socket.AF_INET6 else address.host
+    with urllib.request.urlopen(f"http://{host}:{address.port}{path}",
+                                timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _get_unix(sock_path: str, path: str, timeout: float) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: gproxyd\r\n\r\n".encode())
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
+        raise OSError(f"admin endpoint answered {head.splitlines()[0]!r}")
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, [], {})
+    except ConfigError as error:
+        print(f"gproxyctl: {error}", file=sys.stderr)
+        return EX_CONFIG
+    address = config.settings.admin
+    if address is None:
+        print(f"gproxyctl: {args.config}: admin is off (expected admin = host:port to read "
+              "stats)", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        if args.json:
+            print(json.dumps(fetch(address), indent=1))
+            return EX_OK
+        previous, taken = fetch(address), time.monotonic()
+        shown = 0
+        while True:
+            time.sleep(args.interval)
+            document, now = fetch(address), time.monotonic()
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+                sys.stdout.write(time.strftime("%H:%M:%S ") + f"gproxyd at {address}\n")
+            sys.stdout.write(table(document, previous, now - taken))
+            sys.stdout.flush()
+            shown += 1
+            if not args.watch or (args.count and shown >= args.count):
+                return EX_OK
+            previous, taken = document, now
+    except (OSError, urllib.error.URLError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        print(f"gproxyctl: cannot read stats from http://{address}/stats: {reason} "
+              "(is gproxyd running with this config?)", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

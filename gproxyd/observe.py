@@ -1,0 +1,125 @@
+"""Observer: pairs one backend's requests with its responses on one connection.
+
+Each backend of a session (production, and each shadow) gets its own Exchanges, fed
+with the bytes as they were written to that backend (`sent`) and as they came back
+(`received`). It only looks at copies: bytes are never changed here.
+
+With `protocol = tcp` a "request" is the whole connection and its latency is the time
+to the first response byte. With a protocol framer (http, redis) each request is timed
+from the moment it was completely sent to the moment its response was complete. A
+stream the framer cannot follow falls back to tcp-level measurement.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from time import monotonic
+
+from .protocols import FRAMERS, ProtocolError, Upgraded
+from .relay import Counter
+from .stats import BackendStats, RouteStats
+
+log = logging.getLogger("gproxyd.observe")
+
+# Most requests a backend may owe answers for before we stop pairing (a backend that
+# never answers must not make `pending` grow without bound).
+_MAX_PENDING = 10_000
+
+
+class Exchanges:
+    __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
+                 "_connected", "_per_connection")
+
+    def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
+                 label: str):
+        self.stats = stats
+        self.route_stats = route_stats
+        self.label = label
+        framers = FRAMERS.get(protocol)
+        self._requests = framers[0]() if framers else None
+        self._responses = framers[1]() if framers else None
+        self._per_connection = framers is None  # tcp: one connection is one request
+        self._pending: deque[float] = deque()
+        self._connected = monotonic()
+
+    @property
+    def framed(self) -> bool:
+        return self._requests is not None
+
+    def sent(self, data) -> None:
+        """Bytes written to the backend (the client's requests); only while framed."""
+        try:
+            done = self._requests.feed(data)
+        except ProtocolError as error:
+            self._fall_back(f"request: {error}")
+            return
+        self._expect(done)
+
+    def _expect(self, done) -> None:
+        if done:
+            now = monotonic()
+            for request in done:
+                if len(self._pending) >= _MAX_PENDING:
+                    self._fall_back("too many requests without an answer")
+                    return
+                self._pending.append(now)
+                self._responses.expect(request)
+
+    def received(self, data) -> None:
+        """Bytes read from the backend (its responses); only while framed."""
+        try:
+            done = self._responses.feed(data)
+        except Upgraded as upgrade:
+            self._complete(upgrade.completed)  # the 101 itself and what came before it
+            self._stop_framing()
+            return
+        except ProtocolError as error:
+            self._complete(error.completed)
+            self._fall_back(f"response: {error}")
+            return
+        self._complete(done)
+
+    def closed(self, sent: Counter, received: Counter, error: bool = False) -> None:
+        """The backend's side is done: `sent`/`received` are its byte counters; `error`
+        if it ended by a reset or failure."""
+        self.stats.bytes_sent += sent.bytes
+        self.stats.bytes_received += received.bytes
+        if error:
+            self.stats.errors += 1
+        if self._responses is not None:
+            try:
+                done = self._responses.close()
+            except ProtocolError:
+                done = None
+                self.stats.errors += 1  # an answer cut short
+            self._complete(done)
+            return
+        if not self._per_connection:
+            return  # fell back or upgraded mid-way: not comparable with per-request numbers
+        if received.first:
+            # Time to first byte, from the first request byte, or from the connect when
+            # the server speaks first (SMTP, MySQL).
+            start = sent.first if 0 < sent.first < received.first else self._connected
+            self.stats.record(received.first - start)
+        else:
+            self.stats.requests += 1
+
+    def _complete(self, done) -> None:
+        if not done:
+            return
+        now = monotonic()
+        pending = self._pending
+        for _status, is_error in done:
+            if not pending:
+                self._fall_back("a response nobody asked for")
+                return
+            self.stats.record(now - pending.popleft(), is_error)
+
+    def _stop_framing(self) -> None:
+        self._requests = self._responses = None
+        self._pending.clear()
+
+    def _fall_back(self, why: str) -> None:
+        self.route_stats.parser_fallbacks += 1
+        log.debug("%s: cannot follow the protocol (%s); measuring as tcp", self.label, why)
+        self._stop_framing()

@@ -1,0 +1,48 @@
+"""Passive protocol framers: find where each request and each response ends, never change bytes.
+
+Each direction of one connection to one backend gets its own framer instance. The
+observer feeds it copies of the bytes as they pass:
+
+- ``RequestFramer().feed(data)`` returns None when no request was completed by this
+  chunk, else the list of requests completed in it, in order (HTTP: the method;
+  Redis: the command name, upper-cased).
+- ``ResponseFramer().expect(request)`` is called once for every request the
+  RequestFramer produced, in order, before the response bytes for it are fed;
+  ``.feed(data)`` returns None or the list of ``(status, is_error)`` responses completed
+  in the chunk; ``.close()`` is called at the backend's EOF and completes a response
+  delimited by the connection's close.
+
+``data`` may be a memoryview that is overwritten after the call: framers copy only the
+few bytes they must (header lines, length lines), never bodies, so memory per framer
+is bounded by the 64 KiB line/header limits.
+
+When a framer raises, whatever it completed earlier in the same ``feed()`` call is on
+the exception's ``completed`` attribute (a list, possibly empty), and the framer is
+finished: any further call raises ProtocolError.
+"""
+from __future__ import annotations
+
+
+class _FramingStop(Exception):
+    """Base of the two ways a framer stops following a stream."""
+
+    def __init__(self, message: str, completed: list | None = None) -> None:
+        super().__init__(message)
+        self.completed = completed
+
+
+class ProtocolError(_FramingStop):
+    """The stream cannot be followed (garbage, unknown framing)."""
+
+
+class Upgraded(_FramingStop):
+    """The connection left the protocol (HTTP 101 Upgrade, CONNECT 2xx): measure it as tcp from here on."""
+
+
+# The framer modules import the exceptions above, so they come after them.
+from . import http, redis  # noqa: E402
+
+FRAMERS = {
+    "http": (http.RequestFramer, http.ResponseFramer),
+    "redis": (redis.RequestFramer, redis.ResponseFramer),
+}

@@ -1,0 +1,311 @@
+"""HTTP/1.x framing for passive observers: where each request and each response ends (RFC 9112).
+
+Only the start-line and header section (and chunk-size lines, trailer sections) are
+buffered, up to MAX_HEAD bytes each; bodies are never copied, only counted down.
+Lines may end in CRLF or a bare LF (RFC 9112 section 2.2).
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from . import ProtocolError, Upgraded
+
+MAX_HEAD = 64 * 1024  # bytes of one header section, trailer section or chunk-size line
+
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line ending a section (its first LF ends a line)
+_BLANKS = re.compile(rb"[\r\n]*")
+_LF = re.compile(rb"\n")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) [^ ]+ HTTP/1\.[0-9]")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?", re.S)
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?", re.S)
+_MAX_LENGTH_DIGITS = 18  # a Content-Length beyond 10**18 bytes is garbage, not a body
+
+# Parser states.
+_START = 0        # between messages (stray blank lines are skipped)
+_HEAD = 1         # in a start-line + header section (buffered)
+_BODY = 2         # counting down a Content-Length body
+_SIZE = 3         # in a chunk-size line (buffered)
+_DATA = 4         # counting down chunk data
+_DATA_CR = 5      # expecting the CRLF after chunk data
+_DATA_LF = 6
+_TRAILER = 7      # in a trailer section (buffered)
+_UNTIL_CLOSE = 8  # a response body delimited by the connection's close
+_OPAQUE = 9       # past a CONNECT request: whatever follows is the tunnel's, or unknown
+_FINISHED = 10    # raised or closed
+
+# Body framing decided by a header section, besides a Content-Length (an int).
+_CHUNKED = -1
+_TO_CLOSE = -2
+
+
+class _MessageFramer:
+    """The state machine shared by both directions; subclasses parse the start-line."""
+
+    __slots__ = ("_state", "_buf", "_left", "_item")
+
+    def __init__(self) -> None:
+        self._state = _START
+        self._buf = bytearray()
+        self._left = 0      # body or chunk bytes still to come
+        self._item = None   # the message being framed, returned once its body ends
+
+    def feed(self, data) -> list | None:
+        """Follow `data`; return the messages completed in it, or None when there are none."""
+        out = None
+        pos = 0
+        n = len(data)
+        try:
+            while pos < n:
+                state = self._state
+                if state == _BODY or state == _DATA:
+                    left = self._left
+                    if n - pos < left:
+                        self._left = left - (n - pos)
+                        break
+                    pos += left
+                    self._left = 0
+                    if state == _DATA:
+                        self._state = _DATA_CR
+                    else:
+                        out = self._complete(out)
+                elif state == _START:
+                    pos = _BLANKS.match(data, pos).end()
+                    if pos < n:
+                        self._state = _HEAD
+                elif state == _HEAD:
+                    pos, block = self._take(data, pos, n, _HEAD_END)
+                    if block is None:
+                        break
+                    lines = block.split(b"\n")
+                    del lines[-2:]  # the terminator's pieces
+                    out = self._head(lines, out)
+                elif state == _SIZE:
+                    pos, line = self._take(data, pos, n, _LF)
+                    if line is None:
+                        break
+                    line = line[:-2] if line[-2:] == b"\r\n" else line[:-1]
+                    m = _CHUNK_SIZE.fullmatch(line)
+                    if m is None:
+                        raise ProtocolError(f"bad chunk-size line {line[:60]!r}")
+                    size = int(m.group(1), 16)
+                    if size:
+                        self._left = size
+                        self._state = _DATA
+                    else:
+                        self._buf.append(10)  # the LF just read: an empty trailer ends at once
+                        self._state = _TRAILER
+                elif state == _DATA_CR or state == _DATA_LF:
+                    byte = data[pos]
+                    pos += 1
+                    if byte == 10:
+                        self._state = _SIZE
+                    elif byte == 13 and state == _DATA_CR:
+                        self._state = _DATA_LF
+                    else:
+                        raise ProtocolError("chunk data not followed by CRLF")
+                elif state == _TRAILER:
+                    pos, block = self._take(data, pos, n, _HEAD_END)
+                    if block is None:
+                        break
+                    out = self._complete(out)
+                elif state == _FINISHED:
+                    raise ProtocolError("framer used after it stopped")
+                else:  # _UNTIL_CLOSE, _OPAQUE: nothing to frame until the end
+                    break
+        except (ProtocolError, Upgraded) as exc:
+            self._state = _FINISHED
+            if exc.completed is None:
+                exc.completed = out or []
+            raise
+        return out
+
+    def _take(self, data, pos: int, n: int, end: re.Pattern) -> tuple[int, bytes | None]:
+        """Buffer `data` from `pos` through the first match of `end`.
+
+        Returns (position after the match, the buffered block), or (n, None) when the
+        match is not in this chunk yet. Only the block is copied, never what follows it.
+        """
+        buf = self._buf
+        room = MAX_HEAD - len(buf)
+        stop = -1
+        if buf:
+            # The terminator may straddle the previous chunk and this one; the
+            # buffer never holds a whole one, so any match here ends in `data`.
+            tail = bytes(buf[-2:])
+            m = end.search(tail + bytes(data[pos:pos + 2]))
+            if m is not None:
+                stop = pos + m.end() - len(tail)
+                if stop - pos > room:
+                    raise ProtocolError(f"header section or line over {MAX_HEAD} bytes")
+        if stop < 0:
+            m = end.search(data, pos, min(n, pos + room))
+            if m is None:
+                if n - pos >= room:
+                    raise ProtocolError(f"header section or line over {MAX_HEAD} bytes")
+                buf += data[pos:n]
+                return n, None
+            stop = m.end()
+        buf += data[pos:stop]
+        block = bytes(buf)
+        buf.clear()
+        return stop, block
+
+    def _complete(self, out: list | None) -> list:
+        self._state = _START
+        if out is None:
+            return [self._item]
+        out.append(self._item)
+        return out
+
+    def _start_body(self, framing: int | None, out: list | None) -> list | None:
+        """Enter the body state `framing` calls for; a message without a body completes."""
+        if framing == _CHUNKED:
+            self._state = _SIZE
+        elif framing == _TO_CLOSE:
+            self._state = _UNTIL_CLOSE
+        elif framing:
+            self._left = framing
+            self._state = _BODY
+        else:
+            return self._complete(out)
+        return out
+
+    def _head(self, lines: list, out: list | None) -> list | None:
+        raise NotImplementedError
+
+
+class RequestFramer(_MessageFramer):
+    """Frames a client's requests; each completed request is its method ("GET", ...).
+
+    A CONNECT request completes at the end of its header section; whatever the client
+    sends after it belongs to the tunnel (or, if the CONNECT is refused, to requests
+    this framer no longer follows): the ResponseFramer raises Upgraded on a 2xx.
+    """
+
+    __slots__ = ()
+
+    def _head(self, lines: list, out: list | None) -> list | None:
+        line = _strip_cr(lines[0])
+        m = _REQUEST_LINE.fullmatch(line)
+        if m is None:
+            raise ProtocolError(f"bad request line {line[:60]!r}")
+        self._item = method = m.group(1).decode("ascii")
+        framing = _body_framing(lines, request=True)
+        if method == "CONNECT":
+            out = self._complete(out)
+            self._state = _OPAQUE
+            return out
+        # RFC 9112 section 6.3: a request without Content-Length or chunked has no body.
+        return self._start_body(0 if framing is None else framing, out)
+
+
+class ResponseFramer(_MessageFramer):
+    """Frames a backend's responses; each completed one is ``(status, status >= 500)``.
+
+    ``expect(method)`` must be called for each request, in order, before its response
+    is fed: a response to HEAD has no body, a 2xx to CONNECT opens a tunnel. A response
+    with no request expected is framed as if it answered a GET.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = deque()
+
+    def expect(self, request: str) -> None:
+        """Queue the method of the next request the backend will answer."""
+        self._pending.append(request)
+
+    def close(self) -> list | None:
+        """The backend closed: complete a close-delimited response; raise if one was cut short."""
+        state = self._state
+        self._state = _FINISHED
+        if state == _UNTIL_CLOSE:
+            return [self._item]
+        if state == _START or state == _FINISHED:
+            return None
+        raise ProtocolError("connection closed in the middle of a response")
+
+    def _head(self, lines: list, out: list | None) -> list | None:
+        line = _strip_cr(lines[0])
+        m = _STATUS_LINE.fullmatch(line)
+        if m is None:
+            raise ProtocolError(f"bad status line {line[:60]!r}")
+        status = int(m.group(1))
+        if status < 100:
+            raise ProtocolError(f"bad status code {status:03d}")
+        framing = _body_framing(lines, request=False)
+        if status < 200:
+            if status == 101:
+                raise Upgraded("101 Switching Protocols")
+            self._state = _START  # interim response: the final one is still to come
+            return out
+        request = self._pending.popleft() if self._pending else None
+        if request == "CONNECT" and status < 300:
+            raise Upgraded(f"CONNECT answered {status}")
+        self._item = (status, status >= 500)
+        if request == "HEAD" or status == 204 or status == 304:
+            return self._complete(out)
+        return self._start_body(_TO_CLOSE if framing is None else framing, out)
+
+
+def _strip_cr(line: bytes) -> bytes:
+    return line[:-1] if line[-1:] == b"\r" else line
+
+
+def _body_framing(lines: list, request: bool) -> int | None:
+    """How the message body of this header section is delimited (RFC 9112 section 6.3).
+
+    Returns _CHUNKED, _TO_CLOSE, a Content-Length, or None when neither
+    Transfer-Encoding nor Content-Length is present. Validates every field line.
+    """
+    lengths = []
+    codings = []
+    folded = None  # the list collecting the previous field's value, if it is one we read
+    for i in range(1, len(lines)):
+        line = _strip_cr(lines[i])
+        if line[:1] == b" " or line[:1] == b"\t":
+            # obs-fold: a continuation of the previous field's value
+            if i == 1:
+                raise ProtocolError("whitespace before the first header field")
+            if folded is not None:
+                folded[-1] += b" " + line.strip(b" \t")
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise ProtocolError(f"bad header line {line[:60]!r}")
+        folded = None
+        if len(name) == 14 and name.lower() == b"content-length":
+            folded = lengths
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            folded = codings
+        else:
+            continue
+        folded.append(value)
+    if codings:
+        names = []
+        for value in codings:
+            for coding in value.split(b","):
+                coding = coding.split(b";", 1)[0].strip(b" \t").lower()
+                if coding:
+                    names.append(coding)
+        chunked = names.count(b"chunked")
+        if chunked > 1 or (chunked and names[-1] != b"chunked"):
+            raise ProtocolError("chunked is not the final transfer coding, or is applied twice")
+        if chunked:
+            return _CHUNKED  # Transfer-Encoding wins over Content-Length
+        if request:
+            raise ProtocolError("request with a transfer coding other than chunked")
+        return _TO_CLOSE
+    if lengths:
+        values = {v.strip(b" \t") for value in lengths for v in value.split(b",")}
+        if len(values) != 1:
+            raise ProtocolError("conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+            raise ProtocolError(f"bad Content-Length {value[:30]!r}")
+        return int(value)
+    return None

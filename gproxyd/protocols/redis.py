@@ -1,0 +1,306 @@
+"""Redis framing for passive observers: where each command and each reply ends (RESP2 and RESP3).
+
+Only lines are buffered (a type byte and its payload, a length, an inline command), up
+to MAX_LINE bytes each; bulk string contents are counted down, never copied, except
+the first NAME_MAX bytes of a command's name. Aggregates nest to any depth on an
+explicit stack of remaining element counts.
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from . import ProtocolError, Upgraded
+
+MAX_LINE = 64 * 1024  # the same bound Redis puts on inline commands and length lines
+NAME_MAX = 64         # bytes of a command name kept; longer names are truncated
+
+_LF = re.compile(rb"\n")
+_LENGTH = re.compile(rb"-?[0-9]{1,18}")
+_INTEGER = re.compile(rb"[-+]?[0-9]+")
+
+# Parser states.
+_LINE = 0      # expecting a line: a command, an argument's length, a reply's type line
+_BULK = 1      # counting down a bulk string's contents
+_BULK_END = 2  # expecting the CRLF after them
+_FINISHED = 3  # raised or closed
+
+_TYPES = {byte: chr(byte) for byte in b"+-:_,#($!=*~>%|"}
+_SIMPLE = frozenset(b"+-:_,#(")  # one line each
+_BLOBS = frozenset(b"$!=")       # a length line, then that many bytes and CRLF
+_AGGREGATE_WIDTH = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2, ord("|"): 2}
+_ATTRIBUTE = ord("|")
+_NULLABLE = frozenset(b"$*")     # RESP2's $-1 and *-1
+_ERRORS = ("-", "!")
+# Commands after whose reply the connection stops pairing requests with replies:
+# subscribed clients receive messages nobody asked for, MONITOR streams forever.
+_LEAVES_REQUEST_REPLY = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"})
+
+
+class _LineFramer:
+    """What both directions share: the state, and a line buffer bounded by MAX_LINE."""
+
+    __slots__ = ("_state", "_buf", "_left")
+
+    def __init__(self) -> None:
+        self._state = _LINE
+        self._buf = bytearray()
+        self._left = 0  # bulk string bytes still to come
+
+    def _line(self, data, pos: int, n: int) -> tuple[int, bytes | None]:
+        """Read one line from `data` at `pos`, without its CRLF (or bare LF).
+
+        Returns (position after the line, the line), or (n, None) when the line does
+        not end in this chunk; its start is kept for the next one.
+        """
+        buf = self._buf
+        room = MAX_LINE - len(buf)
+        m = _LF.search(data, pos, min(n, pos + room))
+        if m is None:
+            if n - pos >= room:
+                raise ProtocolError(f"line over {MAX_LINE} bytes")
+            buf += data[pos:n]
+            return n, None
+        stop = m.end()
+        if buf:
+            buf += data[pos:stop - 1]
+            line = bytes(buf)
+            buf.clear()
+        else:
+            line = bytes(data[pos:stop - 1])
+        return stop, (line[:-1] if line[-1:] == b"\r" else line)
+
+
+class RequestFramer(_LineFramer):
+    """Frames a client's commands; each completed one is its name, upper-cased ("GET", ...).
+
+    Commands are arrays of bulk strings or inline lines, as Redis reads them: an
+    empty array or a blank inline line is no command (Redis does not answer it).
+    """
+
+    __slots__ = ("_args", "_name", "_keep")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._args = 0     # arguments of the current command still to come; 0 between commands
+        self._name = None  # the start of the current command's first argument
+        self._keep = 0     # bytes of the bulk string being read still to add to _name
+
+    def feed(self, data) -> list | None:
+        """Follow `data`; return the commands completed in it, or None when there are none."""
+        out = None
+        pos = 0
+        n = len(data)
+        try:
+            while pos < n:
+                state = self._state
+                if state == _BULK:
+                    left = self._left
+                    take = left if left < n - pos else n - pos
+                    if self._keep:
+                        keep = self._keep if self._keep < take else take
+                        self._name += data[pos:pos + keep]
+                        self._keep -= keep
+                    pos += take
+                    self._left = left - take
+                    if take == left:
+                        self._state = _BULK_END
+                elif state == _LINE:
+                    pos, line = self._line(data, pos, n)
+                    if line is None:
+                        break
+                    if self._args:
+                        if line[:1] != b"$":
+                            raise ProtocolError(f"expected '$' in a command, got {line[:1]!r}")
+                        size = _length(line)
+                        if size < 0:
+                            raise ProtocolError(f"bad bulk string length {line[:30]!r}")
+                        if self._name is None:
+                            self._name = bytearray()
+                            self._keep = size if size < NAME_MAX else NAME_MAX
+                        self._left = size
+                        self._state = _BULK if size else _BULK_END
+                    elif line[:1] == b"*":
+                        count = _length(line)
+                        if count > 0:
+                            self._args = count
+                            self._name = None
+                    else:
+                        words = line.split(None, 1)
+                        if words:
+                            out = _append(out, _command(words[0][:NAME_MAX]))
+                elif state == _BULK_END:
+                    pos, line = self._line(data, pos, n)
+                    if line is None:
+                        break
+                    if line:
+                        raise ProtocolError("bulk string not followed by CRLF")
+                    self._state = _LINE
+                    self._args -= 1
+                    if not self._args:
+                        out = _append(out, _command(self._name))
+                else:
+                    raise ProtocolError("framer used after it stopped")
+        except (ProtocolError, Upgraded) as exc:
+            self._state = _FINISHED
+            if exc.completed is None:
+                exc.completed = out or []
+            raise
+        return out
+
+
+class ResponseFramer(_LineFramer):
+    """Frames a server's replies; each completed one is ``(type, is_error)``.
+
+    ``type`` is the reply's first byte ("+", "-", "$", "*", "%", ...); ``is_error`` is
+    true for "-" and RESP3's "!". Attributes ("|") precede a reply and are not one;
+    push messages (">") are out of band and complete nothing. After the reply to
+    SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE or MONITOR (as named to ``expect()``), replies no
+    longer answer requests one for one, and the framer raises Upgraded.
+    """
+
+    __slots__ = ("_counts", "_attributes", "_top", "_pending")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts = []      # elements still to come in each open aggregate, outermost first
+        self._attributes = []  # whether each open aggregate is an attribute
+        self._top = None       # type of the top-level reply being read
+        self._pending = deque()
+
+    def expect(self, request: str) -> None:
+        """Queue the name of the next command the server will answer."""
+        self._pending.append(request)
+
+    def close(self) -> None:
+        """The server closed: replies never end that way, so raise if one was cut short."""
+        state = self._state
+        self._state = _FINISHED
+        if state == _FINISHED or (state == _LINE and not self._buf and not self._counts):
+            return None
+        raise ProtocolError("connection closed in the middle of a reply")
+
+    def feed(self, data) -> list | None:
+        """Follow `data`; return the replies completed in it, or None when there are none."""
+        out = None
+        pos = 0
+        n = len(data)
+        try:
+            while pos < n:
+                state = self._state
+                if state == _BULK:
+                    left = self._left
+                    if n - pos < left:
+                        self._left = left - (n - pos)
+                        break
+                    pos += left
+                    self._left = 0
+                    self._state = _BULK_END
+                elif state == _LINE:
+                    pos, line = self._line(data, pos, n)
+                    if line is None:
+                        break
+                    out = self._type_line(line, out)
+                elif state == _BULK_END:
+                    pos, line = self._line(data, pos, n)
+                    if line is None:
+                        break
+                    if line:
+                        raise ProtocolError("bulk string not followed by CRLF")
+                    self._state = _LINE
+                    out = self._element_done(out)
+                else:
+                    raise ProtocolError("framer used after it stopped")
+        except (ProtocolError, Upgraded) as exc:
+            self._state = _FINISHED
+            if exc.completed is None:
+                exc.completed = out or []
+            raise
+        return out
+
+    def _type_line(self, line: bytes, out: list | None) -> list | None:
+        kind = line[0] if line else -1
+        name = _TYPES.get(kind)
+        if name is None:
+            raise ProtocolError(f"unknown RESP type byte {line[:1]!r}")
+        if not self._counts and kind != _ATTRIBUTE:
+            self._top = name
+        if kind in _SIMPLE:
+            _check_simple(kind, line)
+            return self._element_done(out)
+        size = _length(line)
+        if kind in _BLOBS:
+            if size > 0:
+                self._left = size
+                self._state = _BULK
+            elif size == 0:
+                self._state = _BULK_END
+            elif size == -1 and kind in _NULLABLE:
+                return self._element_done(out)
+            else:
+                raise ProtocolError(f"bad length {line[:30]!r}")
+            return out
+        if size > 0:
+            self._counts.append(size * _AGGREGATE_WIDTH[kind])
+            self._attributes.append(kind == _ATTRIBUTE)
+            return out
+        if size == 0 or (size == -1 and kind in _NULLABLE):
+            # An empty attribute annotates nothing; any other empty aggregate is an element.
+            return out if kind == _ATTRIBUTE else self._element_done(out)
+        raise ProtocolError(f"bad length {line[:30]!r}")
+
+    def _element_done(self, out: list | None) -> list | None:
+        """One value ended: close the aggregates it completes; maybe a whole reply."""
+        counts = self._counts
+        while counts:
+            counts[-1] -= 1
+            if counts[-1]:
+                return out
+            counts.pop()
+            if self._attributes.pop():
+                return out  # an attribute is not an element of its parent, nor a reply
+        top = self._top
+        self._top = None
+        pending = self._pending
+        if top == ">":
+            # RESP3 confirms subscriptions with pushes, not replies.
+            if pending and pending[0] in _LEAVES_REQUEST_REPLY:
+                raise Upgraded(f"{pending[0]}: replies no longer answer requests")
+            return out
+        request = pending.popleft() if pending else None
+        is_error = top in _ERRORS
+        out = _append(out, (top, is_error))
+        if request in _LEAVES_REQUEST_REPLY and not is_error:
+            raise Upgraded(f"{request}: replies no longer answer requests", out)
+        return out
+
+
+def _append(out: list | None, item) -> list:
+    if out is None:
+        return [item]
+    out.append(item)
+    return out
+
+
+def _command(name) -> str:
+    return name.decode("latin-1").upper()
+
+
+def _length(line: bytes) -> int:
+    """The signed decimal after a line's type byte, as strictly as Redis reads it."""
+    if _LENGTH.fullmatch(line, 1) is None:
+        raise ProtocolError(f"bad length {line[:30]!r}")
+    return int(line[1:])
+
+
+def _check_simple(kind: int, line: bytes) -> None:
+    if kind == 58 or kind == 40:  # ":" integer, "(" big number
+        ok = _INTEGER.fullmatch(line, 1) is not None
+    elif kind == 95:  # "_" null
+        ok = len(line) == 1
+    elif kind == 35:  # "#" boolean
+        ok = line[1:] == b"t" or line[1:] == b"f"
+    else:
+        ok = True
+    if not ok:
+        raise ProtocolError(f"bad {chr(kind)!r} reply {line[:30]!r}")
