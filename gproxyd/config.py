@@ -191,6 +191,35 @@ def _route(path: str, section: _Section, name: str) -> Route:
     return Route(name=name, where=f"{path}:{section.line}", **values)
 
 
+def make_route(name: str = "proxy", **values: Any) -> Route:
+    """A Route from Python values: option names with '_' for '-'; strings are parsed
+    like config text, other values (lists of shadows, a hooks object) are taken as they
+    are. Raises ConfigError naming the option."""
+    parsed: dict[str, Any] = {}
+    for option in ROUTE_OPTIONS:
+        value = values.pop(option.attr, None)
+        if value is None:
+            if option.default is None:
+                raise ConfigError("Proxy()", option.attr, "missing (expected a value)")
+            parsed[option.attr] = option.parse(option.default)
+        elif isinstance(value, str):
+            parsed[option.attr] = _parse(option, value, "Proxy()")
+        elif option.name == "shadow":
+            parsed[option.attr] = _parse(option, ",".join(map(str, value)), "Proxy()")
+        elif option.name == "hooks":
+            from .hooks import HookSet
+            try:
+                parsed[option.attr] = HookSet.from_object(value)
+            except BadValue as error:
+                raise ConfigError("Proxy()", "hooks", str(error)) from None
+        else:
+            parsed[option.attr] = _parse(option, str(value), "Proxy()")
+    if values:
+        raise ConfigError("Proxy()", ", ".join(values), "unknown option (expected one of: "
+                          f"{', '.join(o.attr for o in ROUTE_OPTIONS)})")
+    return Route(name=name, where="Proxy()", **parsed)
+
+
 def load_config(path: str = DEFAULT_PATH, argv: list[str] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Read PATH, then GPROXYD_* variables and command-line flags, into a Config.

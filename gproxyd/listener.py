@@ -138,6 +138,11 @@ class Listener:
     def address(self) -> Address:
         return self.route.listen
 
+    @property
+    def bound(self):
+        """The address actually bound (with the port the kernel chose for port 0)."""
+        return self._listening.getsockname()
+
     def start(self) -> None:
         self._server.start()
         self._reaper = gevent.spawn(self._reap_idle)

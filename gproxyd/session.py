@@ -16,8 +16,10 @@ import time
 import gevent
 
 from .config import Route
+from .hooks import Connection, hook_failure
 from .observe import Exchanges
 from .relay import EOF, Broken, Channel, Counter, connect, copy_pump, is_disconnect, splice_pump
+from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats
 
@@ -30,9 +32,13 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+_FAILED = object()  # a hook raised: the session is being closed
+
+
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "observer", "shadows",
-                 "up", "down", "started", "reason", "_idle_mark", "_production_failed")
+                 "up", "down", "started", "reason", "_idle_mark", "_production_failed",
+                 "hooks", "conn")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool):
@@ -50,13 +56,20 @@ class Session:
         self.reason = ""
         self._idle_mark = (0, self.started)
         self._production_failed = False
+        self.hooks = route.hooks
+        self.conn: Connection | None = None
         if mirror:
+            on_answer = self._shadow_answer if self.hooks else None
             self.shadows = [
                 ShadowSink(address, route.shadow_buffer, route.shadow_connect_timeout,
                            stats.shadow(address.text),
                            Exchanges(route.protocol, stats.shadow(address.text), stats,
-                                     f"{label} shadow {address}"), label)
+                                     f"{label} shadow {address}"), label, on_answer)
                 for address in route.shadow]
+        if self.hooks:
+            self.conn = Connection(route.name, peer,
+                                   ["production"] + [sink.address.text for sink in self.shadows],
+                                   route.production.text, self._reply, self._closed_by_hook)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -67,18 +80,39 @@ class Session:
         are left to `finish()`.
         """
         try:
-            try:
-                self.production = connect(self.route.production, self.route.connect_timeout)
-            except OSError as error:
-                self.stats.production.connect_failures += 1
-                self.stats.production.errors += 1
-                self.reason = f"production unreachable: {_describe(error)}"
+            if self.hooks and self.hooks.on_connect:
+                if self._call("on_connect", self.hooks.on_connect, self.conn) is _FAILED:
+                    return
+                if self.reason:  # the hook closed the connection
+                    return
+            self.production = self._connect_production()
+            if self.production is None:
                 return
             downstream = gevent.spawn(self._relay_down)
             self._relay_up()
             downstream.join()
         finally:
             self._close()
+
+    def _connect_production(self) -> Channel | None:
+        addresses = [self.route.production]
+        if self.conn is not None and self.conn.production != self.route.production.text:
+            chosen = self.conn.production
+            try:
+                addresses = [address(text) for text in
+                             ([chosen] if isinstance(chosen, str) else list(chosen))]
+            except (BadValue, TypeError) as error:
+                self.reason = f"hook on_connect set a bad production: {error}"
+                log.error("route %s client %s: %s", self.route.name, self.peer, self.reason)
+                return None
+        for target in addresses:
+            try:
+                return connect(target, self.route.connect_timeout)
+            except OSError as error:
+                self.stats.production.connect_failures += 1
+                self.stats.production.errors += 1
+                self.reason = f"production {target} unreachable: {_describe(error)}"
+        return None
 
     def abort(self, reason: str) -> None:
         """End the session now, from any greenlet: both directions see EOF and stop."""
@@ -101,7 +135,10 @@ class Session:
 
     def _relay_up(self) -> None:
         try:
-            if self.shadows or self.observer.framed:
+            if self.hooks and self.hooks.on_data:
+                copy_pump(self.client, self.production, self.up, self._upstream_hooked,
+                          self._client_eof)
+            elif self.shadows or self.observer.framed:
                 copy_pump(self.client, self.production, self.up, self._upstream_chunk,
                           self._client_eof)
             else:
@@ -111,13 +148,18 @@ class Session:
 
     def _relay_down(self) -> None:
         try:
-            if self.observer.framed:
+            if self.hooks and self.hooks.on_response:
+                copy_pump(self.production, self.client, self.down, self._downstream_hooked,
+                          _nothing)
+            elif self.observer.framed:
                 copy_pump(self.production, self.client, self.down, self._downstream_chunk,
                           _nothing)
             else:
                 splice_pump(self.production, self.client, self.down)
         except Broken as broken:
             self._fail("production -> client", broken)
+        if self.hooks and self.hooks.on_finish:
+            self._call("on_finish", self.hooks.on_finish, self.conn, "production")
 
     def _upstream_chunk(self, chunk):
         for sink in self.shadows:
@@ -129,6 +171,60 @@ class Session:
     def _downstream_chunk(self, chunk):
         self.observer.received(chunk)
         return chunk
+
+    # --- with hooks ----------------------------------------------------------------------
+
+    def _call(self, name: str, hook, *args):
+        """Run a hook; if it raises, log it, close the connection and return _FAILED."""
+        try:
+            return hook(*args)
+        except Exception as error:  # a user hook: anything may come out of it
+            hook_failure(self.hooks, name, self.route.name, self.peer, error)
+            self.abort(f"hook {name} failed: {type(error).__name__}")
+            return _FAILED
+
+    def _upstream_hooked(self, chunk):
+        result = self._call("on_data", self.hooks.on_data, self.conn, bytes(chunk))
+        if result is None or result is _FAILED:
+            return None
+        targets = None
+        if isinstance(result, tuple):
+            result, targets = result
+        if not result:
+            return None
+        for sink in self.shadows:
+            if targets is None or sink.address.text in targets:
+                sink.feed(result)
+        if targets is not None and "production" not in targets:
+            return None
+        if self.observer.framed:
+            self.observer.sent(result)
+        return result
+
+    def _downstream_hooked(self, chunk):
+        if self.observer.framed:
+            self.observer.received(chunk)
+        result = self._call("on_response", self.hooks.on_response, self.conn, "production",
+                            bytes(chunk))
+        return None if result is _FAILED else result
+
+    def _shadow_answer(self, sink: ShadowSink, chunk) -> None:
+        """A shadow's answer (in its reader greenlet), or its end when chunk is None."""
+        if chunk is None:
+            if self.hooks.on_finish:
+                self._call("on_finish", self.hooks.on_finish, self.conn, sink.address.text)
+        elif self.hooks.on_response:
+            self._call("on_response", self.hooks.on_response, self.conn, sink.address.text,
+                       bytes(chunk))
+
+    def _reply(self, data: bytes) -> None:
+        try:
+            self.client.sendall(data)
+        except OSError as error:
+            self.abort(f"client {_describe(error)}")
+
+    def _closed_by_hook(self) -> None:
+        self.abort("closed by hook")
 
     def _client_eof(self) -> None:
         for sink in self.shadows:

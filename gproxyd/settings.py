@@ -118,7 +118,7 @@ class Address:
         return self.text
 
 
-def address(text: str) -> Address:
+def address(text: str, lowest_port: int = 1) -> Address:
     """'host:port', '[v6]:port', 'unix:/path' -> Address."""
     raw = text.strip()
     if raw.startswith("unix:"):
@@ -137,8 +137,8 @@ def address(text: str) -> Address:
         if ":" in host:
             raise BadValue(f"bad address {raw!r} (expected an IPv6 address in brackets: "
                            "[ipv6]:port)")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise BadValue(f"bad port {port!r} (expected 1-65535)")
+    if not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        raise BadValue(f"bad port {port!r} (expected {lowest_port}-65535)")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -147,6 +147,11 @@ def address(text: str) -> Address:
         return Address(raw, socket.AF_INET, host=host, port=int(port), numeric=False)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     return Address(raw, family, host=str(ip), port=int(port))
+
+
+def listen_address(text: str) -> Address:
+    """Like address(), and port 0 asks the kernel for a free port."""
+    return address(text, lowest_port=0)
 
 
 def address_list(text: str) -> tuple[Address, ...]:
@@ -160,6 +165,11 @@ def admin_address(text: str) -> Address | None:
 
 def optional_text(text: str) -> str:
     return text.strip()
+
+
+def _hooks(text: str):
+    from .hooks import none_or_hooks  # imports user code: only when a route asks for it
+    return none_or_hooks(text)
 
 
 # --- the registry ---------------------------------------------------------------------
@@ -211,8 +221,9 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
 )
 
 ROUTE_OPTIONS: tuple[Option, ...] = (
-    Option("listen", address, None,
-           "Where clients connect: host:port, [ipv6]:port or unix:/path.", "ADDRESS"),
+    Option("listen", listen_address, None,
+           "Where clients connect: host:port, [ipv6]:port or unix:/path (port 0: any free "
+           "port, as logged at start).", "ADDRESS"),
     Option("production", address, None,
            "The production backend every byte is relayed to: host:port or unix:/path.",
            "ADDRESS"),
@@ -239,6 +250,10 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("max-connections", positive_int, "10000",
            "Most client connections served at once; clients over it are closed at once.",
            "NUMBER"),
+    Option("hooks", _hooks, "",
+           "Python hooks that see and may change the traffic: a dotted module name or a "
+           "path to a .py file defining on_connect, on_data, on_response or on_finish "
+           "(see Writing hooks). Re-imported on reload.", "MODULE"),
     Option("protocol", choice("tcp", "http", "redis", "beanstalkd"), "tcp",
            "How the route's traffic is understood for measurement: tcp, http, redis or "
            "beanstalkd. Bytes are never changed by it.", "PROTOCOL"),

@@ -31,13 +31,14 @@ class ShadowSink:
     """
 
     def __init__(self, address: Address, limit: int, connect_timeout: float,
-                 stats: ShadowStats, observer: Exchanges, label: str):
+                 stats: ShadowStats, observer: Exchanges, label: str, on_answer=None):
         self.address = address
         self.observer = observer
         self._limit = limit
         self._connect_timeout = connect_timeout
         self._stats = stats
         self._label = label  # "route web client 1.2.3.4:5" for log lines
+        self._on_answer = on_answer  # hooks: on_answer(sink, chunk), then (sink, None) at end
         self._queue: deque = deque()
         self._queued = 0
         self._eof = False
@@ -117,6 +118,8 @@ class ShadowSink:
             if self.alive:
                 self.state = "done"
             self.observer.closed(self.sent, self.received, error=self.state == "reset")
+            if self._on_answer is not None:
+                self._on_answer(self, None)
 
     def _drain_queue(self, channel: Channel) -> None:
         queue = self._queue
@@ -152,6 +155,8 @@ class ShadowSink:
         self.received.bytes += len(chunk)
         if self.observer.framed:
             self.observer.received(chunk)
+        if self._on_answer is not None:
+            self._on_answer(self, chunk)
 
     def _lost(self, error: OSError) -> None:
         if not self.alive:

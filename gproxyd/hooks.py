@@ -1,0 +1,156 @@
+"""The hook API: a custom intercepting proxy in a few lines of Python.
+
+A route's `hooks = dotted.module` or `hooks = /path/to/file.py` names a module (any
+object works from Python: `gproxyd.Proxy(..., hooks=obj)`) defining any of:
+
+    def on_connect(conn): ...
+        Called once per client connection, before any byte is relayed and before
+        production is connected. May set `conn.production` (one address or a list of
+        addresses tried in order) to choose where this connection goes.
+
+    def on_data(conn, data: bytes) -> bytes | None | tuple[bytes, list[str]]:
+        Every chunk the client sends. Return bytes to relay them (changed or not) to
+        production and every shadow; None to drop them; (bytes, ["production", ...]) to
+        send them only to the named backends.
+
+    def on_response(conn, backend: str, data: bytes) -> bytes | None:
+        Every chunk a backend answers. For "production" the returned bytes go to the
+        client (None drops them); for shadows the return value is ignored.
+
+    def on_finish(conn, backend: str) -> None:
+        A backend's side of the connection ended.
+
+Backends are named "production" and each shadow as written in the config. Hooks run
+in the connection's own greenlets: they may block in gevent-friendly ways (a database
+query, an HTTP call) without stalling other connections. A hook that raises closes its
+connection; the traceback is logged with route and client; the daemon keeps serving.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .settings import BadValue
+
+log = logging.getLogger("gproxyd.hooks")
+
+HOOK_NAMES = ("on_connect", "on_data", "on_response", "on_finish")
+
+
+@dataclass(frozen=True, eq=False)
+class HookSet:
+    """The hook functions found on one module or object; None where not defined."""
+    source: str
+    on_connect: Callable | None = None
+    on_data: Callable | None = None
+    on_response: Callable | None = None
+    on_finish: Callable | None = None
+    module_file: str = ""
+
+    @classmethod
+    def from_object(cls, obj: Any, source: str = "") -> "HookSet":
+        functions = {name: getattr(obj, name, None) for name in HOOK_NAMES}
+        for name, function in functions.items():
+            if function is not None and not callable(function):
+                raise BadValue(f"{name} in {source or obj!r} is not callable "
+                               "(expected a function)")
+        module_file = getattr(obj, "__file__", "") or getattr(
+            sys.modules.get(getattr(type(obj), "__module__", ""), None), "__file__", "") or ""
+        return cls(source=source or repr(obj), module_file=module_file, **functions)
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def load_hooks(text: str) -> HookSet:
+    """Import (again, on every call) the module named by a route's `hooks` value."""
+    spec = text.strip()
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            module = _import_file(spec)
+        else:
+            module = importlib.import_module(spec)
+            module = importlib.reload(module)  # a reload picks up edits
+    except BadValue:
+        raise
+    except Exception as error:  # anything the module's own code raised while importing
+        where = _where_in_module(error, spec)
+        raise BadValue(f"cannot import {spec!r}: {type(error).__name__}: {error}{where} "
+                       "(expected a module path or a .py file defining on_connect, on_data, "
+                       "on_response or on_finish)") from None
+    hooks = HookSet.from_object(module, spec)
+    if not any(getattr(hooks, name) for name in HOOK_NAMES):
+        raise BadValue(f"{spec!r} defines no hook (expected on_connect, on_data, "
+                       "on_response or on_finish)")
+    return hooks
+
+
+def _import_file(path: str):
+    if not os.path.isfile(path):
+        raise BadValue(f"no such hooks file {path!r} (expected a readable .py file)")
+    name = "gproxyd_hooks_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _where_in_module(error: Exception, spec: str) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if "importlib" not in frame.filename
+           and not frame.filename.endswith("hooks.py")]
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}:{error.lineno}"
+    return f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
+
+
+def hook_failure(hooks: HookSet, name: str, route: str, client: str, error: BaseException):
+    """Log a failing hook with its traceback trimmed to the hook module's own frames."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if frame.filename == hooks.module_file] or frames[-1:]
+    trace = "".join(traceback.format_list(own)).rstrip()
+    log.error("route %s client %s: hook %s (%s) failed, closing the connection: %s: %s\n%s",
+              route, client, name, hooks.source, type(error).__name__, error, trace)
+
+
+class Connection:
+    """What a hook sees as `conn`: one client connection.
+
+    Attributes: `route` (the route's name), `client` (the client's address as text),
+    `backends` (["production", shadow names...]), `state` (a dict the hooks may use
+    for per-connection state), `production` (settable in on_connect: an address, or a
+    list of addresses tried in order until one accepts).
+    """
+    __slots__ = ("route", "client", "backends", "state", "production", "_reply", "_close")
+
+    def __init__(self, route: str, client: str, backends: list[str], production,
+                 reply: Callable[[bytes], None], close: Callable[[], None]):
+        self.route = route
+        self.client = client
+        self.backends = backends
+        self.state: dict = {}
+        self.production = production
+        self._reply, self._close = reply, close
+
+    def reply(self, data: bytes) -> None:
+        """Write `data` to the client now (as if production had said it)."""
+        self._reply(data)
+
+    def close(self) -> None:
+        """Close the connection: client, production and shadows."""
+        self._close()
+
+    def __repr__(self) -> str:
+        return f"<Connection route={self.route} client={self.client}>"
+
+
+def none_or_hooks(text: str) -> HookSet | None:
+    """The `hooks` option: empty for none, else a module to import."""
+    return load_hooks(text) if text.strip() else None
