@@ -1,0 +1,243 @@
+"""Live benchmarking with real servers and real clients: HTTP, Redis, tcp, fallback."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import gevent
+import pytest
+import redis
+import requests
+from gevent import socket as gsocket
+from gevent.pywsgi import WSGIServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gproxyd.admin import AdminServer
+from gproxyd.settings import address
+
+from backends import recv_to_eof, unused_port, wait_until
+
+
+def http_backend(name: str, delay: float = 0.0, status: int = 200):
+    """A keep-alive pywsgi server answering `name`, after `delay` seconds."""
+    def app(environ, start_response):
+        environ["wsgi.input"].read()
+        if delay:
+            gevent.sleep(delay)
+        body = name.encode() * 10
+        start_response(f"{status} X", [("Content-Length", str(len(body)))])
+        return [body]
+    listening = gsocket.socket()
+    listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    server = WSGIServer(listening, app, log=None, error_log=None)
+    server.start()
+    server.address = f"127.0.0.1:{server.server_port}"
+    return server
+
+
+@pytest.fixture
+def http_servers():
+    started = []
+
+    def make(*args, **kwargs):
+        server = http_backend(*args, **kwargs)
+        started.append(server)
+        return server
+    yield make
+    for server in started:
+        server.stop(timeout=1)
+
+
+def url(proxied, path="/"):
+    return f"http://{proxied.sockaddr[0]}:{proxied.sockaddr[1]}{path}"
+
+
+def settle(proxied, expected: int, shadows=()):
+    """Wait until production and each shadow have counted `expected` requests."""
+    wait_until(lambda: proxied.stats.production.requests >= expected and all(
+        proxied.stats.shadows[s].requests >= expected for s in shadows), timeout=10,
+        what=f"{expected} requests counted")
+
+
+def test_http_keepalive_counts_each_request_and_sees_the_candidate_delay(proxy, http_servers):
+    production, candidate = http_servers("prod"), http_servers("cand", delay=0.03)
+    proxied = proxy(production.address, shadow=[candidate.address], protocol="http")
+    with requests.Session() as client:
+        for number in range(40):
+            answer = client.get(url(proxied, f"/{number}"), timeout=5)
+            assert answer.content == b"prod" * 10
+            time.sleep(0.035)  # let the slower candidate keep up: no queue on its side
+    settle(proxied, 40, [candidate.address])
+    stats = proxied.stats
+    assert stats.total == 1  # one keep-alive connection, 40 requests
+    assert stats.production.requests == 40
+    shadow = stats.shadows[candidate.address]
+    assert shadow.requests == 40 and shadow.errors == 0 and shadow.dropped == 0
+    gap = shadow.latency.percentile(0.5) - stats.production.latency.percentile(0.5)
+    assert 0.02 < gap < 0.5, gap
+    assert stats.parser_fallbacks == 0
+
+
+def test_http_pipelined_requests_are_paired_in_order(proxy, http_servers):
+    production = http_servers("p")
+    proxied = proxy(production.address, protocol="http")
+    pipeline = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(5))
+    pipeline += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    client = proxied.connect()
+    client.sendall(pipeline)
+    answers = recv_to_eof(client)
+    client.close()
+    assert answers.count(b"HTTP/1.1 200") == 6
+    settle(proxied, 6)
+    assert proxied.stats.production.requests == 6
+    assert proxied.stats.parser_fallbacks == 0
+
+
+def test_http_chunked_head_and_5xx(proxy, servers):
+    """A raw server: a chunked answer, a HEAD answer with Content-Length but no body, a 503."""
+    def handler(conn):
+        data = b""
+        while data.count(b"\r\n\r\n") < 3:
+            more = conn.sock.recv(4096)
+            if not more:
+                return
+            data += more
+        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+                          b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\nno")
+    backend = servers._start(handler)
+    proxied = proxy(backend.address, protocol="http")
+    client = proxied.connect()
+    client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+                   b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: proxied.stats.production.requests == 3, what="3 answers paired")
+    client.close()
+    assert proxied.stats.production.errors == 1  # the 503
+    assert proxied.stats.parser_fallbacks == 0
+
+
+def test_garbage_falls_back_to_tcp_and_bytes_pass_untouched(proxy, servers):
+    backend = servers.echo()
+    proxied = proxy(backend, protocol="http")
+    garbage = bytes(range(256)) * 40
+    client = proxied.connect()
+    client.sendall(garbage)
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == garbage
+    client.close()
+    wait_until(lambda: proxied.stats.parser_fallbacks == 1, what="one fallback counted")
+
+
+def test_tcp_route_counts_a_connection_as_a_request(proxy, servers):
+    backend = servers.echo()
+    proxied = proxy(backend)
+    for _ in range(3):
+        client = proxied.connect()
+        client.sendall(b"x" * 100)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(client) == b"x" * 100
+        client.close()
+    settle(proxied, 3)
+    production = proxied.stats.production
+    assert production.requests == 3 and production.errors == 0
+    assert production.bytes_sent == 300 and production.bytes_received == 300
+    assert 0 < production.latency.max < 1.0
+
+
+@pytest.fixture
+def shadow_redis(tmp_path):
+    """A second, throw-away redis-server the test starts (the machine's one is production)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (.ci/install-system-deps installs it)"
+    port = unused_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait_until(lambda: _pings(client), timeout=10, what="shadow redis-server up")
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def test_redis_commands_and_pipelines_are_paired_on_both_sides(proxy, shadow_redis):
+    production = redis.Redis(host="127.0.0.1", port=6379)
+    assert _pings(production), "the machine's redis-server on 127.0.0.1:6379 is not running"
+    proxied = proxy("127.0.0.1:6379", shadow=[shadow_redis], protocol="redis")
+    client = redis.Redis(host=proxied.sockaddr[0], port=proxied.sockaddr[1])
+    # redis-py opens with its own handshake (HELLO 3, CLIENT ...): count it first. A reply
+    # reached the client only after the proxy paired it, so the count is final here.
+    assert client.ping() is True
+    handshake = proxied.stats.production.requests
+    handshake_errors = proxied.stats.production.errors
+    assert handshake >= 1
+    key = f"gproxyd-test-{time.time_ns()}"
+    assert client.set(key, "v") is True
+    assert client.get(key) == b"v"
+    with client.pipeline(transaction=False) as pipe:
+        for number in range(10):
+            pipe.incr(key + ":n")
+        assert pipe.execute() == list(range(1, 11))
+    with pytest.raises(redis.exceptions.ResponseError):
+        client.incr(key)                          # not an integer: an error reply
+    client.delete(key, key + ":n")
+    client.close()
+    expected = handshake + 1 + 1 + 10 + 1 + 1
+    settle(proxied, expected, [shadow_redis])
+    assert proxied.stats.production.requests == expected
+    assert proxied.stats.production.errors == handshake_errors + 1
+    shadow = proxied.stats.shadows[shadow_redis]
+    assert shadow.requests == expected and shadow.errors == handshake_errors + 1
+    assert redis.Redis(port=int(shadow_redis.rsplit(":", 1)[1])).exists(key) == 0
+    assert proxied.stats.parser_fallbacks == 0
+
+
+def test_admin_stats_and_metrics(proxy, http_servers):
+    production, candidate = http_servers("p"), http_servers("c", status=500)
+    proxied = proxy(production.address, shadow=[candidate.address], protocol="http",
+                    listen="127.0.0.1:%d" % unused_port())
+    with requests.Session() as client:
+        for _ in range(5):
+            assert client.get(url(proxied), timeout=5).status_code == 200
+    settle(proxied, 5, [candidate.address])
+    admin_address = address(f"127.0.0.1:{unused_port()}")
+    admin = AdminServer(admin_address, lambda: {"test": proxied.stats})
+    admin.start()
+    try:
+        base = f"http://{admin_address}"
+        document = requests.get(base + "/stats", timeout=5).json()
+        route = document["routes"]["test"]
+        assert route["connections"]["total"] == 1
+        assert route["production"]["requests"] == 5 and route["production"]["errors"] == 0
+        assert set(route["production"]["latency_ms"]) >= {"p50", "p90", "p99", "max"}
+        shadow = route["shadows"][candidate.address]
+        assert (shadow["requests"], shadow["errors"], shadow["dropped"],
+                shadow["mismatches"]) == (5, 5, 0, 0)
+
+        text = requests.get(base + "/metrics", timeout=5).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text)
+                   for s in family.samples}
+        production_labels = (("backend", "production"), ("route", "test"))
+        shadow_labels = (("backend", candidate.address), ("route", "test"))
+        assert samples[("gproxyd_requests_total", production_labels)] == 5
+        assert samples[("gproxyd_errors_total", shadow_labels)] == 5
+        assert samples[("gproxyd_request_duration_seconds_count", production_labels)] == 5
+        assert samples[("gproxyd_request_duration_seconds_bucket",
+                        tuple(sorted(production_labels + (("le", "+Inf"),))))] == 5
+        assert samples[("gproxyd_connections_active", (("route", "test"),))] == 0
+        assert requests.get(base + "/nope", timeout=5).status_code == 404
+    finally:
+        admin.stop()
