@@ -254,9 +254,10 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "Python hooks that see and may change the traffic: a dotted module name or a "
            "path to a .py file defining on_connect, on_data, on_response or on_finish "
            "(see Writing hooks). Re-imported on reload.", "MODULE"),
-    Option("protocol", choice("tcp", "http", "redis", "beanstalkd"), "tcp",
-           "How the route's traffic is understood for measurement: tcp, http, redis or "
-           "beanstalkd. Bytes are never changed by it.", "PROTOCOL"),
+    Option("protocol", choice("tcp", "http", "redis"), "tcp",
+           "How the route's traffic is understood for measurement: tcp (a connection is a "
+           "request), http (HTTP/1.x requests and responses) or redis (RESP2/RESP3 "
+           "commands and replies). Bytes are never changed by it.", "PROTOCOL"),
 )
 
 GLOBAL_BY_NAME = {option.name: option for option in GLOBAL_OPTIONS}
