@@ -124,9 +124,9 @@ class Daemon:
     def write_config(self, text: str) -> None:
         self.config_path.write_text(text)
 
-    def start(self, wait_ready: bool = True) -> "Daemon":
+    def start(self, wait_ready: bool = True, preexec_fn=None) -> "Daemon":
         self.process = subprocess.Popen(self.args, env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         if wait_ready:
             self.notify.wait_for("READY=1")
         return self
