@@ -33,6 +33,10 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _KEEP_SPARE = 16  # pipes/buffers kept for reuse; more are freed
 
+# A pump that never has to wait (both peers always ready) yields to the other greenlets
+# after this many chunks in a row: other connections and shadow writers get their turn.
+_FAIR_SHARE = 4
+
 # Why a direction stopped.
 EOF = "eof"
 
@@ -180,11 +184,16 @@ def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
     """
     splice = os.splice
     pipe = None
+    streak = 0
     try:
         while True:
             if pipe is None:
                 src.wait_readable()
                 pipe = _pipes.take()
+                streak = 0
+            elif streak == _FAIR_SHARE:
+                streak = 0
+                gevent.sleep(0)
             try:
                 pending = splice(src.fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
             except BlockingIOError:
@@ -199,6 +208,7 @@ def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
             if not counter.bytes:
                 counter.first = monotonic()
             counter.bytes += pending
+            streak += 1
             while pending:
                 try:
                     pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
@@ -228,11 +238,16 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
     recv_into = src.sock.recv_into
     send = dst.sock.send
     buffer = view = None
+    streak = 0
     try:
         while True:
             if buffer is None:
                 src.wait_readable()
                 buffer, view = _buffers.take()
+                streak = 0
+            elif streak == _FAIR_SHARE:
+                streak = 0
+                gevent.sleep(0)
             try:
                 received = recv_into(buffer)
             except BlockingIOError:
@@ -248,6 +263,7 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
             if not counter.bytes:
                 counter.first = monotonic()
             counter.bytes += received
+            streak += 1
             data = on_chunk(view[:received])
             if not data:
                 continue

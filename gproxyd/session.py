@@ -238,7 +238,7 @@ class Session:
             log.warning("route %s client %s: %s: %s", self.route.name, self.peer, direction,
                         _describe(broken.error))
         side = "production" if broken.channel is self.production else "client"
-        self.abort(f"{side} {_describe(broken.error)}")
+        self.abort(f"{side}: {_describe(broken.error)}")
 
     def _close(self) -> None:
         self.client.close()
@@ -249,8 +249,9 @@ class Session:
 
     def finish(self) -> None:
         """After run(): give shadows their linger time, then log the connection's line."""
+        deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
         for sink in self.shadows:
-            sink.linger(self.route.shadow_linger)
+            sink.linger(max(0.0, deadline - time.monotonic()))
         if log.isEnabledFor(logging.INFO):
             shadows = "".join(f" shadow[{sink.address}]={sink.state}" for sink in self.shadows)
             log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "

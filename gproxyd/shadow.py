@@ -79,6 +79,13 @@ class ShadowSink:
         """Give the shadow up to `timeout` to take the rest and answer, then close it."""
         self.finish()
         self._writer.join(timeout=timeout)
+        if self.state == "connecting":
+            # Out of time before the shadow even accepted: that is a failed connect.
+            self._stats.connect_failures += 1
+            self._stats.errors += 1
+            self._stop("failed")
+            self._writer.kill()
+            return
         if self.alive:
             self._stop("done")  # out of time; the writer closes the channel
         self._writer.join()

@@ -16,8 +16,14 @@ MAX_HEAD = 64 * 1024  # bytes of one header section, trailer section or chunk-si
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line ending a section (its first LF ends a line)
 _BLANKS = re.compile(rb"[\r\n]*")
 _LF = re.compile(rb"\n")
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) [^ ]+ HTTP/1\.[0-9]")
+_TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TCHAR + rb"+")
+# Field lines, each possibly continued by obs-fold lines, then the blank line.
+_FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r?\n")
+_FRAMING_FIELD = re.compile(
+    rb"^(?:(content-length)|transfer-encoding):([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
+_FOLD = re.compile(rb"\r?\n[ \t]+")
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) [^ ]+ HTTP/1\.[0-9]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?", re.S)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?", re.S)
 _MAX_LENGTH_DIGITS = 18  # a Content-Length beyond 10**18 bytes is garbage, not a body
@@ -78,9 +84,7 @@ class _MessageFramer:
                     pos, block = self._take(data, pos, n, _HEAD_END)
                     if block is None:
                         break
-                    lines = block.split(b"\n")
-                    del lines[-2:]  # the terminator's pieces
-                    out = self._head(lines, out)
+                    out = self._head(block, out)
                 elif state == _SIZE:
                     pos, line = self._take(data, pos, n, _LF)
                     if line is None:
@@ -109,6 +113,8 @@ class _MessageFramer:
                     pos, block = self._take(data, pos, n, _HEAD_END)
                     if block is None:
                         break
+                    if _FIELD_LINES.fullmatch(block, 1) is None:  # after the LF put first
+                        raise ProtocolError(_field_error(block[1:]))
                     out = self._complete(out)
                 elif state == _FINISHED:
                     raise ProtocolError("framer used after it stopped")
@@ -172,7 +178,8 @@ class _MessageFramer:
             return self._complete(out)
         return out
 
-    def _head(self, lines: list, out: list | None) -> list | None:
+    def _head(self, block: bytes, out: list | None) -> list | None:
+        """Act on a whole header section (start-line to blank line)."""
         raise NotImplementedError
 
 
@@ -186,13 +193,14 @@ class RequestFramer(_MessageFramer):
 
     __slots__ = ()
 
-    def _head(self, lines: list, out: list | None) -> list | None:
-        line = _strip_cr(lines[0])
+    def _head(self, block: bytes, out: list | None) -> list | None:
+        eol = block.find(b"\n")
+        line = _strip_cr(block[:eol])
         m = _REQUEST_LINE.fullmatch(line)
         if m is None:
             raise ProtocolError(f"bad request line {line[:60]!r}")
         self._item = method = m.group(1).decode("ascii")
-        framing = _body_framing(lines, request=True)
+        framing = _body_framing(block, eol + 1, request=True)
         if method == "CONNECT":
             out = self._complete(out)
             self._state = _OPAQUE
@@ -227,17 +235,18 @@ class ResponseFramer(_MessageFramer):
             return [self._item]
         if state == _START or state == _FINISHED:
             return None
-        raise ProtocolError("connection closed in the middle of a response")
+        raise ProtocolError("connection closed in the middle of a response", [])
 
-    def _head(self, lines: list, out: list | None) -> list | None:
-        line = _strip_cr(lines[0])
+    def _head(self, block: bytes, out: list | None) -> list | None:
+        eol = block.find(b"\n")
+        line = _strip_cr(block[:eol])
         m = _STATUS_LINE.fullmatch(line)
         if m is None:
             raise ProtocolError(f"bad status line {line[:60]!r}")
         status = int(m.group(1))
         if status < 100:
             raise ProtocolError(f"bad status code {status:03d}")
-        framing = _body_framing(lines, request=False)
+        framing = _body_framing(block, eol + 1, request=False)
         if status < 200:
             if status == 101:
                 raise Upgraded("101 Switching Protocols")
@@ -256,40 +265,27 @@ def _strip_cr(line: bytes) -> bytes:
     return line[:-1] if line[-1:] == b"\r" else line
 
 
-def _body_framing(lines: list, request: bool) -> int | None:
-    """How the message body of this header section is delimited (RFC 9112 section 6.3).
+def _body_framing(block: bytes, start: int, request: bool) -> int | None:
+    """How the body after this header section is delimited (RFC 9112 section 6.3).
 
-    Returns _CHUNKED, _TO_CLOSE, a Content-Length, or None when neither
-    Transfer-Encoding nor Content-Length is present. Validates every field line.
+    `block[start:]` is the field lines and the blank line. Returns _CHUNKED, _TO_CLOSE,
+    a Content-Length, or None when neither Transfer-Encoding nor Content-Length is
+    present. Validates every field line.
     """
+    if _FIELD_LINES.fullmatch(block, start) is None:
+        raise ProtocolError(_field_error(block[start:]))
     lengths = []
     codings = []
-    folded = None  # the list collecting the previous field's value, if it is one we read
-    for i in range(1, len(lines)):
-        line = _strip_cr(lines[i])
-        if line[:1] == b" " or line[:1] == b"\t":
-            # obs-fold: a continuation of the previous field's value
-            if i == 1:
-                raise ProtocolError("whitespace before the first header field")
-            if folded is not None:
-                folded[-1] += b" " + line.strip(b" \t")
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise ProtocolError(f"bad header line {line[:60]!r}")
-        folded = None
-        if len(name) == 14 and name.lower() == b"content-length":
-            folded = lengths
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            folded = codings
-        else:
-            continue
-        folded.append(value)
+    for m in _FRAMING_FIELD.finditer(block, start):
+        value = m.group(2)
+        if b"\n" in value:
+            value = _FOLD.sub(b" ", value)
+        (lengths if m.group(1) else codings).append(value)
     if codings:
         names = []
         for value in codings:
             for coding in value.split(b","):
-                coding = coding.split(b";", 1)[0].strip(b" \t").lower()
+                coding = coding.split(b";", 1)[0].strip(b" \t\r").lower()
                 if coding:
                     names.append(coding)
         chunked = names.count(b"chunked")
@@ -301,7 +297,7 @@ def _body_framing(lines: list, request: bool) -> int | None:
             raise ProtocolError("request with a transfer coding other than chunked")
         return _TO_CLOSE
     if lengths:
-        values = {v.strip(b" \t") for value in lengths for v in value.split(b",")}
+        values = {v.strip(b" \t\r") for value in lengths for v in value.split(b",")}
         if len(values) != 1:
             raise ProtocolError("conflicting Content-Length values")
         value = values.pop()
@@ -309,3 +305,17 @@ def _body_framing(lines: list, request: bool) -> int | None:
             raise ProtocolError(f"bad Content-Length {value[:30]!r}")
         return int(value)
     return None
+
+
+def _field_error(fields: bytes) -> str:
+    """Say which of these field lines is malformed (they are known to hold one)."""
+    for i, line in enumerate(fields.split(b"\n")[:-2]):  # not the blank line
+        line = _strip_cr(line)
+        if line[:1] == b" " or line[:1] == b"\t":
+            if i == 0:
+                return "whitespace before the first header field"
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            return f"bad header line {line[:60]!r}"
+    return "bad header section"

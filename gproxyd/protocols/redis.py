@@ -178,7 +178,7 @@ class ResponseFramer(_LineFramer):
         self._state = _FINISHED
         if state == _FINISHED or (state == _LINE and not self._buf and not self._counts):
             return None
-        raise ProtocolError("connection closed in the middle of a reply")
+        raise ProtocolError("connection closed in the middle of a reply", [])
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the replies completed in it, or None when there are none."""

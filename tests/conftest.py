@@ -1,0 +1,179 @@
+from gevent import monkey; monkey.patch_all()  # noqa: E702  (before anything else is imported)
+
+"""Shared fixtures: in-process backends, an in-process gproxyd Listener, a per-test bound.
+
+The monkey-patching comes first, before gevent's hub or any socket exists, so the
+backends, the clients and the proxy under test are all greenlets of one process.
+"""
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+
+from gproxyd.config import load_config  # noqa: E402
+from gproxyd.listener import Listener  # noqa: E402
+
+import backends  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest)
+
+TEST_TIMEOUT = 60  # seconds; a test that takes longer is hung, not slow
+
+
+class Hung(Exception):
+    """A test ran into the per-test bound: something waited forever."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with gevent.Timeout(TEST_TIMEOUT, Hung(f"{item.nodeid} still running after {TEST_TIMEOUT}s")):
+        yield
+
+
+# --- backends ----------------------------------------------------------------------------
+
+@pytest.fixture
+def sockdir():
+    """A short directory for unix sockets (sun_path holds 107 bytes; tmp_path is long)."""
+    path = tempfile.mkdtemp(prefix="gpx", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Servers:
+    """Starts backends for one test and stops them all at its end."""
+
+    def __init__(self, sockdir: str):
+        self._sockdir = sockdir
+        self._started: list = []
+        self._names = 0
+
+    def _start(self, handler, family: str = "tcp4", port: int = 0):
+        path = ""
+        if family == "unix":
+            self._names += 1
+            path = os.path.join(self._sockdir, f"backend{self._names}.sock")
+        server = backends.Backend(handler, family, path=path, port=port)
+        self._started.append(server)
+        return server
+
+    def echo(self, family: str = "tcp4", port: int = 0):
+        return self._start(backends.echo, family, port)
+
+    def sink(self, family: str = "tcp4", **options):
+        return self._start(backends.sink(**options), family)
+
+    def stall(self):
+        return self._start(backends.stall)
+
+    def closer(self, reset: bool = False, after: int = 0):
+        return self._start(backends.closer(reset, after))
+
+    def reply_then_half_close(self, greeting: bytes):
+        return self._start(backends.reply_then_half_close(greeting))
+
+    def dies_after(self, limit: int):
+        return self._start(backends.dies_after(limit))
+
+    def firehose(self, block: bytes):
+        return self._start(backends.firehose(block))
+
+    def black_hole(self):
+        hole = backends.BlackHole()
+        self._started.append(hole)
+        return hole
+
+    def stop_all(self) -> None:
+        for server in reversed(self._started):
+            server.stop()
+
+
+@pytest.fixture
+def servers(sockdir):
+    started = Servers(sockdir)
+    yield started
+    started.stop_all()
+
+
+# --- gproxyd in-process ------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return backends.unused_port(host)
+
+
+class Proxy:
+    """A running Listener for one route, and how a client reaches it."""
+
+    def __init__(self, listener: Listener, config_path: str):
+        self.listener = listener
+        self.stopped = False
+        self.route = listener.route
+        self.config_path = config_path
+        listen = self.route.listen
+        self.family, self.sockaddr = listen.family, listen.sockaddr
+
+    @property
+    def stats(self):
+        return self.listener.stats
+
+    def shadow_stats(self, backend):
+        return self.stats.shadows[backend.address]
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(self.sockaddr)
+        return sock
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.listener.close()
+            self.listener.drain(1)
+
+
+@pytest.fixture
+def proxy(tmp_path, sockdir, caplog):
+    """proxy(production, shadow=(), listen='tcp4'|'tcp6'|'unix'|ADDRESS, **options) -> Proxy.
+
+    `production` and `shadow` are backends or address strings; route options use
+    underscores (idle_timeout='300ms').
+    """
+    caplog.set_level(logging.INFO, logger="gproxyd")
+    running: list[Proxy] = []
+
+    def start(production, shadow=(), listen: str = "tcp4", **options) -> Proxy:
+        if listen == "unix":
+            listen_text = f"unix:{os.path.join(sockdir, f'proxy{len(running)}.sock')}"
+        elif listen == "tcp6":
+            listen_text = f"[::1]:{free_port('::1')}"
+        elif listen == "tcp4":
+            listen_text = f"127.0.0.1:{free_port()}"
+        else:
+            listen_text = listen  # as written in a config file
+        lines = ["[gproxyd]", "admin = off", "", "[route test]", f"listen = {listen_text}",
+                 f"production = {_address(production)}"]
+        if shadow:
+            lines.append(f"shadow = {', '.join(_address(s) for s in shadow)}")
+        lines += [f"{key.replace('_', '-')} = {value}" for key, value in options.items()]
+        path = tmp_path / f"gproxyd{len(running)}.conf"
+        path.write_text("\n".join(lines) + "\n")
+        route, = load_config(str(path), [], {}).routes
+        listener = Listener(route)
+        listener.start()
+        proxied = Proxy(listener, str(path))
+        running.append(proxied)
+        return proxied
+
+    yield start
+    for proxied in running:
+        proxied.stop()
+
+
+def _address(backend) -> str:
+    return backend if isinstance(backend, str) else backend.address
+
+

@@ -1,0 +1,122 @@
+"""session.py: connecting production, ending a connection, and its log line and counters."""
+import logging
+import socket
+import struct
+import time
+
+import gevent
+
+from backends import (recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines,
+                      wait_until)
+
+
+def test_refused_production_closes_the_client_promptly_and_says_why(servers, proxy, caplog):
+    port = unused_port()
+    proxied = proxy(f"127.0.0.1:{port}")
+    client = proxied.connect()
+    client.sendall(b"anyone there?")
+
+    assert sees_eof(client, timeout=2), "the client was left hanging"
+    line, = wait_for_lines(caplog)
+    assert line["close"] == f"production 127.0.0.1:{port} unreachable: Connection refused"
+    assert line["production"] == f"127.0.0.1:{port}"
+    production = proxied.stats.production
+    assert (production.connect_failures, production.errors, proxied.stats.active) == (1, 1, 0)
+
+    # The listener goes on serving: once production is back, the next client gets through.
+    servers.echo(port=port)
+    again = proxied.connect()
+    again.sendall(b"now?")
+    assert recv_exactly(again, 4) == b"now?"
+    assert (production.connect_failures, production.errors) == (1, 1)
+
+
+def test_production_that_never_answers_the_connect_is_given_up_after_connect_timeout(
+        servers, proxy, caplog):
+    hole = servers.black_hole()
+    proxied = proxy(hole, connect_timeout="300ms")
+    started = time.monotonic()
+    client = proxied.connect()
+
+    assert sees_eof(client, timeout=5)
+    assert time.monotonic() - started >= 0.29, "gave up before connect-timeout"
+    line, = wait_for_lines(caplog)
+    assert line["close"] == f"production {hole.address} unreachable: Connection timed out"
+    assert proxied.stats.production.connect_failures == 1
+
+
+def test_the_connection_line_names_route_peers_duration_bytes_and_reason(
+        servers, proxy, caplog):
+    production = servers.sink(reply_at_eof=b"0123456789", delay=0.2)
+    proxied = proxy(production)
+    client = proxied.connect()
+    client.sendall(b"x" * 1000)
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b"0123456789"
+    host, port = client.getsockname()
+    client.close()
+
+    line, = wait_for_lines(caplog)
+    assert line["level"] == "INFO"
+    assert line["route"] == "test"
+    assert line["client"] == f"{host}:{port}"
+    assert line["production"] == production.address
+    assert 0.2 <= line["duration"] < 5
+    assert (line["up"], line["down"]) == (1000, 10)
+    assert line["shadows"] == {}
+    assert line["close"] == "eof"
+    assert (proxied.stats.total, proxied.stats.active) == (1, 0)
+    production = proxied.stats.production
+    assert (production.bytes_sent, production.bytes_received) == (1000, 10)
+    assert (production.connect_failures, production.resets, production.errors) == (0, 0, 0)
+
+
+def test_production_reset_ends_the_session_without_a_warning(servers, proxy, caplog):
+    production = servers.closer(reset=True, after=5)
+    proxied = proxy(production)
+    client = proxied.connect()
+    client.sendall(b"hello")
+
+    assert sees_eof(client, timeout=2)
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "production: Connection reset by peer"
+    assert line["up"] == 5
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    wait_until(lambda: proxied.stats.active == 0)
+    assert proxied.stats.production.resets == 1
+
+
+def test_a_client_reset_ends_the_session_and_production_is_let_go(servers, proxy, caplog):
+    production = servers.echo()
+    proxied = proxy(production)
+    client = proxied.connect()
+    client.sendall(b"x" * 100_000)
+    recv_exactly(client, 10)  # the rest of the echo stays unread in the client's buffer
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()            # an RST
+
+    conn = production.conns[0]
+    assert conn.done.wait(5), "production's connection was not ended"
+    line, = wait_for_lines(caplog)
+    assert line["close"].startswith("client: "), line["close"]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    wait_until(lambda: proxied.stats.active == 0)
+    assert proxied.stats.production.resets == 0, "the client's reset is not production's"
+
+
+def test_counters_sum_over_sessions_and_track_the_live_ones(servers, proxy, caplog):
+    proxied = proxy(servers.echo())
+    clients = [proxied.connect() for _ in range(5)]
+    for number, client in enumerate(clients):
+        client.sendall(b"x" * (number + 1))
+        assert recv_exactly(client, number + 1) == b"x" * (number + 1)
+    assert (proxied.stats.active, proxied.stats.total) == (5, 5)
+
+    for client in clients:
+        client.shutdown(socket.SHUT_WR)
+    gevent.joinall([gevent.spawn(recv_to_eof, client) for client in clients], raise_error=True)
+    wait_until(lambda: proxied.stats.active == 0)
+    assert proxied.stats.total == 5
+    production = proxied.stats.production
+    assert (production.bytes_sent, production.bytes_received) == (15, 15)
+    assert sorted(line["up"] for line in wait_for_lines(caplog, 5)) == [1, 2, 3, 4, 5]

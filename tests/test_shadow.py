@@ -1,0 +1,347 @@
+"""shadow.py: every shadow gets the client's exact stream, and no shadow can hurt production.
+
+A shadow may stall, refuse, reset, never answer the connect, or die mid-stream: production
+must still get every byte and the client every answer, with no hang; the shadow's counters
+say what happened. Memory stays bounded with a stalled shadow (measured on a real gproxyd
+process), sampling is repeatable with a seed, and shadows get the EOF and their linger.
+"""
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import gevent
+import pytest
+
+from backends import (hash_to_eof, peer_closed, recv_to_eof, sha256, unused_port,
+                      wait_for_lines, wait_until)
+
+MiB = 1024 * 1024
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def send_then_half_close(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def send_in_step(sock: socket.socket, data: bytes, shadow, piece: int = 256 * 1024) -> None:
+    """Send `data` a piece at a time, each once `shadow` has everything before it; then
+    the EOF. A moderate pace without sleeps: the shadow queue never has to hold more
+    than a piece for a healthy shadow."""
+    for start in range(0, len(data), piece):
+        sock.sendall(data[start:start + piece])
+        sent = min(start + piece, len(data))
+        wait_until(lambda: shadow.conns and shadow.conns[0].received >= sent,
+                   timeout=10, interval=0.001, what="the healthy shadow keeping pace")
+    sock.shutdown(socket.SHUT_WR)
+
+
+def exchange(proxied, data: bytes) -> tuple[str, int]:
+    """Send `data` and the EOF while reading the answer to EOF; (sha256, length) of it."""
+    client = proxied.connect()
+    try:
+        sender = gevent.spawn(send_then_half_close, client, data)
+        answer = hash_to_eof(client)
+        sender.get()
+    finally:
+        client.close()
+    return answer
+
+
+def test_production_and_every_shadow_get_the_exact_stream_and_its_eof(
+        servers, proxy, caplog):
+    production = servers.sink(reply_at_eof=b"done")
+    first, second = servers.sink(), servers.sink()
+    proxied = proxy(production, shadow=[first, second], shadow_buffer="64MiB")
+    data = os.urandom(16 * MiB)
+
+    assert exchange(proxied, data) == (sha256(b"done"), 4)
+    for backend in (production, first, second):
+        conn, = backend.conns
+        assert conn.eof.wait(5), f"no EOF reached {backend.address}"
+        assert (conn.received, conn.sha256) == (len(data), sha256(data))
+    line, = wait_for_lines(caplog)
+    assert line["shadows"] == {first.address: "done", second.address: "done"}
+    for backend in (first, second):
+        counters = proxied.shadow_stats(backend)
+        assert (counters.mirrored, counters.bytes_sent) == (1, len(data))
+        assert (counters.connect_failures, counters.dropped, counters.resets) == (0, 0, 0)
+
+
+def test_shadow_answers_are_counted_and_never_reach_the_client(servers, proxy, caplog):
+    production = servers.echo()
+    shadow = servers.sink(reply_each=b"SHADOW", reply_at_eof=b"SHADOW-EOF")
+    proxied = proxy(production, shadow=[shadow])
+    data = os.urandom(2 * MiB)
+
+    assert exchange(proxied, data) == (sha256(data), len(data))
+    wait_for_lines(caplog)
+    conn, = shadow.conns
+    assert conn.sent > 0
+    assert proxied.shadow_stats(shadow).bytes_received == conn.sent
+
+
+# --- isolation ----------------------------------------------------------------------------
+
+def _stalled(servers):
+    return servers.stall(), {"shadow_buffer": "1MiB"}
+
+
+def _refusing(servers):
+    return f"127.0.0.1:{unused_port()}", {}
+
+
+def _resetting(servers):
+    return servers.closer(reset=True), {}
+
+
+def _black_holed(servers):
+    # The connect is neither accepted nor refused; the whole stream waits in the
+    # shadow's queue meanwhile, so the buffer is large enough not to overflow first.
+    return servers.black_hole(), {"shadow_connect_timeout": "300ms",
+                                  "shadow_buffer": "64MiB"}
+
+
+DIES_AFTER = 64 * 1024
+
+
+def _dies_mid_stream(servers):
+    return servers.dies_after(DIES_AFTER), {}
+
+
+# kind of failing shadow -> (how to make it, its states in the log line, {counter: count})
+ISOLATION = {
+    "stalled": (_stalled, {"dropped"}, {"dropped": 1}),
+    "refusing": (_refusing, {"failed"}, {"connect_failures": 1}),
+    "resetting": (_resetting, {"failed", "reset"}, {"connect_failures+resets": 1}),
+    "black-holed": (_black_holed, {"failed"}, {"connect_failures": 1}),
+    "dies-mid-stream": (_dies_mid_stream, {"reset"}, {"resets": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", list(ISOLATION))
+def test_a_failing_shadow_never_disturbs_production(servers, proxy, caplog, kind):
+    make, states, expected = ISOLATION[kind]
+    bad, options = make(servers)
+    good = servers.sink()
+    production = servers.echo()
+    proxied = proxy(production, shadow=[bad, good], shadow_linger="1s", **options)
+    data = os.urandom(16 * MiB)
+
+    client = proxied.connect()
+    with gevent.Timeout(20, AssertionError(f"the client hung behind a {kind} shadow")):
+        sender = gevent.spawn(send_in_step, client, data, good)
+        assert hash_to_eof(client) == (sha256(data), len(data))
+        sender.get()
+    client.close()
+    assert production.conns[0].sha256 == sha256(data)
+
+    line, = wait_for_lines(caplog, timeout=10)
+    bad_text = bad if isinstance(bad, str) else bad.address
+    assert line["shadows"][bad_text] in states
+    assert line["shadows"][good.address] == "done"
+    assert line["close"] == "eof"
+    counters = proxied.stats.shadows[bad_text]
+    got = {"dropped": counters.dropped, "connect_failures": counters.connect_failures,
+           "resets": counters.resets,
+           "connect_failures+resets": counters.connect_failures + counters.resets}
+    assert {name: got[name] for name in expected} == expected
+    assert counters.dropped + counters.connect_failures + counters.resets == 1
+    # the healthy shadow next to the failing one is not dragged down with it
+    assert good.conns[0].sha256 == sha256(data)
+    good_counters = proxied.shadow_stats(good)
+    assert (good_counters.bytes_sent, good_counters.dropped, good_counters.resets,
+            good_counters.connect_failures) == (len(data), 0, 0, 0)
+    if kind == "dies-mid-stream":
+        assert bad.conns[0].sha256 == sha256(data[:DIES_AFTER])
+
+    # and production answers a fresh connection at once, the bad shadow still there
+    with gevent.Timeout(2, AssertionError(f"production slow behind a {kind} shadow")):
+        assert exchange(proxied, b"ping") == (sha256(b"ping"), 4)
+
+
+def test_a_healthy_shadow_keeps_up_with_a_client_sending_at_full_speed(
+        servers, proxy, caplog):
+    """A shadow that reads as fast as production is not dropped at the default
+    shadow-buffer (4MiB) just because the client sends fast: the relay must let the
+    shadow's writer run between chunks, not read the client dry first."""
+    production, shadow = servers.sink(), servers.sink()
+    proxied = proxy(production, shadow=[shadow])
+    data = os.urandom(32 * MiB)
+
+    assert exchange(proxied, data) == (sha256(b""), 0)
+    line, = wait_for_lines(caplog)
+    assert line["shadows"] == {shadow.address: "done"}
+    assert proxied.shadow_stats(shadow).dropped == 0
+    assert shadow.conns[0].sha256 == sha256(data)
+
+
+def test_a_shadow_still_connecting_when_linger_runs_out_is_a_connect_failure(
+        servers, proxy, caplog):
+    """A short connection (shorter than shadow-connect-timeout, longer than nothing):
+    the shadow never connected, so it got none of the stream. It must not be
+    reported as 'done', and the failed connect must be counted."""
+    hole = servers.black_hole()
+    proxied = proxy(servers.echo(), shadow=[hole], shadow_connect_timeout="500ms",
+                    shadow_linger="100ms")
+
+    assert exchange(proxied, b"request") == (sha256(b"request"), 7)
+    line, = wait_for_lines(caplog, timeout=5)
+    assert line["shadows"] == {hole.address: "failed"}
+    counters = proxied.shadow_stats(hole)
+    assert (counters.connect_failures, counters.bytes_sent) == (1, 0)
+
+
+# --- memory with a stalled shadow, on a real gproxyd process --------------------------------
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_stalled_shadow_keeps_gproxyd_memory_bounded(servers, tmp_path):
+    production, stalled = servers.sink(), servers.stall()
+    port = unused_port()
+    config = tmp_path / "gproxyd.conf"
+    config.write_text(f"""[gproxyd]
+admin = off
+drain-timeout = 1s
+
+[route memory]
+listen = 127.0.0.1:{port}
+production = {production.address}
+shadow = {stalled.address}
+shadow-buffer = 1MiB
+""")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    child = subprocess.Popen([sys.executable, "-m", "gproxyd", "-c", str(config)], env=env,
+                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    reader = gevent.spawn(lambda: log.extend(iter(child.stderr.readline, "")))
+    try:
+        wait_until(lambda: any("gproxyd ready" in line for line in log) or child.poll(),
+                   timeout=15, what="'gproxyd ready' on the child's stderr")
+        assert child.poll() is None, "".join(log)
+        baseline = peak = _rss(child.pid)
+
+        def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, _rss(child.pid))
+                gevent.sleep(0.02)
+        sampler = gevent.spawn(sample)
+
+        block, blocks = os.urandom(MiB), 512
+        expected = hashlib.sha256()
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        for _ in range(blocks):
+            client.sendall(block)
+            expected.update(block)
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        client.close()
+        sampler.kill()
+
+        conn, = production.conns
+        assert conn.eof.wait(10)
+        assert (conn.received, conn.sha256) == (blocks * MiB, expected.hexdigest())
+        assert peak - baseline < 64 * MiB, f"RSS grew by {(peak - baseline) / MiB:.1f} MiB"
+        wait_until(lambda: any("dropped" in line for line in log), timeout=5,
+                   what="the stalled shadow dropped at shadow-buffer")
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)
+        reader.join(timeout=5)
+        child.stderr.close()
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+def _mirrored_of_400(servers, proxy, seed: int) -> int:
+    shadow = servers.sink()
+    proxied = proxy(servers.echo(), shadow=[shadow], shadow_sample="25%", shadow_seed=seed)
+    for batch in range(8):
+        answers = [gevent.spawn(exchange, proxied, b"%d" % n) for n in range(50)]
+        gevent.joinall(answers, raise_error=True)
+    counters = proxied.stats.shadows.get(shadow.address)
+    mirrored = counters.mirrored if counters else 0
+    # the count is what really went to the shadow, not just a counter
+    wait_until(lambda: len(shadow.conns) == mirrored and all(c.eof.is_set()
+                                                            for c in shadow.conns),
+               what=f"{mirrored} mirrored connections at the shadow")
+    return mirrored
+
+
+def test_a_quarter_of_connections_are_mirrored_the_same_ones_for_the_same_seed(
+        servers, proxy):
+    first = _mirrored_of_400(servers, proxy, seed=7)
+    second = _mirrored_of_400(servers, proxy, seed=7)
+    assert 60 <= first <= 140
+    assert first == second
+
+
+@pytest.mark.parametrize("share, expected", [("0%", 0), ("100%", 20)])
+def test_shadow_sample_none_or_all(servers, proxy, share, expected):
+    shadow = servers.sink()
+    proxied = proxy(servers.echo(), shadow=[shadow], shadow_sample=share)
+    for n in range(20):
+        exchange(proxied, b"%d" % n)
+    counters = proxied.stats.shadows.get(shadow.address)
+    assert (counters.mirrored if counters else 0) == expected
+    wait_until(lambda: len(shadow.conns) == expected)
+
+
+# --- EOF and linger ---------------------------------------------------------------------------
+
+def test_the_client_eof_reaches_the_shadows_while_the_session_goes_on(servers, proxy):
+    production = servers.sink(reply_at_eof=b"late answer", delay=0.3)
+    shadow = servers.sink()
+    proxied = proxy(production, shadow=[shadow])
+    client = proxied.connect()
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+
+    conn = wait_until(lambda: shadow.conns and shadow.conns[0])
+    assert conn.eof.wait(2), "the client's EOF did not reach the shadow"
+    assert not production.conns[0].done.is_set(), "the EOF came only after production's answer"
+    assert recv_to_eof(client) == b"late answer"
+    assert conn.sha256 == sha256(b"request")
+
+
+def test_shadow_linger_lets_a_slow_answer_in_and_closes_a_silent_shadow(
+        servers, proxy, caplog):
+    slow = servers.sink(reply_at_eof=b"slow answer", delay=0.3)
+    silent = servers.sink(hold=True)       # reads to EOF, never answers, never closes
+    proxied = proxy(servers.echo(), shadow=[slow, silent], shadow_linger="1s")
+
+    assert exchange(proxied, b"request") == (sha256(b"request"), 7)
+    line, = wait_for_lines(caplog, timeout=5)
+    assert line["shadows"] == {slow.address: "done", silent.address: "done"}
+    assert line["duration"] >= 1.0, "the silent shadow was closed before shadow-linger"
+    assert proxied.shadow_stats(slow).bytes_received == len(b"slow answer")
+    assert proxied.shadow_stats(silent).bytes_received == 0
+    assert peer_closed(silent.conns[0].sock), "the silent shadow was never closed"
+
+
+def test_shadow_linger_is_one_deadline_for_all_shadows_not_one_each(servers, proxy, caplog):
+    """With three silent shadows and shadow-linger = 0.5s, all three are closed about
+    0.5s after production is done, not one after another (0.5s + 0.5s + 0.5s)."""
+    silent = [servers.sink(hold=True) for _ in range(3)]
+    proxied = proxy(servers.echo(), shadow=silent, shadow_linger="500ms")
+
+    assert exchange(proxied, b"request") == (sha256(b"request"), 7)
+    line, = wait_for_lines(caplog, timeout=5)
+    assert 0.5 <= line["duration"] < 1.0, (
+        f"the session lingered {line['duration']}s for shadow-linger = 0.5s")
