@@ -21,11 +21,13 @@ setup(
         "gevent>=23.9",
         "configargparse>=1.7",
         "python-daemon>=3.0",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5"],
     },
-    entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run"]},
+    entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run",
+                                    "gproxyctl = gproxyd.ctl:run"]},
     # Relative paths land under the installation prefix; copying the unit and config
     # into /etc and /lib/systemd is the documented `make install-service` step.
     data_files=[
