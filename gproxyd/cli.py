@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, argv, os.environ)
     except ConfigError as error:
         return _fail(str(error), EX_CONFIG)
+    if args.worker:
+        return _serve_worker(config, argv, args.worker)
     if args.check_config:
         from .master import describe_route
         print(f"{config.path}: configuration OK, {len(config.routes)} route(s)")
@@ -49,14 +51,19 @@ def _serve(config, argv: list[str]) -> int:
     except OSError as error:
         return _fail(f"log-file: cannot open {settings.log_file}: {error.strerror}",
                      EX_FAILURE)
+    from .arbiter import Arbiter
+    supervisor = Arbiter if settings.workers > 1 else Master
     try:
-        sockets = Master.bind_all(config)
+        sockets = (Arbiter.bind_all(config, settings.workers) if settings.workers > 1
+                   else Master.bind_all(config))
     except ListenError as error:
         return _fail(str(error), EX_FAILURE)
     context = None
     if settings.daemonize:
         # Detach before gevent creates its loop: libev's fds do not survive the fork.
-        keep = [sock.fileno() for sock in sockets.values()] + [logs.log_fileno()]
+        keep = [sock.fileno() for value in sockets.values()
+                for sock in (value if isinstance(value, list) else [value])]
+        keep.append(logs.log_fileno())
         context = daemon_context(settings.pid_file, [fd for fd in keep if fd is not None])
         context.open()
     elif settings.pid_file:
@@ -68,7 +75,7 @@ def _serve(config, argv: list[str]) -> int:
     from gevent import monkey
     monkey.patch_all()
     # Build everything (and so import all it needs) while every file is still readable.
-    master = Master(config, argv, os.environ, sockets)
+    master = supervisor(config, argv, os.environ, sockets)
     try:
         try:
             switched = drop_privileges(settings.user, settings.group)
@@ -82,6 +89,16 @@ def _serve(config, argv: list[str]) -> int:
     finally:
         if context is not None:
             context.__exit__(None, None, None)
+
+
+def _serve_worker(config, argv: list[str], spec: str) -> int:
+    """A worker process started by the master (workers = N): no daemonizing, no binding."""
+    from . import logs
+    logs.configure(config.settings)
+    from gevent import monkey
+    monkey.patch_all()
+    from .arbiter import run_worker
+    return run_worker(config, argv, os.environ, spec)
 
 
 def run() -> None:

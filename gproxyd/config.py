@@ -130,6 +130,8 @@ def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
                         help="validate the config file, print a summary and exit (0 if good, "
                              "78 if not)")
     parser.add_argument("--version", action="version", version=f"gproxyd {__version__}")
+    # Internal: how the master (workers = N) starts a worker on inherited sockets.
+    parser.add_argument("--worker", metavar="SPEC", help=configargparse.SUPPRESS)
     for option in GLOBAL_OPTIONS:
         # A yes/no option is also a bare switch: `--daemonize` means `--daemonize yes`.
         switch = {"nargs": "?", "const": "yes"} if option.parse is boolean else {}

@@ -39,8 +39,11 @@ class ListenError(Exception):
     """A listen address that cannot be bound; str() says why and what to do."""
 
 
-def bind(address: Address) -> socket.socket:
-    """A non-blocking listening socket for `address`, or ListenError with cause and hint."""
+def bind(address: Address, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket for `address`, or ListenError with cause and hint.
+
+    `reuse_port`: SO_REUSEPORT, so several sockets (one per worker) share the address.
+    """
     sock = _StdlibSocket(address.family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -48,6 +51,8 @@ def bind(address: Address) -> socket.socket:
             _remove_stale_unix_socket(address.path)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if address.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address.sockaddr)
@@ -60,6 +65,13 @@ def bind(address: Address) -> socket.socket:
             errno.EADDRNOTAVAIL: " (no interface of this host has that address)",
         }.get(error.errno, "")
         raise ListenError(f"cannot listen on {address}: {error.strerror}{hint}") from None
+    return sock
+
+
+def adopt_listening(fd: int) -> socket.socket:
+    """A listening socket inherited as a file descriptor (a worker's), non-blocking."""
+    sock = _StdlibSocket(fileno=fd)
+    sock.setblocking(False)
     return sock
 
 

@@ -12,7 +12,8 @@ _handler: logging.Handler | None = None
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d} {record.levelname.lower()}: {record.getMessage()}"
+        line = (f"{stamp}.{int(record.msecs):03d} gproxyd[{record.process}] "
+                f"{record.levelname.lower()}: {record.getMessage()}")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -20,7 +21,8 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname.lower(),
+        entry = {"time": round(record.created, 3), "pid": record.process,
+                 "level": record.levelname.lower(),
                  "logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)

@@ -40,8 +40,11 @@ class Master:
     """Runs the listeners of one Config; reconciles them with a new one on reload."""
 
     def __init__(self, config: Config, argv: list[str], env: Mapping[str, str],
-                 sockets: dict | None = None):
+                 sockets: dict | None = None, report_fd: int | None = None):
         self.config = config
+        # Set in a worker process (workers = N): stats go to the arbiter through this
+        # pipe, the arbiter does the admin endpoint, reloads and readiness.
+        self._report_fd = report_fd
         self._argv, self._env = argv, env
         self._signals: Queue = Queue()  # also creates gevent's hub, before any privilege drop
         self.listeners: dict = {}
@@ -77,7 +80,7 @@ class Master:
 
     def start(self) -> None:
         sockets = self._prebound or self.bind_all(self.config)
-        if "admin" in sockets:
+        if "admin" in sockets and self._report_fd is None:
             self._start_admin(self.config.settings.admin, sockets["admin"])
         for route in self.config.routes:
             listener = Listener(route, sock=sockets[_listen_key(route)])
@@ -86,6 +89,9 @@ class Master:
             log.info("%s", describe_route(route))
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             gevent.signal_handler(signum, self._signals.put, signum)
+        if self._report_fd is not None:
+            self._reporter = gevent.spawn(self._report_to_arbiter)
+            return
         interval = watchdog_interval()
         if interval:
             gevent.spawn(self._watchdog, interval)
@@ -103,7 +109,8 @@ class Master:
                 log.info("gproxyd stopped")
                 return 0
             if event == signal.SIGHUP:
-                self.reload()
+                if self._report_fd is None:  # a worker is replaced, not reloaded
+                    self.reload()
             elif event == signal.SIGUSR1:
                 logs.reopen()
                 log.info("log file reopened")
@@ -129,6 +136,24 @@ class Master:
             if interval:
                 for name, stats in self.stats().items():
                     log.info("%s", summary_line(name, stats.snapshot()))
+
+    def _report_to_arbiter(self) -> None:
+        """A worker's line to its arbiter: its stats once a second; EOF means orphaned."""
+        import json
+        from gevent import os as gevent_os
+        gevent_os.make_nonblocking(self._report_fd)
+        while True:
+            line = json.dumps({name: stats.export() for name, stats in self.stats().items()})
+            data = memoryview(line.encode() + b"\n")
+            try:
+                while data:
+                    data = data[gevent_os.nb_write(self._report_fd, data):]
+            except OSError:
+                if not self._stopping:
+                    log.warning("worker: the master process is gone; stopping")
+                    self._signals.put(signal.SIGTERM)
+                return
+            gevent.sleep(0.5)
 
     def _watchdog(self, interval: float) -> None:
         while True:

@@ -209,6 +209,10 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
            "On stop, how long live connections may finish before they are closed.", "DURATION"),
     Option("stats-interval", duration, "60s",
            "How often a summary line per route is logged; 0 turns it off.", "DURATION"),
+    Option("workers", positive_int, "1",
+           "Worker processes; above 1, each listen address is bound once per worker with "
+           "SO_REUSEPORT and a master process supervises them (use up to one per core). "
+           "Changing it takes a restart.", "NUMBER"),
     Option("user", optional_text, "",
            "After binding, drop privileges to this user (empty: keep the current user).", "USER"),
     Option("group", optional_text, "",

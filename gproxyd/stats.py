@@ -74,6 +74,19 @@ class Histogram:
     def _upper(self, index: int) -> int:
         return self._bounds(index)[1]
 
+    def export(self) -> dict:
+        """The raw numbers (for merging several processes' histograms)."""
+        return {"counts": {index: hits for index, hits in enumerate(self.counts) if hits},
+                "count": self.count, "total": self.total, "max": self.max}
+
+    def add(self, exported: dict) -> None:
+        """Add another histogram's export() into this one."""
+        for index, hits in exported["counts"].items():
+            self.counts[int(index)] += hits
+        self.count += exported["count"]
+        self.total += exported["total"]
+        self.max = max(self.max, exported["max"])
+
     def summary_ms(self) -> dict:
         return {"p50": round(self.percentile(0.50) * 1e3, 3),
                 "p90": round(self.percentile(0.90) * 1e3, 3),
@@ -97,6 +110,17 @@ class BackendStats:
         self.requests += 1
         self.errors += error
         self.latency.record(seconds)
+
+    def export(self) -> dict:
+        numbers = {key: value for key, value in vars(self).items() if key != "latency"}
+        return dict(numbers, latency=self.latency.export())
+
+    def add(self, exported: dict) -> None:
+        for key, value in exported.items():
+            if key == "latency":
+                self.latency.add(value)
+            else:
+                setattr(self, key, getattr(self, key) + value)
 
     def snapshot(self) -> dict:
         return {"requests": self.requests, "errors": self.errors,
@@ -132,6 +156,21 @@ class RouteStats:
         if stats is None:
             stats = self.shadows[name] = ShadowStats()
         return stats
+
+    def export(self) -> dict:
+        """Everything, raw: what a worker process sends its master."""
+        return {"active": self.active, "total": self.total, "rejected": self.rejected,
+                "parser_fallbacks": self.parser_fallbacks,
+                "production": self.production.export(),
+                "shadows": {name: stats.export() for name, stats in self.shadows.items()}}
+
+    def add(self, exported: dict) -> None:
+        """Add another process's export() of the same route into this one."""
+        for key in ("active", "total", "rejected", "parser_fallbacks"):
+            setattr(self, key, getattr(self, key) + exported[key])
+        self.production.add(exported["production"])
+        for name, numbers in exported["shadows"].items():
+            self.shadow(name).add(numbers)
 
     def snapshot(self) -> dict:
         return {"connections": {"active": self.active, "total": self.total,

@@ -36,7 +36,8 @@ class ProtocolError(_FramingStop):
 
 
 class Upgraded(_FramingStop):
-    """The connection left the protocol (HTTP 101 Upgrade, CONNECT 2xx): measure it as tcp from here on."""
+    """The connection left the protocol (HTTP 101 Upgrade, CONNECT 2xx): measure it as tcp
+    from here on."""
 
 
 # The framer modules import the exceptions above, so they come after them.

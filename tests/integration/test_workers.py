@@ -1,0 +1,76 @@
+"""workers = N: SO_REUSEPORT workers under one master; reload, restart, stats, stop."""
+from __future__ import annotations
+
+import os
+import signal
+
+import gevent
+import requests
+
+from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
+    a, b = TaggedEcho(b"a"), TaggedEcho(b"b")
+    port, admin = free_port(), free_port()
+    head = GLOBAL.replace("admin = off", f"admin = 127.0.0.1:{admin}\nworkers = 2")
+    daemon = Daemon(tmp_path, head + route_section("web", port, a.address))
+    try:
+        daemon.start()
+        workers = _children(daemon.pid)
+        assert len(workers) == 2
+        for number in range(50):
+            assert exchange(port, b"%d" % number) == b"a:%d" % number
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{admin}/stats", timeout=5).json()
+                   ["routes"]["web"]["production"]["requests"] == 50, what="merged stats")
+
+        failures = []
+
+        def load():
+            for number in range(300):
+                try:
+                    answer = exchange(port, b"x")
+                    if answer not in (b"a:x", b"b:x"):
+                        failures.append(answer)
+                except OSError as error:
+                    failures.append(repr(error))
+        loader = gevent.spawn(load)
+        daemon.write_config(head + route_section("web", port, b.address))
+        daemon.reload()
+        loader.join(timeout=60)
+        assert loader.dead and failures == []
+        assert exchange(port, b"new") == b"b:new"
+        wait_until(lambda: len(_children(daemon.pid)) == 2, what="old workers gone")
+        assert set(_children(daemon.pid)).isdisjoint(workers)
+
+        # A worker that dies is replaced.
+        victim = _children(daemon.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(_children(daemon.pid)) == 2 and
+                   victim not in _children(daemon.pid), timeout=15, what="worker restarted")
+        daemon.wait_log("exited with status -9; starting another")
+        for _ in range(20):
+            assert exchange(port, b"y") == b"b:y"
+        total = requests.get(f"http://127.0.0.1:{admin}/stats", timeout=5).json()
+        assert total["routes"]["web"]["connections"]["total"] >= 50 + 300 + 1
+
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+        assert _children(daemon.pid) == []
+    finally:
+        daemon.stop()
+        a.stop()
+        b.stop()
