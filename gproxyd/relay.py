@@ -4,8 +4,8 @@ Sockets here are plain non-blocking `_socket.socket`s waited on with our own lib
 watchers, not gevent socket objects: it saves a layer of Python per chunk on the hot
 path. Two loops exist:
 
-- `splice_pump` moves bytes kernel-to-kernel through a pipe (`os.splice`), zero copy;
-  used when nothing in the process needs to see the bytes.
+- `raw_pump` is for bytes nothing in the process needs to see: small chunks through
+  one shared buffer, bulk streams kernel to kernel through a pipe (`os.splice`).
 - `copy_pump` reads into a reused buffer with `recv_into` and hands each chunk to a
   callback (shadows, observers, hooks) before writing it on.
 
@@ -176,46 +176,89 @@ class Broken(Exception):
         self.channel, self.error = channel, error
 
 
-def splice_pump(src: Channel, dst: Channel, counter: Counter) -> str:
-    """Move src -> dst through a pipe until src's EOF; then half-close dst.
+# Small chunks go through this one process-wide buffer: recv_into then send straight
+# away. It is never held across a wait (a partial send copies the rest out first), so
+# it serves every connection of the process.
+SMALL = 64 * 1024
+_shared = bytearray(SMALL)
+_shared_view = memoryview(_shared)
+
+
+def raw_pump(src: Channel, dst: Channel, counter: Counter) -> str:
+    """Move src -> dst untouched until src's EOF; then half-close dst.
+
+    Small chunks (request/response traffic) are copied through the shared buffer: for a
+    few hundred bytes two plain syscalls beat splice's pipe. A read that fills the
+    buffer means a bulk stream: from then on chunks move kernel to kernel with
+    `os.splice` through a pipe, until reads get small again.
 
     Returns EOF; raises Broken naming the failed channel. Backpressure is the kernel's:
-    we never read more than the pipe holds, nor read again before it is written out.
+    nothing is read again before the previous chunk has been written out.
     """
     splice = os.splice
+    recv_into = src.sock.recv_into
+    send = dst.sock.send
     pipe = None
+    bulk = ready = False
     streak = 0
     try:
         while True:
-            if pipe is None:
+            if not ready:
+                if pipe is not None:
+                    _pipes.give(pipe)  # empty here: lend it out while we wait
+                    pipe = None
                 src.wait_readable()
-                pipe = _pipes.take()
                 streak = 0
             elif streak == _FAIR_SHARE:
                 streak = 0
                 gevent.sleep(0)
-            try:
-                pending = splice(src.fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                _pipes.give(pipe)  # the pipe is empty here: lend it out while we wait
-                pipe = None
-                continue
-            except OSError as error:
-                raise Broken(src, error) from None
-            if pending == 0:
-                dst.shutdown_write()
-                return EOF
-            if not counter.bytes:
-                counter.first = monotonic()
-            counter.bytes += pending
-            streak += 1
-            while pending:
+            if bulk:
+                if pipe is None:
+                    pipe = _pipes.take()
                 try:
-                    pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
+                    received = splice(src.fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    dst.wait_writable()
+                    ready = False
+                    continue
+                except OSError as error:
+                    raise Broken(src, error) from None
+                if received == 0:
+                    break
+                pending = received
+                while pending:
+                    try:
+                        pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        dst.wait_writable()
+                    except OSError as error:
+                        raise Broken(dst, error) from None
+            else:
+                try:
+                    received = recv_into(_shared)
+                except BlockingIOError:
+                    ready = False
+                    continue
+                except OSError as error:
+                    raise Broken(src, error) from None
+                if received == 0:
+                    break
+                try:
+                    try:
+                        sent = send(_shared_view[:received])
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < received:
+                        dst.sendall(_shared_view[sent:received].tobytes())
                 except OSError as error:
                     raise Broken(dst, error) from None
+            if not counter.bytes:
+                counter.first = monotonic()
+            counter.bytes += received
+            streak += 1
+            # A short read has drained the socket: wait for more instead of asking again.
+            bulk = ready = received >= SMALL
+        dst.shutdown_write()
+        return EOF
     except BaseException:
         if pipe is not None:
             _pipes.discard(pipe)  # it may still hold bytes: never reuse it
@@ -238,21 +281,25 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
     recv_into = src.sock.recv_into
     send = dst.sock.send
     buffer = view = None
+    ready = False
     streak = 0
     try:
         while True:
-            if buffer is None:
+            if not ready:
+                if buffer is not None:
+                    _buffers.give((buffer, view))
+                    buffer = None
                 src.wait_readable()
-                buffer, view = _buffers.take()
                 streak = 0
             elif streak == _FAIR_SHARE:
                 streak = 0
                 gevent.sleep(0)
+            if buffer is None:
+                buffer, view = _buffers.take()
             try:
                 received = recv_into(buffer)
             except BlockingIOError:
-                _buffers.give((buffer, view))
-                buffer = None
+                ready = False
                 continue
             except OSError as error:
                 raise Broken(src, error) from None
@@ -264,6 +311,7 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
                 counter.first = monotonic()
             counter.bytes += received
             streak += 1
+            ready = received == CHUNK  # a short read has drained the socket
             data = on_chunk(view[:received])
             if not data:
                 continue

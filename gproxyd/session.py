@@ -18,7 +18,7 @@ import gevent
 from .config import Route
 from .hooks import Connection, hook_failure
 from .observe import Exchanges
-from .relay import EOF, Broken, Channel, Counter, connect, copy_pump, is_disconnect, splice_pump
+from .relay import EOF, Broken, Channel, Counter, connect, copy_pump, is_disconnect, raw_pump
 from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats
@@ -142,7 +142,7 @@ class Session:
                 copy_pump(self.client, self.production, self.up, self._upstream_chunk,
                           self._client_eof)
             else:
-                splice_pump(self.client, self.production, self.up)
+                raw_pump(self.client, self.production, self.up)
         except Broken as broken:
             self._fail("client -> production", broken)
 
@@ -155,7 +155,7 @@ class Session:
                 copy_pump(self.production, self.client, self.down, self._downstream_chunk,
                           _nothing)
             else:
-                splice_pump(self.production, self.client, self.down)
+                raw_pump(self.production, self.client, self.down)
         except Broken as broken:
             self._fail("production -> client", broken)
         if self.hooks and self.hooks.on_finish:
