@@ -15,7 +15,7 @@ import configargparse
 
 from . import __version__
 from .settings import (GLOBAL_BY_NAME, GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, BadValue,
-                       boolean)
+                       boolean, listen_address)
 
 DEFAULT_PATH = "/etc/gproxyd/gproxyd.conf"
 
@@ -204,6 +204,11 @@ def make_route(name: str = "proxy", **values: Any) -> Route:
             if option.default is None:
                 raise ConfigError("Proxy()", option.attr, "missing (expected a value)")
             parsed[option.attr] = option.parse(option.default)
+        elif option.name == "listen":
+            try:
+                parsed[option.attr] = listen_address(str(value))
+            except BadValue as error:
+                raise ConfigError("Proxy()", "listen", str(error)) from None
         elif isinstance(value, str):
             parsed[option.attr] = _parse(option, value, "Proxy()")
         elif option.name == "shadow":

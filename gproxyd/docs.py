@@ -30,7 +30,7 @@ EXAMPLE_ROUTE_COMMENTED = {"shadow": "127.0.0.1:8082, 127.0.0.1:8083"}
 # Illustrations for options whose default is empty, by metavar (the kind of value).
 # test_docs.py checks that every such option gets one and that it parses.
 SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxyd/gproxyd.pid",
-                     "NUMBER": "42"}
+                     "NUMBER": "42", "MODULE": "gproxyd.trace"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -220,7 +220,7 @@ def render_man8() -> str:
               "is slow, down or falls too far behind is dropped for that connection, and "
               "never slows down or breaks the connection to production."),
         ".PP",
-        _text("A route can be told which protocol it carries (http, redis, beanstalkd) to "
+        _text("A route can be told which protocol it carries (http, redis) to "
               "measure requests and responses instead of plain connections; the bytes are "
               "never changed by it. Counters and latency histograms are served by the admin "
               "HTTP endpoint (/stats, /metrics)."),
@@ -422,6 +422,10 @@ def render_man5() -> str:
         ".TP",
         f"{_italic('PATH')}, {_italic('USER')}, {_italic('GROUP')}",
         _text("A file path; a user or group name."),
+        ".TP",
+        _italic("MODULE"),
+        _text("A Python module: a dotted name importable by gproxyd (gproxyd.trace logs "
+              "every chunk), or the path of a .py file. See HOOKS."),
         ".SH \"GLOBAL OPTIONS\"",
         _text("Keys of the [gproxyd] section."),
     ]

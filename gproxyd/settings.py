@@ -150,7 +150,8 @@ def address(text: str, lowest_port: int = 1) -> Address:
 
 
 def listen_address(text: str) -> Address:
-    """Like address(), and port 0 asks the kernel for a free port."""
+    """Like address(), and port 0 asks the kernel for a free port (gproxyd.Proxy only:
+    a daemon's listen address is something clients must be told)."""
     return address(text, lowest_port=0)
 
 
@@ -225,9 +226,8 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
 )
 
 ROUTE_OPTIONS: tuple[Option, ...] = (
-    Option("listen", listen_address, None,
-           "Where clients connect: host:port, [ipv6]:port or unix:/path (port 0: any free "
-           "port, as logged at start).", "ADDRESS"),
+    Option("listen", address, None,
+           "Where clients connect: host:port, [ipv6]:port or unix:/path.", "ADDRESS"),
     Option("production", address, None,
            "The production backend every byte is relayed to: host:port or unix:/path.",
            "ADDRESS"),

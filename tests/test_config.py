@@ -218,7 +218,7 @@ BAD = [
     ("bad-number", ROUTE + "max-connections = 0\n", [], {},
      "{path}:4: max-connections: bad number '0' (expected a whole number >= 1)"),
     ("bad-choice", ROUTE + "protocol = mysql\n", [], {},
-     "{path}:4: protocol: bad value 'mysql' (expected one of: tcp, http, redis, beanstalkd)"),
+     "{path}:4: protocol: bad value 'mysql' (expected one of: tcp, http, redis)"),
     ("bad-boolean", "[gproxyd]\ndaemonize = maybe\n" + ROUTE, [], {},
      "{path}:2: daemonize: bad boolean 'maybe' (expected yes or no)"),
     ("bad-global-value-in-file", "[gproxyd]\nlog-format = xml\n" + ROUTE, [], {},

@@ -17,8 +17,9 @@ few bytes they must (header lines, length lines), never bodies, so memory per fr
 is bounded by the 64 KiB line/header limits.
 
 When a framer raises, whatever it completed earlier in the same ``feed()`` call is on
-the exception's ``completed`` attribute (a list, possibly empty), and the framer is
-finished: any further call raises ProtocolError.
+the exception's ``completed`` attribute (a list, possibly empty) -- for Upgraded, ending
+with the response that left the protocol (the 101, the 2xx to CONNECT) -- and the framer
+is finished: any further call raises ProtocolError.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Only the start-line and header section (and chunk-size lines, trailer sections) are
 buffered, up to MAX_HEAD bytes each; bodies are never copied, only counted down.
-Lines may end in CRLF or a bare LF (RFC 9112 section 2.2).
+Lines may end in CRLF or a bare LF (RFC 9112 section 2.2). Garbage is caught early: at
+its first byte when no message can start with it, else at the end of its first line.
 """
 from __future__ import annotations
 
@@ -30,16 +31,17 @@ _MAX_LENGTH_DIGITS = 18  # a Content-Length beyond 10**18 bytes is garbage, not 
 
 # Parser states.
 _START = 0        # between messages (stray blank lines are skipped)
-_HEAD = 1         # in a start-line + header section (buffered)
-_BODY = 2         # counting down a Content-Length body
-_SIZE = 3         # in a chunk-size line (buffered)
-_DATA = 4         # counting down chunk data
-_DATA_CR = 5      # expecting the CRLF after chunk data
-_DATA_LF = 6
-_TRAILER = 7      # in a trailer section (buffered)
-_UNTIL_CLOSE = 8  # a response body delimited by the connection's close
-_OPAQUE = 9       # past a CONNECT request: whatever follows is the tunnel's, or unknown
-_FINISHED = 10    # raised or closed
+_LINE = 1         # in a start-line (buffered)
+_HEAD = 2         # in a field section (buffered)
+_BODY = 3         # counting down a Content-Length body
+_SIZE = 4         # in a chunk-size line (buffered)
+_DATA = 5         # counting down chunk data
+_DATA_CR = 6      # expecting the CRLF after chunk data
+_DATA_LF = 7
+_TRAILER = 8      # in a trailer section (buffered)
+_UNTIL_CLOSE = 9  # a response body delimited by the connection's close
+_OPAQUE = 10      # past a CONNECT request: whatever follows is the tunnel's, or unknown
+_FINISHED = 11    # raised or closed
 
 # Body framing decided by a header section, besides a Content-Length (an int).
 _CHUNKED = -1
@@ -49,13 +51,17 @@ _TO_CLOSE = -2
 class _MessageFramer:
     """The state machine shared by both directions; subclasses parse the start-line."""
 
-    __slots__ = ("_state", "_buf", "_left", "_item")
+    __slots__ = ("_state", "_buf", "_limit", "_left", "_item")
+
+    _FIRST_BYTES: frozenset  # the bytes a start-line can begin with
+    _KIND: str               # "request" or "status", for error messages
 
     def __init__(self) -> None:
         self._state = _START
         self._buf = bytearray()
-        self._left = 0      # body or chunk bytes still to come
-        self._item = None   # the message being framed, returned once its body ends
+        self._limit = MAX_HEAD  # the most the block being buffered may take
+        self._left = 0          # body or chunk bytes still to come
+        self._item = None       # the message being framed, returned once its body ends
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the messages completed in it, or None when there are none."""
@@ -79,12 +85,25 @@ class _MessageFramer:
                 elif state == _START:
                     pos = _BLANKS.match(data, pos).end()
                     if pos < n:
-                        self._state = _HEAD
+                        if data[pos] not in self._FIRST_BYTES:
+                            line = bytes(data[pos:pos + 60]).split(b"\n", 1)[0]
+                            raise ProtocolError(f"bad {self._KIND} line {_strip_cr(line)!r}")
+                        self._state = _LINE
+                elif state == _LINE:
+                    pos, line = self._take(data, pos, n, _LF)
+                    if line is None:
+                        break
+                    self._start_line(_strip_cr(line[:-1]))
+                    # The field section is buffered after an LF, as if the start-line's,
+                    # so that an empty one ends at its first CRLF; the two share MAX_HEAD.
+                    self._buf.append(10)
+                    self._limit = MAX_HEAD - len(line) + 1
+                    self._state = _HEAD
                 elif state == _HEAD:
                     pos, block = self._take(data, pos, n, _HEAD_END)
                     if block is None:
                         break
-                    out = self._head(block, out)
+                    out = self._fields(block, out)
                 elif state == _SIZE:
                     pos, line = self._take(data, pos, n, _LF)
                     if line is None:
@@ -98,7 +117,7 @@ class _MessageFramer:
                         self._left = size
                         self._state = _DATA
                     else:
-                        self._buf.append(10)  # the LF just read: an empty trailer ends at once
+                        self._buf.append(10)  # as for a field section
                         self._state = _TRAILER
                 elif state == _DATA_CR or state == _DATA_LF:
                     byte = data[pos]
@@ -113,8 +132,7 @@ class _MessageFramer:
                     pos, block = self._take(data, pos, n, _HEAD_END)
                     if block is None:
                         break
-                    if _FIELD_LINES.fullmatch(block, 1) is None:  # after the LF put first
-                        raise ProtocolError(_field_error(block[1:]))
+                    _check_fields(block)
                     out = self._complete(out)
                 elif state == _FINISHED:
                     raise ProtocolError("framer used after it stopped")
@@ -134,7 +152,7 @@ class _MessageFramer:
         match is not in this chunk yet. Only the block is copied, never what follows it.
         """
         buf = self._buf
-        room = MAX_HEAD - len(buf)
+        room = self._limit - len(buf)
         stop = -1
         if buf:
             # The terminator may straddle the previous chunk and this one; the
@@ -156,6 +174,7 @@ class _MessageFramer:
         buf += data[pos:stop]
         block = bytes(buf)
         buf.clear()
+        self._limit = MAX_HEAD
         return stop, block
 
     def _complete(self, out: list | None) -> list:
@@ -178,8 +197,12 @@ class _MessageFramer:
             return self._complete(out)
         return out
 
-    def _head(self, block: bytes, out: list | None) -> list | None:
-        """Act on a whole header section (start-line to blank line)."""
+    def _start_line(self, line: bytes) -> None:
+        """Check a start-line (without its line end) and keep what it says in _item."""
+        raise NotImplementedError
+
+    def _fields(self, block: bytes, out: list | None) -> list | None:
+        """Act on a whole field section: LF, field lines, blank line."""
         raise NotImplementedError
 
 
@@ -192,15 +215,19 @@ class RequestFramer(_MessageFramer):
     """
 
     __slots__ = ()
+    _FIRST_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    _KIND = "request"
 
-    def _head(self, block: bytes, out: list | None) -> list | None:
-        eol = block.find(b"\n")
-        line = _strip_cr(block[:eol])
+    def _start_line(self, line: bytes) -> None:
         m = _REQUEST_LINE.fullmatch(line)
         if m is None:
             raise ProtocolError(f"bad request line {line[:60]!r}")
-        self._item = method = m.group(1).decode("ascii")
-        framing = _body_framing(block, eol + 1, request=True)
+        self._item = m.group(1).decode("ascii")
+
+    def _fields(self, block: bytes, out: list | None) -> list | None:
+        framing = _body_framing(block, request=True)
+        method = self._item
         if method == "CONNECT":
             out = self._complete(out)
             self._state = _OPAQUE
@@ -214,10 +241,14 @@ class ResponseFramer(_MessageFramer):
 
     ``expect(method)`` must be called for each request, in order, before its response
     is fed: a response to HEAD has no body, a 2xx to CONNECT opens a tunnel. A response
-    with no request expected is framed as if it answered a GET.
+    with no request expected is framed as if it answered a GET. Interim responses (1xx)
+    are skipped, except 101 Switching Protocols which, like a 2xx to CONNECT, completes
+    at the end of its header section and raises Upgraded.
     """
 
     __slots__ = ("_pending",)
+    _FIRST_BYTES = frozenset(b"H")
+    _KIND = "status"
 
     def __init__(self) -> None:
         super().__init__()
@@ -237,25 +268,26 @@ class ResponseFramer(_MessageFramer):
             return None
         raise ProtocolError("connection closed in the middle of a response", [])
 
-    def _head(self, block: bytes, out: list | None) -> list | None:
-        eol = block.find(b"\n")
-        line = _strip_cr(block[:eol])
+    def _start_line(self, line: bytes) -> None:
         m = _STATUS_LINE.fullmatch(line)
         if m is None:
             raise ProtocolError(f"bad status line {line[:60]!r}")
         status = int(m.group(1))
         if status < 100:
             raise ProtocolError(f"bad status code {status:03d}")
-        framing = _body_framing(block, eol + 1, request=False)
-        if status < 200:
-            if status == 101:
-                raise Upgraded("101 Switching Protocols")
+        self._item = (status, status >= 500)
+
+    def _fields(self, block: bytes, out: list | None) -> list | None:
+        framing = _body_framing(block, request=False)
+        status = self._item[0]
+        if status < 200 and status != 101:
             self._state = _START  # interim response: the final one is still to come
             return out
         request = self._pending.popleft() if self._pending else None
+        if status == 101:
+            raise Upgraded("101 Switching Protocols", self._complete(out))
         if request == "CONNECT" and status < 300:
-            raise Upgraded(f"CONNECT answered {status}")
-        self._item = (status, status >= 500)
+            raise Upgraded(f"CONNECT answered {status}", self._complete(out))
         if request == "HEAD" or status == 204 or status == 304:
             return self._complete(out)
         return self._start_body(_TO_CLOSE if framing is None else framing, out)
@@ -265,18 +297,17 @@ def _strip_cr(line: bytes) -> bytes:
     return line[:-1] if line[-1:] == b"\r" else line
 
 
-def _body_framing(block: bytes, start: int, request: bool) -> int | None:
-    """How the body after this header section is delimited (RFC 9112 section 6.3).
+def _body_framing(block: bytes, request: bool) -> int | None:
+    """How the body after this field section is delimited (RFC 9112 section 6.3).
 
-    `block[start:]` is the field lines and the blank line. Returns _CHUNKED, _TO_CLOSE,
+    `block` is an LF, the field lines and the blank line. Returns _CHUNKED, _TO_CLOSE,
     a Content-Length, or None when neither Transfer-Encoding nor Content-Length is
     present. Validates every field line.
     """
-    if _FIELD_LINES.fullmatch(block, start) is None:
-        raise ProtocolError(_field_error(block[start:]))
+    _check_fields(block)
     lengths = []
     codings = []
-    for m in _FRAMING_FIELD.finditer(block, start):
+    for m in _FRAMING_FIELD.finditer(block, 1):
         value = m.group(2)
         if b"\n" in value:
             value = _FOLD.sub(b" ", value)
@@ -307,15 +338,17 @@ def _body_framing(block: bytes, start: int, request: bool) -> int | None:
     return None
 
 
-def _field_error(fields: bytes) -> str:
-    """Say which of these field lines is malformed (they are known to hold one)."""
-    for i, line in enumerate(fields.split(b"\n")[:-2]):  # not the blank line
+def _check_fields(block: bytes) -> None:
+    """Raise unless `block` is an LF, well-formed field lines and the blank line."""
+    if _FIELD_LINES.fullmatch(block, 1) is not None:
+        return
+    for i, line in enumerate(block[1:].split(b"\n")[:-2]):  # not the blank line
         line = _strip_cr(line)
         if line[:1] == b" " or line[:1] == b"\t":
             if i == 0:
-                return "whitespace before the first header field"
+                raise ProtocolError("whitespace before the first header field")
             continue
         name, colon, _ = line.partition(b":")
         if not colon or _TOKEN.fullmatch(name) is None:
-            return f"bad header line {line[:60]!r}"
-    return "bad header section"
+            raise ProtocolError(f"bad header line {line[:60]!r}")
+    raise ProtocolError("bad header section")

@@ -156,7 +156,8 @@ class ResponseFramer(_LineFramer):
     true for "-" and RESP3's "!". Attributes ("|") precede a reply and are not one;
     push messages (">") are out of band and complete nothing. After the reply to
     SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE or MONITOR (as named to ``expect()``), replies no
-    longer answer requests one for one, and the framer raises Upgraded.
+    longer answer requests one for one: the framer raises Upgraded, that reply last in
+    its ``completed`` (under RESP3 the subscription's confirming push counts as the reply).
     """
 
     __slots__ = ("_counts", "_attributes", "_top", "_pending")
@@ -263,9 +264,10 @@ class ResponseFramer(_LineFramer):
         self._top = None
         pending = self._pending
         if top == ">":
-            # RESP3 confirms subscriptions with pushes, not replies.
+            # RESP3 confirms subscriptions with pushes, not replies: the push answers.
             if pending and pending[0] in _LEAVES_REQUEST_REPLY:
-                raise Upgraded(f"{pending[0]}: replies no longer answer requests")
+                raise Upgraded(f"{pending[0]}: replies no longer answer requests",
+                               _append(out, (top, False)))
             return out
         request = pending.popleft() if pending else None
         is_error = top in _ERRORS
