@@ -60,6 +60,7 @@ class Worker:
         self.stats: dict = {}
         self.ready = Event()
         self.retiring = False
+        self.reader: gevent.Greenlet | None = None
 
     @property
     def pid(self) -> int:
@@ -167,7 +168,7 @@ class Arbiter:
         worker.process = gevent_subprocess.Popen(
             command, env=env, pass_fds=[report_write, *fds.values()], close_fds=True)
         os.close(report_write)
-        gevent.spawn(self._read_reports, worker, report_read)
+        worker.reader = gevent.spawn(self._read_reports, worker, report_read)
         gevent.spawn(self._watch, worker)
         return worker
 
@@ -182,6 +183,7 @@ class Arbiter:
 
     def _watch(self, worker: Worker) -> None:
         status = worker.process.wait()
+        worker.reader.join(timeout=5)  # its last report may still be in the pipe
         self._workers.remove(worker)
         for name, numbers in worker.stats.items():
             kept = self._retired.setdefault(name, RouteStats())

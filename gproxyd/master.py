@@ -106,6 +106,8 @@ class Master:
         while True:
             event = self._signals.get()
             if event == _DRAINED:
+                if self._report_fd is not None:
+                    self.send_report()  # the last numbers, so the arbiter's totals add up
                 log.info("gproxyd stopped")
                 return 0
             if event == signal.SIGHUP:
@@ -138,22 +140,27 @@ class Master:
                     log.info("%s", summary_line(name, stats.snapshot()))
 
     def _report_to_arbiter(self) -> None:
-        """A worker's line to its arbiter: its stats once a second; EOF means orphaned."""
-        import json
+        """A worker's line to its arbiter: its stats twice a second; EOF means orphaned."""
         from gevent import os as gevent_os
         gevent_os.make_nonblocking(self._report_fd)
-        while True:
-            line = json.dumps({name: stats.export() for name, stats in self.stats().items()})
-            data = memoryview(line.encode() + b"\n")
-            try:
-                while data:
-                    data = data[gevent_os.nb_write(self._report_fd, data):]
-            except OSError:
-                if not self._stopping:
-                    log.warning("worker: the master process is gone; stopping")
-                    self._signals.put(signal.SIGTERM)
-                return
+        while self.send_report():
             gevent.sleep(0.5)
+        if not self._stopping:
+            log.warning("worker: the master process is gone; stopping")
+            self._signals.put(signal.SIGTERM)
+
+    def send_report(self) -> bool:
+        """Send this worker's stats to the arbiter; False if the arbiter is gone."""
+        import json
+        from gevent import os as gevent_os
+        line = json.dumps({name: stats.export() for name, stats in self.stats().items()})
+        data = memoryview(line.encode() + b"\n")
+        try:
+            while data:
+                data = data[gevent_os.nb_write(self._report_fd, data):]
+        except OSError:
+            return False
+        return True
 
     def _watchdog(self, interval: float) -> None:
         while True:

@@ -14,12 +14,14 @@ observer feeds it copies of the bytes as they pass:
 
 ``data`` may be a memoryview that is overwritten after the call: framers copy only the
 few bytes they must (header lines, length lines), never bodies, so memory per framer
-is bounded by the 64 KiB line/header limits.
+is bounded by the 64 KiB line/header limits (plus, for Redis, one small int per open
+nested aggregate, and the queue of requests expected).
 
 When a framer raises, whatever it completed earlier in the same ``feed()`` call is on
 the exception's ``completed`` attribute (a list, possibly empty) -- for Upgraded, ending
-with the response that left the protocol (the 101, the 2xx to CONNECT) -- and the framer
-is finished: any further call raises ProtocolError.
+with the response that left the protocol (HTTP's 101 or 2xx to CONNECT, the reply to a
+Redis SUBSCRIBE or MONITOR) -- and the framer is finished: any further call raises
+ProtocolError.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ MAX_LINE = 64 * 1024  # the same bound Redis puts on inline commands and length 
 NAME_MAX = 64         # bytes of a command name kept; longer names are truncated
 
 _LF = re.compile(rb"\n")
-_LENGTH = re.compile(rb"-?[0-9]{1,18}")
+_MAX_DIGITS = 18  # lengths and counts; more is garbage (and beyond int() limits soon)
 _INTEGER = re.compile(rb"[-+]?[0-9]+")
 
 # Parser states.
@@ -103,7 +103,12 @@ class RequestFramer(_LineFramer):
                         self._keep -= keep
                     pos += take
                     self._left = left - take
-                    if take == left:
+                    if take < left:
+                        break
+                    if n - pos >= 2 and data[pos] == 13 and data[pos + 1] == 10:
+                        pos += 2  # the common case, without buffering an empty line
+                        out = self._argument_done(out)
+                    else:
                         self._state = _BULK_END
                 elif state == _LINE:
                     pos, line = self._line(data, pos, n)
@@ -119,7 +124,7 @@ class RequestFramer(_LineFramer):
                             self._name = bytearray()
                             self._keep = size if size < NAME_MAX else NAME_MAX
                         self._left = size
-                        self._state = _BULK if size else _BULK_END
+                        self._state = _BULK
                     elif line[:1] == b"*":
                         count = _length(line)
                         if count > 0:
@@ -135,10 +140,7 @@ class RequestFramer(_LineFramer):
                         break
                     if line:
                         raise ProtocolError("bulk string not followed by CRLF")
-                    self._state = _LINE
-                    self._args -= 1
-                    if not self._args:
-                        out = _append(out, _command(self._name))
+                    out = self._argument_done(out)
                 else:
                     raise ProtocolError("framer used after it stopped")
         except (ProtocolError, Upgraded) as exc:
@@ -147,6 +149,13 @@ class RequestFramer(_LineFramer):
                 exc.completed = out or []
             raise
         return out
+
+    def _argument_done(self, out: list | None) -> list | None:
+        self._state = _LINE
+        self._args -= 1
+        if self._args:
+            return out
+        return _append(out, _command(self._name))
 
 
 class ResponseFramer(_LineFramer):
@@ -196,7 +205,12 @@ class ResponseFramer(_LineFramer):
                         break
                     pos += left
                     self._left = 0
-                    self._state = _BULK_END
+                    if n - pos >= 2 and data[pos] == 13 and data[pos + 1] == 10:
+                        pos += 2  # the common case, without buffering an empty line
+                        self._state = _LINE
+                        out = self._element_done(out)
+                    else:
+                        self._state = _BULK_END
                 elif state == _LINE:
                     pos, line = self._line(data, pos, n)
                     if line is None:
@@ -231,11 +245,9 @@ class ResponseFramer(_LineFramer):
             return self._element_done(out)
         size = _length(line)
         if kind in _BLOBS:
-            if size > 0:
+            if size >= 0:
                 self._left = size
                 self._state = _BULK
-            elif size == 0:
-                self._state = _BULK_END
             elif size == -1 and kind in _NULLABLE:
                 return self._element_done(out)
             else:
@@ -290,7 +302,8 @@ def _command(name) -> str:
 
 def _length(line: bytes) -> int:
     """The signed decimal after a line's type byte, as strictly as Redis reads it."""
-    if _LENGTH.fullmatch(line, 1) is None:
+    digits = line[2:] if line[1:2] == b"-" else line[1:]
+    if not digits.isdigit() or len(digits) > _MAX_DIGITS:  # isdigit: ASCII only, no sign
         raise ProtocolError(f"bad length {line[:30]!r}")
     return int(line[1:])
 
