@@ -169,7 +169,8 @@ class Session:
         return chunk
 
     def _downstream_chunk(self, chunk):
-        self.observer.received(chunk)
+        if self.observer.framed:  # not after a fallback to tcp-level measurement
+            self.observer.received(chunk)
         return chunk
 
     # --- with hooks ----------------------------------------------------------------------

@@ -56,6 +56,13 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
         wait_until(lambda: len(_children(daemon.pid)) == 2, what="old workers gone")
         assert set(_children(daemon.pid)).isdisjoint(workers)
 
+        # Workers report twice a second and once more as they exit; a SIGKILLed worker
+        # takes its last half second of counts with it, so let them report first.
+        def total():
+            return requests.get(f"http://127.0.0.1:{admin}/stats", timeout=5).json()[
+                "routes"]["web"]["connections"]["total"]
+        wait_until(lambda: total() >= 50 + 300 + 1, timeout=5, what="totals add up")
+
         # A worker that dies is replaced.
         victim = _children(daemon.pid)[0]
         os.kill(victim, signal.SIGKILL)
@@ -64,12 +71,7 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
         daemon.wait_log("exited with status -9; starting another")
         for _ in range(20):
             assert exchange(port, b"y") == b"b:y"
-        # Workers report twice a second and once more as they exit; a SIGKILLed worker
-        # takes at most its last half second of counts with it.
-        def total():
-            return requests.get(f"http://127.0.0.1:{admin}/stats", timeout=5).json()[
-                "routes"]["web"]["connections"]["total"]
-        wait_until(lambda: total() >= 50 + 300 + 1 + 20, timeout=5, what="totals add up")
+        wait_until(lambda: total() >= 50 + 300 + 1 + 20, timeout=5, what="all counted")
 
 
         daemon.signal(signal.SIGTERM)

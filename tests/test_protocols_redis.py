@@ -1,0 +1,426 @@
+"""protocols/redis.py: RESP2/RESP3 command and reply framing, by example and by property.
+
+Every stream goes through the framers the way the relay hands it over: as memoryviews
+of a buffer that is overwritten as soon as feed() returns.
+"""
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gproxyd.protocols import FRAMERS, ProtocolError, Upgraded
+from gproxyd.protocols.redis import MAX_LINE, NAME_MAX, RequestFramer, ResponseFramer
+
+FAST = settings(max_examples=200, deadline=None)
+
+
+def feed(framer, chunk: bytes) -> list:
+    """Feed `chunk` as the relay does: a memoryview of a buffer reused right after."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    try:
+        got = framer.feed(view)
+    finally:
+        view[:] = b"\xa5" * len(buf)  # nothing of it may be kept by reference
+    assert got is None or (isinstance(got, list) and got), got
+    return got or []
+
+
+def run(framer, chunks, close: bool = False) -> tuple[list, str | None]:
+    """(every item completed, name of the exception that stopped the framer or None)."""
+    items = []
+    try:
+        for chunk in chunks:
+            items += feed(framer, chunk)
+        if close:
+            assert framer.close() is None
+    except (ProtocolError, Upgraded) as exc:
+        assert isinstance(exc.completed, list)
+        return items + exc.completed, type(exc).__name__
+    return items, None
+
+
+def commands(chunks) -> tuple[list, str | None]:
+    return run(RequestFramer(), chunks)
+
+
+def replies(chunks, requests=()) -> tuple[list, str | None]:
+    """Replies (to `requests`, all expected first), closing the connection at the end."""
+    framer = ResponseFramer()
+    for request in requests:
+        framer.expect(request)
+    return run(framer, chunks, close=True)
+
+
+def whole(data: bytes) -> list:
+    return [data]
+
+
+def bytewise(data: bytes) -> list:
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+def bulk(data: bytes, kind: bytes = b"$") -> bytes:
+    return kind + b"%d\r\n" % len(data) + data + b"\r\n"
+
+
+def test_framers_are_registered():
+    assert FRAMERS["redis"] == (RequestFramer, ResponseFramer)
+
+
+# --- commands, by example ---------------------------------------------------------------
+
+GOOD_COMMANDS = [
+    ("array", b"*2\r\n$3\r\nget\r\n$1\r\nk\r\n", ["GET"]),
+    ("inline", b"PING\r\n", ["PING"]),
+    ("inline with arguments, bare LF", b"set k v\n", ["SET"]),
+    ("inline with leading blanks", b"  \tdel k\r\n", ["DEL"]),
+    ("pipeline", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nping\r\n",
+     ["SET", "GET", "PING"]),
+    ("arguments that look like commands",
+     b"*3\r\n$3\r\nSET\r\n" + bulk(b"*1\r\n$4\r\nPING\r\n") + bulk(b"\r\n") + b"exec\r\n",
+     ["SET", "EXEC"]),
+    ("empty argument", b"*2\r\n$4\r\necho\r\n$0\r\n\r\n", ["ECHO"]),
+    ("empty name", b"*1\r\n$0\r\n\r\n", [""]),
+    ("no command: empty arrays, blank lines", b"*0\r\n*-1\r\n\r\n \t \r\n\n", []),
+    ("long names are cut", b"*1\r\n" + bulk(b"x" * 100), ["X" * NAME_MAX]),
+    ("incomplete", b"*2\r\n$3\r\nGET\r\n$1\r\n", []),
+]
+
+
+@pytest.mark.parametrize("split", [whole, bytewise])
+@pytest.mark.parametrize("stream, expected", [case[1:] for case in GOOD_COMMANDS],
+                         ids=[case[0] for case in GOOD_COMMANDS])
+def test_good_commands(stream, expected, split):
+    assert commands(split(stream)) == (expected, None)
+
+
+BAD_COMMANDS = [
+    (b"*x\r\n", "bad length b'*x'"),
+    (b"*1 \r\n", "bad length b'*1 '"),
+    (b"*+1\r\n", "bad length b'*+1'"),
+    (b"*1234567890123456789\r\n", "bad length b'*1234567890123456789'"),
+    (b"*1\r\n+GET\r\n", "expected '$' in a command, got b'+'"),
+    (b"*2\r\n$3\r\nGET\r\nk\r\n", "expected '$' in a command, got b'k'"),
+    (b"*1\r\n$-1\r\n", "bad bulk string length b'$-1'"),
+    (b"*1\r\n$3\r\nGETX\r\n", "bulk string not followed by CRLF"),
+    (b"GET " + b"k" * MAX_LINE + b"\r\n", f"line over {MAX_LINE} bytes"),
+    (b"*1\r\n$" + b"1" * MAX_LINE, f"line over {MAX_LINE} bytes"),
+]
+
+
+@pytest.mark.parametrize("split", [whole, bytewise])
+@pytest.mark.parametrize("stream, message", BAD_COMMANDS, ids=[m for _, m in BAD_COMMANDS])
+def test_bad_commands(stream, message, split):
+    framer = RequestFramer()
+    with pytest.raises(ProtocolError, match="^" + re.escape(message) + "$"):
+        for chunk in split(stream):
+            feed(framer, chunk)
+    with pytest.raises(ProtocolError, match="^framer used after it stopped$"):
+        framer.feed(b"PING\r\n")
+
+
+def test_commands_completed_before_garbage_ride_on_the_error():
+    with pytest.raises(ProtocolError) as raised:
+        RequestFramer().feed(b"PING\r\n*1\r\n$4\r\nQUIT\r\n*?\r\n")
+    assert raised.value.completed == ["PING", "QUIT"]
+
+
+def test_line_at_the_limit():
+    line = b"GET " + b"k" * (MAX_LINE - 6) + b"\r\n"
+    assert len(line) == MAX_LINE
+    assert commands([line]) == (["GET"], None)
+    assert commands([line[:-1], line[-1:]]) == (["GET"], None)
+    assert commands([line[:-2] + b"kk\r\n"]) == ([], "ProtocolError")
+
+
+def test_huge_argument_is_counted_not_parsed():
+    framer = RequestFramer()
+    size = 10_000_000
+    assert framer.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % size) is None
+    chunk = memoryview(bytearray(b"*1\r\n$4\r\nPING\r\n" * 10000))
+    fed = 0
+    while fed + len(chunk) < size:
+        assert framer.feed(chunk) is None
+        fed += len(chunk)
+    assert framer.feed(chunk[:size - fed]) is None
+    assert framer.feed(b"\r\nPING\r\n") == ["SET", "PING"]
+
+
+# --- replies, by example ----------------------------------------------------------------
+
+GOOD_REPLIES = [
+    ("simple string", b"+OK\r\n", [("+", False)]),
+    ("error", b"-ERR unknown command 'x'\r\n", [("-", True)]),
+    ("integer", b":-42\r\n:+7\r\n", [(":", False), (":", False)]),
+    ("bulk string", b"$5\r\nhello\r\n$0\r\n\r\n", [("$", False), ("$", False)]),
+    ("bulk string holding replies", bulk(b"+OK\r\n-ERR\r\n*2\r\n"), [("$", False)]),
+    ("null bulk string", b"$-1\r\n", [("$", False)]),
+    ("array", b"*2\r\n$1\r\na\r\n:1\r\n", [("*", False)]),
+    ("empty and null arrays", b"*0\r\n*-1\r\n", [("*", False), ("*", False)]),
+    ("nested, with an error inside", b"*2\r\n*2\r\n+a\r\n*1\r\n-ERR in there\r\n:3\r\n",
+     [("*", False)]),
+    ("exec", b"*3\r\n+OK\r\n-ERR wrong\r\n$-1\r\n", [("*", False)]),
+    ("null", b"_\r\n", [("_", False)]),
+    ("doubles", b",3.14\r\n,-inf\r\n,nan\r\n,1e10\r\n", [(",", False)] * 4),
+    ("booleans", b"#t\r\n#f\r\n", [("#", False)] * 2),
+    ("big number", b"(3492890328409238509324850943850943825024385\r\n(-1\r\n", [("(", False)] * 2),
+    ("blob error", b"!21\r\nSYNTAX invalid syntax\r\n", [("!", True)]),
+    ("verbatim string", b"=15\r\ntxt:Some string\r\n", [("=", False)]),
+    ("map", b"%2\r\n+first\r\n:1\r\n+second\r\n:2\r\n", [("%", False)]),
+    ("empty map", b"%0\r\n", [("%", False)]),
+    ("set", b"~3\r\n+a\r\n+b\r\n_\r\n", [("~", False)]),
+    ("attribute before a reply",
+     b"|1\r\n+key-popularity\r\n%2\r\n$1\r\na\r\n,0.1923\r\n$1\r\nb\r\n,0.0012\r\n"
+     b"*2\r\n:2039123\r\n:9543892\r\n", [("*", False)]),
+    ("attribute before an error", b"|1\r\n+k\r\n+v\r\n-ERR x\r\n", [("-", True)]),
+    ("attribute inside an array", b"*2\r\n|1\r\n+ttl\r\n:3600\r\n:1\r\n:2\r\n+OK\r\n",
+     [("*", False), ("+", False)]),
+    ("attribute inside an attribute", b"|1\r\n|1\r\n+a\r\n+b\r\n+k\r\n+v\r\n:1\r\n",
+     [(":", False)]),
+    ("empty attribute", b"|0\r\n+OK\r\n", [("+", False)]),
+    ("push messages are skipped",
+     b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n+OK\r\n>2\r\n+invalidate\r\n*-1\r\n:1\r\n",
+     [("+", False), (":", False)]),
+    ("attributed push", b"|1\r\n+a\r\n+b\r\n>1\r\n+x\r\n$-1\r\n", [("$", False)]),
+    ("bare LF", b"+OK\n$2\nhi\n", [("+", False), ("$", False)]),
+    ("nothing", b"", []),
+]
+
+
+@pytest.mark.parametrize("split", [whole, bytewise])
+@pytest.mark.parametrize("stream, expected", [case[1:] for case in GOOD_REPLIES],
+                         ids=[case[0] for case in GOOD_REPLIES])
+def test_good_replies(stream, expected, split):
+    assert replies(split(stream)) == (expected, None)
+
+
+BAD_REPLIES = [
+    (b"?\r\n", "unknown RESP type byte b'?'"),
+    (b"\r\n", "unknown RESP type byte b''"),
+    (b"OK\r\n", "unknown RESP type byte b'O'"),
+    (b"$abc\r\n", "bad length b'$abc'"),
+    (b"$-2\r\n", "bad length b'$-2'"),
+    (b"*-2\r\n", "bad length b'*-2'"),
+    (b"%-1\r\n", "bad length b'%-1'"),
+    (b"!-1\r\n", "bad length b'!-1'"),
+    (b"*?\r\n", "bad length b'*?'"),
+    (b":12a\r\n", "bad ':' reply b':12a'"),
+    (b"(\r\n", "bad '(' reply b'('"),
+    (b"_x\r\n", "bad '_' reply b'_x'"),
+    (b"#x\r\n", "bad '#' reply b'#x'"),
+    (b"$2\r\nabc\r\n", "bulk string not followed by CRLF"),
+    (b"*2\r\n+a\r\n\x00\r\n", "unknown RESP type byte b'\\x00'"),
+    (b"+" + b"x" * MAX_LINE + b"\r\n", f"line over {MAX_LINE} bytes"),
+]
+
+
+@pytest.mark.parametrize("split", [whole, bytewise])
+@pytest.mark.parametrize("stream, message", BAD_REPLIES, ids=[m for _, m in BAD_REPLIES])
+def test_bad_replies(stream, message, split):
+    framer = ResponseFramer()
+    with pytest.raises(ProtocolError, match="^" + re.escape(message) + "$"):
+        for chunk in split(stream):
+            feed(framer, chunk)
+
+
+@pytest.mark.parametrize("stream", [
+    b"+OK", b"$5\r\nhel", b"$5\r\nhello", b"*2\r\n:1\r\n", b"|1\r\n+a\r\n",
+    b"*1\r\n|1\r\n+a\r\n+b\r\n",
+])
+def test_reply_cut_short(stream):
+    framer = ResponseFramer()
+    framer.feed(stream)
+    with pytest.raises(ProtocolError, match="^connection closed in the middle of a reply$"):
+        framer.close()
+
+
+def test_close_between_replies():
+    framer = ResponseFramer()
+    assert framer.feed(b"+OK\r\n") == [("+", False)]
+    assert framer.close() is None
+
+
+def test_deep_nesting():
+    depth = 20_000
+    stream = b"*1\r\n" * depth + b"%1\r\n" * depth + b"+k\r\n" + b":1\r\n" * depth
+    assert replies([stream]) == ([("*", False)], None)
+    assert replies([b"*1\r\n" * depth + b"+OK\r\n", b"+OK\r\n"]) == ([("*", False), ("+", False)],
+                                                                    None)
+
+
+def test_huge_bulk_string_is_counted_not_parsed():
+    framer = ResponseFramer()
+    size = 10_000_000
+    assert framer.feed(b"*2\r\n$%d\r\n" % size) is None
+    chunk = memoryview(bytearray(b"+OK\r\n" * 50000))
+    fed = 0
+    while fed + len(chunk) < size:
+        assert framer.feed(chunk) is None
+        fed += len(chunk)
+    assert framer.feed(chunk[:size - fed]) is None
+    assert framer.feed(b"\r\n:1\r\n+OK\r\n") == [("*", False), ("+", False)]
+
+
+@pytest.mark.parametrize("requests, stream, completed", [
+    (["SUBSCRIBE"], b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n*3\r\n$7\r\nmessage\r\n",
+     [("*", False)]),
+    (["GET", "PSUBSCRIBE"], b"$-1\r\n*3\r\n$10\r\npsubscribe\r\n$2\r\nc*\r\n:1\r\n",
+     [("$", False), ("*", False)]),
+    (["SUBSCRIBE"], b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",  # RESP3: a push
+     [(">", False)]),
+    (["MONITOR"], b"+OK\r\n+1339518083.107412 [0 127.0.0.1:60866] \"keys\" \"*\"\r\n",
+     [("+", False)]),
+])
+def test_leaving_request_reply(requests, stream, completed):
+    for split in (whole, bytewise):
+        assert replies(split(stream), requests) == (completed, "Upgraded")
+
+
+def test_refused_subscribe_stays_request_reply():
+    assert replies([b"-ERR wrong number of arguments\r\n+PONG\r\n"], ["SUBSCRIBE", "PING"]) == (
+        [("-", True), ("+", False)], None)
+
+
+# --- generated streams ------------------------------------------------------------------
+
+NAMES = st.sampled_from([b"get", b"SET", b"Ping", b"hGetAll", b"client", b"x"])
+WORDS = st.lists(st.sampled_from([b"k", b"value", b"0", b"-1", b"\xe9", b"a:b"]), max_size=3)
+BLOBS = st.binary(max_size=40) | st.sampled_from([b"\r\n", b"+OK\r\n", b"*1\r\n$4\r\nPING\r\n"])
+EOL = st.sampled_from([b"\r\n", b"\n"])
+
+
+@st.composite
+def command(draw) -> tuple[bytes, list]:
+    """One command as a client sends it, and the name it completes (none for no-ops)."""
+    kind = draw(st.sampled_from(["array", "array", "inline", "nothing"]))
+    if kind == "nothing":
+        return draw(st.sampled_from([b"*0\r\n", b"*-1\r\n", b"\r\n", b" \n"])), []
+    name = draw(NAMES)
+    if kind == "inline":
+        return b" ".join([name] + draw(WORDS)) + draw(EOL), [name.decode().upper()]
+    args = [name] + draw(st.lists(BLOBS, max_size=3))
+    return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args), [name.decode().upper()]
+
+
+@st.composite
+def command_stream(draw) -> tuple[bytes, list]:
+    stream, names = b"", []
+    for data, name in draw(st.lists(command(), max_size=5)):
+        stream += data
+        names += name
+    return stream, names
+
+
+# Replies are built from a flat list of small integers (cheap to draw, quick to shrink):
+# a code below len(LEAVES) is that leaf; above, an aggregate header (kind and size).
+LEAVES = [
+    (b"+OK\r\n", "+"), (b"+\r\n", "+"), (b"-ERR x\r\n", "-"), (b":-12\r\n", ":"),
+    (b"$-1\r\n", "$"), (bulk(b""), "$"), (bulk(b"+OK\r\n*1\r\n"), "$"),
+    (bulk(b"\r\n\x00\xff"), "$"),
+    (b"*-1\r\n", "*"), (b"_\r\n", "_"), (b",-1.5e3\r\n", ","), (b"#f\r\n", "#"),
+    (b"(-1234567890123456789012\r\n", "("), (bulk(b"SYNTAX x", b"!"), "!"),
+    (bulk(b"txt:a\r\nb", b"="), "="),
+]
+AGGREGATES = [b"*", b"~", b"%", b"|", b">"]  # "%" and "|" count pairs; ">" only at top level
+MAX_SIZE = 4
+CODES = st.lists(st.integers(0, len(LEAVES) + len(AGGREGATES) * MAX_SIZE - 1), max_size=40)
+
+
+def resp_value(codes: list, top: bool, depth: int = 0) -> tuple[bytes, str]:
+    """Encode one value (attributes included) from `codes`, consumed from the end."""
+    code = codes.pop() if codes else 0
+    if code < len(LEAVES) or depth > 6:
+        return LEAVES[code % len(LEAVES)]
+    kind, size = divmod(code - len(LEAVES), MAX_SIZE)
+    kind = AGGREGATES[kind]
+    if kind == b">" and not top:
+        kind = b"*"
+    count = size * 2 if kind in (b"%", b"|") else size
+    data = kind + b"%d\r\n" % size
+    for _ in range(count):
+        data += resp_value(codes, False, depth + 1)[0]
+    if kind == b"|":
+        value, value_kind = resp_value(codes, top, depth + 1)  # what the attribute annotates
+        return data + value, value_kind
+    return data, kind.decode()
+
+
+def reply_stream(codes: list) -> tuple[bytes, list]:
+    """Replies and pushes, and the (type, is_error) each reply completes."""
+    codes = codes[::-1]
+    stream, expected = b"", []
+    while codes:
+        data, kind = resp_value(codes, True)
+        stream += data
+        if kind != ">":
+            expected.append((kind, kind in "-!"))
+    return stream, expected
+
+
+def test_reply_stream_generator():
+    """The generator itself, on a known input: [|1 + (- :) *2 (>0 -> *0) $-1], >1 +OK, +OK."""
+    codes = [len(LEAVES) + 3 * MAX_SIZE + 1, 2, 3, len(LEAVES) + 2, len(LEAVES) + 4 * MAX_SIZE,
+             4, len(LEAVES) + 4 * MAX_SIZE + 1, 0, 0]
+    assert reply_stream(codes) == (
+        b"|1\r\n-ERR x\r\n:-12\r\n*2\r\n*0\r\n$-1\r\n>1\r\n+OK\r\n+OK\r\n",
+        [("*", False), ("+", False)])
+
+
+@st.composite
+def splits(draw, data: bytes) -> list:
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+
+
+@st.composite
+def mutated(draw, data: bytes) -> bytes:
+    """`data` with a few bytes flipped, inserted or deleted: mostly-valid garbage."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        what = draw(st.sampled_from(["flip", "insert", "delete"]))
+        if what == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from(
+                [b"\r\n", b"\n", b"*1\r\n", b"$", b"|1\r\n", b">1\r\n", b"0"]))
+        elif at < len(data):
+            if what == "flip":
+                data[at] = draw(st.integers(0, 255))
+            else:
+                del data[at:at + draw(st.integers(1, 4))]
+    return bytes(data)
+
+
+@FAST
+@given(st.data())
+def test_generated_commands(data):
+    """Valid pipelines yield exactly their command names, however they are split; the
+    same streams with a few bytes mangled yield the same result whole as split."""
+    stream, names = data.draw(command_stream())
+    assert commands(whole(stream)) == (names, None)
+    assert commands(data.draw(splits(stream))) == (names, None)
+    garbage = data.draw(mutated(stream))
+    assert commands(data.draw(splits(garbage))) == commands(whole(garbage))
+
+
+@FAST
+@given(st.data())
+def test_generated_replies(data):
+    """Valid replies (nested, attributed, with pushes) yield exactly their types, however
+    they are split; mangled ones yield the same result whole as split."""
+    stream, expected = reply_stream(data.draw(CODES))
+    assert replies(whole(stream)) == (expected, None)
+    assert replies(data.draw(splits(stream))) == (expected, None)
+    garbage = data.draw(mutated(stream))
+    assert replies(data.draw(splits(garbage))) == replies(whole(garbage))
+
+
+@FAST
+@given(st.binary(max_size=300), st.data())
+def test_random_bytes_raise_only_protocol_errors(stream, data):
+    # commands() and replies() let anything but ProtocolError and Upgraded through
+    commands(data.draw(splits(stream)))
+    commands(data.draw(splits(b"*3\r\n$3\r\nSET\r\n" + stream)))
+    requests = data.draw(st.lists(st.sampled_from(["GET", "SUBSCRIBE", "MONITOR"]), max_size=3))
+    replies(data.draw(splits(stream)), requests)
+    replies(data.draw(splits(b"*2\r\n|1\r\n" + stream)), requests)
