@@ -1,15 +1,15 @@
-"""The copy loops: move one direction of a connection, cut-through, with half-close.
+"""The relay loops: move the bytes of a connection, cut-through, with half-close.
 
-Sockets here are plain non-blocking `_socket.socket`s waited on with our own libev
-watchers, not gevent socket objects: it saves a layer of Python per chunk on the hot
-path. Two loops exist:
+Sockets here are plain non-blocking `_socket.socket`s with our own libev watchers, not
+gevent socket objects: it saves a layer of Python per chunk on the hot path.
 
-- `raw_pump` is for bytes nothing in the process needs to see: small chunks through
-  one shared buffer, bulk streams kernel to kernel through a pipe (`os.splice`).
-- `copy_pump` reads into a reused buffer with `recv_into` and hands each chunk to a
-  callback (shadows, observers, hooks) before writing it on.
+- `RawRelay` is for bytes nothing in the process needs to see: libev callbacks move
+  each chunk as it arrives (no greenlet switch), small chunks through one shared
+  buffer, bulk streams kernel to kernel through a pipe (`os.splice`).
+- `copy_pump` runs in a greenlet, reads into a reused buffer with `recv_into` and hands
+  each chunk to a callback (shadows, observers, hooks, which may block) first.
 
-Neither holds a pipe or a buffer while the connection is idle: both go back to a
+Neither holds a pipe or a buffer while the connection is idle: they go back to a
 process-wide free list whenever the source has nothing to read, so an idle proxied
 connection costs no buffer memory and no pipe file descriptors.
 """
@@ -25,6 +25,7 @@ from typing import Callable
 import _socket
 import gevent
 from gevent import get_hub
+from gevent.hub import Waiter
 
 from .settings import Address
 
@@ -184,89 +185,160 @@ _shared = bytearray(SMALL)
 _shared_view = memoryview(_shared)
 
 
-def raw_pump(src: Channel, dst: Channel, counter: Counter) -> str:
-    """Move src -> dst untouched until src's EOF; then half-close dst.
+class RawRelay:
+    """Both directions of a connection nothing needs to look at, driven by libev callbacks.
 
-    Small chunks (request/response traffic) are copied through the shared buffer: for a
-    few hundred bytes two plain syscalls beat splice's pipe. A read that fills the
-    buffer means a bulk stream: from then on chunks move kernel to kernel with
-    `os.splice` through a pipe, until reads get small again.
+    No greenlet per direction and no switch per chunk: each readable event moves one
+    chunk (small ones through the shared buffer, bulk through a pipe with splice); a
+    destination that cannot take it all stops the reading side until its writable
+    event has flushed the rest, so backpressure is end to end. Half-close is passed on;
+    `run()` returns when both directions have seen EOF or one of them failed.
 
-    Returns EOF; raises Broken naming the failed channel. Backpressure is the kernel's:
-    nothing is read again before the previous chunk has been written out.
+    The Channels' own watchers are used (each Channel has one reader and one writer
+    watcher; this relay is their only user while it runs).
     """
-    splice = os.splice
-    recv_into = src.sock.recv_into
-    send = dst.sock.send
-    pipe = None
-    bulk = ready = False
-    streak = 0
-    try:
-        while True:
-            if not ready:
-                if pipe is not None:
-                    _pipes.give(pipe)  # empty here: lend it out while we wait
-                    pipe = None
-                src.wait_readable()
-                streak = 0
-            elif streak == _FAIR_SHARE:
-                streak = 0
-                gevent.sleep(0)
-            if bulk:
-                if pipe is None:
-                    pipe = _pipes.take()
+    __slots__ = ("_directions", "_waiter", "failure", "_open")
+
+    def __init__(self, *directions: tuple[Channel, Channel, Counter]):
+        """`directions`: one or two (src, dst, counter) to relay."""
+        self._directions = [_Direction(self, *direction) for direction in directions]
+        self._waiter = None
+        self.failure: Broken | None = None
+        self._open = len(self._directions)
+
+    def run(self) -> Broken | None:
+        """Relay until done (blocks the calling greenlet); returns the failure, if any."""
+        self._waiter = Waiter()
+        for direction in self._directions:
+            direction.start()
+        try:
+            self._waiter.get()
+        finally:
+            for direction in self._directions:
+                direction.stop()
+        return self.failure
+
+    def _finished(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._waiter.switch(None)
+
+    def _failed(self, broken: Broken) -> None:
+        if self.failure is None:
+            self.failure = broken
+            for direction in self._directions:
+                direction.stop()
+            self._waiter.switch(None)
+
+
+class _Direction:
+    """One way of a RawRelay: src's reader watcher, dst's writer watcher, what is pending."""
+    __slots__ = ("relay", "src", "dst", "counter", "pending", "pipe", "piped", "bulk")
+
+    def __init__(self, relay: RawRelay, src: Channel, dst: Channel, counter: Counter):
+        self.relay, self.src, self.dst, self.counter = relay, src, dst, counter
+        self.pending = None   # bytes read but not yet written (the shared buffer is reused)
+        self.pipe = None
+        self.piped = 0        # bytes sitting in the pipe
+        self.bulk = False
+
+    def start(self) -> None:
+        self.src._read_watcher.start(self._readable)
+
+    def stop(self) -> None:
+        self.src._read_watcher.stop()
+        self.dst._write_watcher.stop()
+        if self.pipe is not None:
+            (_pipes.give if not self.piped else _pipes.discard)(self.pipe)
+            self.pipe = None
+
+    def _readable(self) -> None:
+        try:
+            if self.bulk:
+                if self.pipe is None:
+                    self.pipe = _pipes.take()
                 try:
-                    received = splice(src.fd, pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+                    received = os.splice(self.src.fd, self.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    ready = False
-                    continue
+                    return
                 except OSError as error:
-                    raise Broken(src, error) from None
-                if received == 0:
-                    break
-                pending = received
-                while pending:
-                    try:
-                        pending -= splice(pipe[0], dst.fd, pending, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        dst.wait_writable()
-                    except OSError as error:
-                        raise Broken(dst, error) from None
+                    raise Broken(self.src, error) from None
             else:
                 try:
-                    received = recv_into(_shared)
+                    received = self.src.sock.recv_into(_shared)
                 except BlockingIOError:
-                    ready = False
-                    continue
+                    return
                 except OSError as error:
-                    raise Broken(src, error) from None
-                if received == 0:
-                    break
-                try:
-                    try:
-                        sent = send(_shared_view[:received])
-                    except BlockingIOError:
-                        sent = 0
-                    if sent < received:
-                        dst.sendall(_shared_view[sent:received].tobytes())
-                except OSError as error:
-                    raise Broken(dst, error) from None
+                    raise Broken(self.src, error) from None
+            if received == 0:
+                self.stop()
+                self.dst.shutdown_write()
+                self.relay._finished()
+                return
+            counter = self.counter
             if not counter.bytes:
                 counter.first = monotonic()
             counter.bytes += received
-            streak += 1
-            # A short read has drained the socket: wait for more instead of asking again.
-            bulk = ready = received >= SMALL
-        dst.shutdown_write()
-        return EOF
-    except BaseException:
-        if pipe is not None:
-            _pipes.discard(pipe)  # it may still hold bytes: never reuse it
-            pipe = None
-        raise
-    finally:
-        if pipe is not None:
-            _pipes.give(pipe)
+            if self.bulk:
+                self.piped = received
+                self._flush_pipe()
+            else:
+                try:
+                    sent = self.dst.sock.send(_shared_view[:received])
+                except BlockingIOError:
+                    sent = 0
+                except OSError as error:
+                    raise Broken(self.dst, error) from None
+                if sent < received:
+                    self.pending = _shared_view[sent:received].tobytes()
+                    self._wait_for_dst()
+            self.bulk = received >= SMALL
+            if not self.bulk and self.pipe is not None and not self.piped:
+                _pipes.give(self.pipe)
+                self.pipe = None
+        except Broken as broken:
+            self.relay._failed(broken)
+        except BaseException as error:  # never let an error escape into the hub
+            self.relay._failed(Broken(self.src, OSError(errno.EIO, repr(error))))
+
+    def _flush_pipe(self) -> None:
+        """Write the pipe out as far as dst takes it; wait for dst if it is full."""
+        while self.piped:
+            try:
+                self.piped -= os.splice(self.pipe[0], self.dst.fd, self.piped,
+                                        flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self._wait_for_dst()
+                return
+            except OSError as error:
+                raise Broken(self.dst, error) from None
+
+    def _wait_for_dst(self) -> None:
+        self.src._read_watcher.stop()
+        self.dst._write_watcher.start(self._writable)
+
+    def _writable(self) -> None:
+        try:
+            if self.pending is not None:
+                try:
+                    sent = self.dst.sock.send(self.pending)
+                except BlockingIOError:
+                    return
+                except OSError as error:
+                    raise Broken(self.dst, error) from None
+                self.pending = self.pending[sent:] or None
+                if self.pending is not None:
+                    return
+            elif self.piped:
+                self._flush_pipe()
+                if self.piped:
+                    return
+            self.dst._write_watcher.stop()
+            self.src._read_watcher.start(self._readable)
+        except Broken as broken:
+            self.relay._failed(broken)
+        except BaseException as error:
+            self.relay._failed(Broken(self.dst, OSError(errno.EIO, repr(error))))
 
 
 def copy_pump(src: Channel, dst: Channel, counter: Counter,

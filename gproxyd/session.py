@@ -18,7 +18,7 @@ import gevent
 from .config import Route
 from .hooks import Connection, hook_failure
 from .observe import Exchanges
-from .relay import EOF, Broken, Channel, Counter, connect, copy_pump, is_disconnect, raw_pump
+from .relay import EOF, Broken, Channel, Counter, RawRelay, connect, copy_pump, is_disconnect
 from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats
@@ -88,9 +88,15 @@ class Session:
             self.production = self._connect_production()
             if self.production is None:
                 return
-            downstream = gevent.spawn(self._relay_down)
-            self._relay_up()
-            downstream.join()
+            if self._raw:
+                failure = RawRelay((self.client, self.production, self.up),
+                                   (self.production, self.client, self.down)).run()
+                if failure is not None:
+                    self._fail(failure)
+            else:
+                downstream = gevent.spawn(self._relay_down)
+                self._relay_up()
+                downstream.join()
         finally:
             self._close()
 
@@ -133,6 +139,11 @@ class Session:
 
     # --- the two directions ------------------------------------------------------------
 
+    @property
+    def _raw(self) -> bool:
+        """Nothing in the process needs to see this connection's bytes."""
+        return not (self.shadows or self.observer.framed or self.hooks)
+
     def _relay_up(self) -> None:
         try:
             if self.hooks and self.hooks.on_data:
@@ -142,9 +153,9 @@ class Session:
                 copy_pump(self.client, self.production, self.up, self._upstream_chunk,
                           self._client_eof)
             else:
-                raw_pump(self.client, self.production, self.up)
+                self._raise(RawRelay((self.client, self.production, self.up)).run())
         except Broken as broken:
-            self._fail("client -> production", broken)
+            self._fail(broken)
 
     def _relay_down(self) -> None:
         try:
@@ -155,9 +166,9 @@ class Session:
                 copy_pump(self.production, self.client, self.down, self._downstream_chunk,
                           _nothing)
             else:
-                raw_pump(self.production, self.client, self.down)
+                self._raise(RawRelay((self.production, self.client, self.down)).run())
         except Broken as broken:
-            self._fail("production -> client", broken)
+            self._fail(broken)
         if self.hooks and self.hooks.on_finish:
             self._call("on_finish", self.hooks.on_finish, self.conn, "production")
 
@@ -231,14 +242,19 @@ class Session:
         for sink in self.shadows:
             sink.finish()
 
-    def _fail(self, direction: str, broken: Broken) -> None:
+    @staticmethod
+    def _raise(failure: Broken | None) -> None:
+        if failure is not None:
+            raise failure
+
+    def _fail(self, broken: Broken) -> None:
         if broken.channel is self.production:
             self._production_failed = True
             self.stats.production.resets += 1
-        if not is_disconnect(broken.error):
-            log.warning("route %s client %s: %s: %s", self.route.name, self.peer, direction,
-                        _describe(broken.error))
         side = "production" if broken.channel is self.production else "client"
+        if not is_disconnect(broken.error):
+            log.warning("route %s client %s: %s: %s", self.route.name, self.peer, side,
+                        _describe(broken.error))
         self.abort(f"{side}: {_describe(broken.error)}")
 
     def _close(self) -> None:
