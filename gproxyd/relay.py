@@ -3,11 +3,12 @@
 Sockets here are plain non-blocking `_socket.socket`s with our own libev watchers, not
 gevent socket objects: it saves a layer of Python per chunk on the hot path.
 
-- `RawRelay` is for bytes nothing in the process needs to see: libev callbacks move
-  each chunk as it arrives (no greenlet switch), small chunks through one shared
-  buffer, bulk streams kernel to kernel through a pipe (`os.splice`).
-- `copy_pump` runs in a greenlet, reads into a reused buffer with `recv_into` and hands
-  each chunk to a callback (shadows, observers, hooks, which may block) first.
+- `Relay` drives one or both directions with libev callbacks: each chunk moves as it
+  arrives, with no greenlet switch; small chunks through one shared buffer, bulk
+  streams kernel to kernel through a pipe (`os.splice`). A non-blocking `tap` (shadows,
+  observers) may look at each chunk on the way.
+- `copy_pump` runs in a greenlet, for hooks: user code that may block, and may change
+  or drop what is relayed.
 
 Neither holds a pipe or a buffer while the connection is idle: they go back to a
 process-wide free list whenever the source has nothing to read, so an idle proxied
@@ -183,10 +184,12 @@ class Broken(Exception):
 SMALL = 64 * 1024
 _shared = bytearray(SMALL)
 _shared_view = memoryview(_shared)
+# Where shadows' answers are read to be counted and dropped (also never held).
+discard_buffer = bytearray(SMALL)
 
 
-class RawRelay:
-    """Both directions of a connection nothing needs to look at, driven by libev callbacks.
+class Relay:
+    """One or both directions of a connection, driven by libev callbacks.
 
     No greenlet per direction and no switch per chunk: each readable event moves one
     chunk (small ones through the shared buffer, bulk through a pipe with splice); a
@@ -199,8 +202,13 @@ class RawRelay:
     """
     __slots__ = ("_directions", "_waiter", "failure", "_open")
 
-    def __init__(self, *directions: tuple[Channel, Channel, Counter]):
-        """`directions`: one or two (src, dst, counter) to relay."""
+    def __init__(self, *directions: tuple):
+        """`directions`: one or two (src, dst, counter[, tap[, on_eof]]) to relay.
+
+        `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) before it
+        is written on; it runs inside a libev callback, so it must never block. Such a
+        direction never splices. `on_eof()` runs at src's EOF, before dst's half-close.
+        """
         self._directions = [_Direction(self, *direction) for direction in directions]
         self._waiter = None
         self.failure: Broken | None = None
@@ -232,11 +240,14 @@ class RawRelay:
 
 
 class _Direction:
-    """One way of a RawRelay: src's reader watcher, dst's writer watcher, what is pending."""
-    __slots__ = ("relay", "src", "dst", "counter", "pending", "pipe", "piped", "bulk")
+    """One way of a Relay: src's reader watcher, dst's writer watcher, what is pending."""
+    __slots__ = ("relay", "src", "dst", "counter", "tap", "on_eof", "pending", "pipe",
+                 "piped", "bulk")
 
-    def __init__(self, relay: RawRelay, src: Channel, dst: Channel, counter: Counter):
+    def __init__(self, relay: Relay, src: Channel, dst: Channel, counter: Counter,
+                 tap=None, on_eof=None):
         self.relay, self.src, self.dst, self.counter = relay, src, dst, counter
+        self.tap, self.on_eof = tap, on_eof
         self.pending = None   # bytes read but not yet written (the shared buffer is reused)
         self.pipe = None
         self.piped = 0        # bytes sitting in the pipe
@@ -272,6 +283,8 @@ class _Direction:
                     raise Broken(self.src, error) from None
             if received == 0:
                 self.stop()
+                if self.on_eof is not None:
+                    self.on_eof()
                 self.dst.shutdown_write()
                 self.relay._finished()
                 return
@@ -283,6 +296,8 @@ class _Direction:
                 self.piped = received
                 self._flush_pipe()
             else:
+                if self.tap is not None:
+                    self.tap(_shared_view[:received])
                 try:
                     sent = self.dst.sock.send(_shared_view[:received])
                 except BlockingIOError:
@@ -292,7 +307,7 @@ class _Direction:
                 if sent < received:
                     self.pending = _shared_view[sent:received].tobytes()
                     self._wait_for_dst()
-            self.bulk = received >= SMALL
+            self.bulk = received >= SMALL and self.tap is None
             if not self.bulk and self.pipe is not None and not self.piped:
                 _pipes.give(self.pipe)
                 self.pipe = None
@@ -399,26 +414,6 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
     finally:
         if buffer is not None:
             _buffers.give((buffer, view))
-
-
-def read_all(src: Channel, on_data: Callable[[memoryview], None]) -> None:
-    """Read src until EOF, showing each chunk to `on_data`; raises Broken on failure."""
-    recv_into = src.sock.recv_into
-    while True:
-        src.wait_readable()
-        buffer, view = _buffers.take()
-        try:
-            received = recv_into(buffer)
-            if received:
-                on_data(view[:received])
-        except BlockingIOError:
-            continue
-        except OSError as error:
-            raise Broken(src, error) from None
-        finally:
-            _buffers.give((buffer, view))
-        if received == 0:
-            return
 
 
 def connect(address: Address, timeout: float) -> Channel:

@@ -18,7 +18,7 @@ import gevent
 from .config import Route
 from .hooks import Connection, hook_failure
 from .observe import Exchanges
-from .relay import EOF, Broken, Channel, Counter, RawRelay, connect, copy_pump, is_disconnect
+from .relay import EOF, Broken, Channel, Counter, Relay, connect, copy_pump, is_disconnect
 from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats
@@ -88,15 +88,7 @@ class Session:
             self.production = self._connect_production()
             if self.production is None:
                 return
-            if self._raw:
-                failure = RawRelay((self.client, self.production, self.up),
-                                   (self.production, self.client, self.down)).run()
-                if failure is not None:
-                    self._fail(failure)
-            else:
-                downstream = gevent.spawn(self._relay_down)
-                self._relay_up()
-                downstream.join()
+            self._relay()
         finally:
             self._close()
 
@@ -139,50 +131,56 @@ class Session:
 
     # --- the two directions ------------------------------------------------------------
 
-    @property
-    def _raw(self) -> bool:
-        """Nothing in the process needs to see this connection's bytes."""
-        return not (self.shadows or self.observer.framed or self.hooks)
+    def _relay(self) -> None:
+        """Both directions until done. Without hooks that change bytes, libev callbacks
+        do all of it in this one greenlet; with them, each hooked direction runs a
+        copy_pump in its own greenlet (hooks may block)."""
+        up = (self.client, self.production, self.up,
+              self._mirror if self.shadows or self.observer.framed else None,
+              self._client_eof)
+        down = (self.production, self.client, self.down,
+                self._observe_answer if self.observer.framed else None)
+        hooks = self.hooks
+        if hooks is None or not (hooks.on_data or hooks.on_response):
+            self._run(Relay(up, down))
+            if hooks is not None and hooks.on_finish:
+                self._call("on_finish", hooks.on_finish, self.conn, "production")
+            return
+        downstream = gevent.spawn(self._relay_down, down)
+        if hooks.on_data:
+            self._run(lambda: copy_pump(self.client, self.production, self.up,
+                                        self._upstream_hooked, self._client_eof))
+        else:
+            self._run(Relay(up))
+        downstream.join()
 
-    def _relay_up(self) -> None:
-        try:
-            if self.hooks and self.hooks.on_data:
-                copy_pump(self.client, self.production, self.up, self._upstream_hooked,
-                          self._client_eof)
-            elif self.shadows or self.observer.framed:
-                copy_pump(self.client, self.production, self.up, self._upstream_chunk,
-                          self._client_eof)
-            else:
-                self._raise(RawRelay((self.client, self.production, self.up)).run())
-        except Broken as broken:
-            self._fail(broken)
-
-    def _relay_down(self) -> None:
-        try:
-            if self.hooks and self.hooks.on_response:
-                copy_pump(self.production, self.client, self.down, self._downstream_hooked,
-                          _nothing)
-            elif self.observer.framed:
-                copy_pump(self.production, self.client, self.down, self._downstream_chunk,
-                          _nothing)
-            else:
-                self._raise(RawRelay((self.production, self.client, self.down)).run())
-        except Broken as broken:
-            self._fail(broken)
-        if self.hooks and self.hooks.on_finish:
+    def _relay_down(self, down: tuple) -> None:
+        if self.hooks.on_response:
+            self._run(lambda: copy_pump(self.production, self.client, self.down,
+                                        self._downstream_hooked, _nothing))
+        else:
+            self._run(Relay(down))
+        if self.hooks.on_finish:
             self._call("on_finish", self.hooks.on_finish, self.conn, "production")
 
-    def _upstream_chunk(self, chunk):
+    def _run(self, relay) -> None:
+        """Run a Relay or a pump; a failure aborts the session."""
+        try:
+            failure = relay.run() if isinstance(relay, Relay) else relay()
+        except Broken as broken:
+            failure = broken
+        if isinstance(failure, Broken):
+            self._fail(failure)
+
+    def _mirror(self, chunk) -> None:
         for sink in self.shadows:
             sink.feed(chunk)
         if self.observer.framed:
             self.observer.sent(chunk)
-        return chunk
 
-    def _downstream_chunk(self, chunk):
+    def _observe_answer(self, chunk) -> None:
         if self.observer.framed:  # not after a fallback to tcp-level measurement
             self.observer.received(chunk)
-        return chunk
 
     # --- with hooks ----------------------------------------------------------------------
 
@@ -241,11 +239,6 @@ class Session:
     def _client_eof(self) -> None:
         for sink in self.shadows:
             sink.finish()
-
-    @staticmethod
-    def _raise(failure: Broken | None) -> None:
-        if failure is not None:
-            raise failure
 
     def _fail(self, broken: Broken) -> None:
         if broken.channel is self.production:

@@ -1,22 +1,30 @@
 """ShadowSink: a bounded, isolated mirror of one client stream to one shadow backend.
 
 The session calls `feed()` with every client chunk and `finish()` at the client's EOF.
-Neither ever blocks: bytes go into a queue of at most `shadow-buffer` bytes, and the
-sink's own writer greenlet connects and writes. If the queue would overflow, the shadow
-connection is dropped (counted, logged once) and production carries on untouched.
-A reader greenlet reads the shadow's answers, shows them to the observer and drops them.
+Neither ever blocks or waits for the shadow: a chunk is written at once if the shadow's
+socket takes it, else queued; the queue holds at most `shadow-buffer` bytes, and a
+shadow that would overflow it is dropped (counted, logged once) while production
+carries on untouched. Connecting, flushing the queue and reading (and discarding) the
+shadow's answers are driven by libev callbacks on the shadow's own socket: no
+greenlet per shadow, so a healthy shadow costs little and a dead one nothing.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 from collections import deque
 from time import monotonic
 
+import _socket
 import gevent
+from gevent import get_hub
 from gevent.event import Event
+from gevent.queue import SimpleQueue
 
 from .observe import Exchanges
-from .relay import Broken, Channel, Counter, connect, is_disconnect, read_all
+from .relay import Channel, Counter, connect, discard_buffer, is_disconnect
 from .settings import Address
 from .stats import ShadowStats
 
@@ -24,7 +32,7 @@ log = logging.getLogger("gproxyd.shadow")
 
 
 class ShadowSink:
-    """Owns one shadow connection: its socket, its queue, its writer and reader greenlets.
+    """Owns one shadow connection: its socket, its queue and its watchers.
 
     States: connecting -> open -> done (finished normally), or dropped (fell behind by
     more than the buffer), failed (could not connect), reset (broke mid-stream).
@@ -35,143 +43,244 @@ class ShadowSink:
         self.address = address
         self.observer = observer
         self._limit = limit
-        self._connect_timeout = connect_timeout
         self._stats = stats
         self._label = label  # "route web client 1.2.3.4:5" for log lines
-        self._on_answer = on_answer  # hooks: on_answer(sink, chunk), then (sink, None) at end
         self._queue: deque = deque()
         self._queued = 0
-        self._eof = False
-        self._wakeup = Event()
+        self._eof = False           # the client has sent EOF
+        self._written_eof = False   # ...and it has been passed on to the shadow
+        self._answered = False      # the shadow has sent EOF
         self._channel: Channel | None = None
-        self._reader: gevent.Greenlet | None = None
+        self._timer = None
+        self._ended = Event()
         self.sent = Counter()
         self.received = Counter()
         self.state = "connecting"
+        # Hooks may block: the shadow's answers go to them from a greenlet, in order.
+        self._on_answer = on_answer
+        self._answers: SimpleQueue | None = None
+        self._answer_greenlet: gevent.Greenlet | None = None
+        if on_answer is not None:
+            self._answers = SimpleQueue()
+            self._answer_greenlet = gevent.spawn(self._deliver_answers)
         stats.mirrored += 1
-        self._writer = gevent.spawn(self._write_loop)
+        if address.numeric:
+            self._start_connect(connect_timeout)
+        else:  # a host name needs the resolver, which may block: a greenlet does it
+            gevent.spawn(self._connect_by_name, connect_timeout)
 
     @property
     def alive(self) -> bool:
         return self.state in ("connecting", "open")
 
+    # --- what the session calls ----------------------------------------------------------
+
     def feed(self, chunk) -> None:
-        """Queue a copy of `chunk` for the shadow; drop the shadow if over the bound."""
+        """Write `chunk` to the shadow now, or queue a copy; drop the shadow if over."""
         if not self.alive:
             return
+        if self.state == "open" and not self._queue:
+            sent = self._send(chunk)
+            if sent is None or sent == len(chunk):
+                return
+            chunk = chunk[sent:]
+            self._channel._write_watcher.start(self._writable)
         size = len(chunk)
         if self._queued + size > self._limit:
             self._stats.dropped += 1
             log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
                         self._label, self.address, self._limit)
-            self._stop("dropped")
+            self._end("dropped")
             return
         self._queue.append(bytes(chunk))
         self._queued += size
-        self._wakeup.set()
 
     def finish(self) -> None:
         """The client sent EOF: pass it on once the queue is written out."""
         self._eof = True
-        self._wakeup.set()
+        if self.state == "open" and not self._queue:
+            self._pass_eof()
 
     def linger(self, timeout: float) -> None:
         """Give the shadow up to `timeout` to take the rest and answer, then close it."""
         self.finish()
-        self._writer.join(timeout=timeout)
+        self._ended.wait(timeout)
         if self.state == "connecting":
             # Out of time before the shadow even accepted: that is a failed connect.
             self._stats.connect_failures += 1
             self._stats.errors += 1
-            self._stop("failed")
-            self._writer.kill()
-            return
-        if self.alive:
-            self._stop("done")  # out of time; the writer closes the channel
-        self._writer.join()
+            self._end("failed")
+        elif self.alive:
+            self._end("done")
+        if self._answer_greenlet is not None:
+            self._answer_greenlet.join(timeout=1)
 
-    def _stop(self, state: str) -> None:
-        self.state = state
-        self._queue.clear()
-        self._queued = 0
-        self._wakeup.set()
-        if self._channel is not None:
-            self._channel.abort()  # wakes the writer and reader; the writer closes it
+    # --- connecting ------------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
+    def _start_connect(self, timeout: float) -> None:
         try:
-            channel = connect(self.address, self._connect_timeout)
+            channel = Channel(_socket.socket(self.address.family, socket.SOCK_STREAM))
+        except OSError as error:
+            self._connect_failed(error)
+            return
+        self._channel = channel
+        code = channel.sock.connect_ex(self.address.sockaddr)
+        if code == 0:
+            self._opened()
+        elif code in (errno.EINPROGRESS, errno.EAGAIN):
+            channel._write_watcher.start(self._connect_done)
+            self._timer = get_hub().loop.timer(timeout)
+            self._timer.start(self._connect_timed_out)
+        else:
+            self._connect_failed(OSError(code, os.strerror(code)))
+
+    def _connect_by_name(self, timeout: float) -> None:
+        try:
+            channel = connect(self.address, timeout)
         except OSError as error:
             if self.alive:
-                self._stats.connect_failures += 1
-                self._stats.errors += 1
-                log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
-                         error.strerror or error)
-                self._stop("failed")
+                self._connect_failed(error)
             return
-        if not self.alive:  # dropped or lingered out while connecting
+        if not self.alive:
             channel.close()
             return
         self._channel = channel
+        self._opened()
+
+    def _connect_done(self) -> None:
+        self._channel._write_watcher.stop()
+        self._timer.stop()
+        code = self._channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._connect_failed(OSError(code, os.strerror(code)))
+        else:
+            self._opened()
+
+    def _connect_timed_out(self) -> None:
+        self._channel._write_watcher.stop()
+        self._connect_failed(OSError(errno.ETIMEDOUT, "Connection timed out"))
+
+    def _connect_failed(self, error: OSError) -> None:
+        self._stats.connect_failures += 1
+        self._stats.errors += 1
+        log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
+                 error.strerror or error)
+        self._end("failed")
+
+    def _opened(self) -> None:
         self.state = "open"
-        self._reader = gevent.spawn(self._read_loop)
+        self._channel._read_watcher.start(self._readable)
+        if self._queue:
+            self._channel._write_watcher.start(self._writable)
+        elif self._eof:
+            self._pass_eof()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _send(self, data) -> int | None:
+        """One non-blocking write; the count sent, or None if the shadow broke."""
         try:
-            self._drain_queue(channel)
+            sent = self._channel.sock.send(data)
+        except BlockingIOError:
+            return 0
         except OSError as error:
             self._lost(error)
-        finally:
-            self._reader.join()
-            channel.close()
-            if self.alive:
-                self.state = "done"
-            self.observer.closed(self.sent, self.received, error=self.state == "reset")
-            if self._on_answer is not None:
-                self._on_answer(self, None)
-
-    def _drain_queue(self, channel: Channel) -> None:
-        queue = self._queue
-        while self.alive:
-            if not queue:
-                if self._eof:
-                    channel.shutdown_write()
-                    return
-                self._wakeup.clear()
-                self._wakeup.wait()
-                continue
-            data = queue[0]
-            channel.sendall(data)  # waits for this shadow only; feed() keeps queueing
-            if not self.alive:
-                return
-            queue.popleft()
-            self._queued -= len(data)
+            return None
+        if sent:
             if not self.sent.bytes:
                 self.sent.first = monotonic()
-            self.sent.bytes += len(data)
+            self.sent.bytes += sent
             if self.observer.framed:
-                self.observer.sent(data)
+                self.observer.sent(data[:sent])
+        return sent
 
-    def _read_loop(self) -> None:
+    def _writable(self) -> None:
+        queue = self._queue
+        while queue:
+            data = queue[0]
+            sent = self._send(data)
+            if sent is None:
+                return
+            self._queued -= sent
+            if sent < len(data):
+                queue[0] = data[sent:]
+                return
+            queue.popleft()
+        self._channel._write_watcher.stop()
+        if self._eof:
+            self._pass_eof()
+
+    def _pass_eof(self) -> None:
+        if not self._written_eof:
+            self._written_eof = True
+            self._channel.shutdown_write()
+            self._maybe_done()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _readable(self) -> None:
         try:
-            read_all(self._channel, self._answer)
-        except Broken as broken:
-            self._lost(broken.error)
-
-    def _answer(self, chunk) -> None:
+            received = self._channel.sock.recv_into(discard_buffer)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._lost(error)
+            return
+        if received == 0:
+            self._channel._read_watcher.stop()
+            self._answered = True
+            self._maybe_done()
+            return
         if not self.received.bytes:
             self.received.first = monotonic()
-        self.received.bytes += len(chunk)
+        self.received.bytes += received
+        chunk = memoryview(discard_buffer)[:received]
         if self.observer.framed:
             self.observer.received(chunk)
-        if self._on_answer is not None:
+        if self._answers is not None:
+            self._answers.put(bytes(chunk))
+
+    def _deliver_answers(self) -> None:
+        while True:
+            chunk = self._answers.get()
+            if chunk is None:
+                break
             self._on_answer(self, chunk)
+        self._on_answer(self, None)
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def _maybe_done(self) -> None:
+        if self._written_eof and self._answered and self.alive:
+            self._end("done")
 
     def _lost(self, error: OSError) -> None:
         if not self.alive:
             return
         self._stats.resets += 1
-        if not is_disconnect(error):
-            log.warning("%s: shadow %s: %s", self._label, self.address, error)
-        else:
+        if is_disconnect(error):
             log.info("%s: shadow %s: connection lost: %s", self._label, self.address,
                      error.strerror or error)
-        self._stop("reset")
+        else:
+            log.warning("%s: shadow %s: %s", self._label, self.address, error)
+        self._end("reset")
+
+    def _end(self, state: str) -> None:
+        """Final: close the socket, account for the connection, wake linger()."""
+        if not self.alive:
+            return
+        connected = self.state == "open"
+        self.state = state
+        self._queue.clear()
+        self._queued = 0
+        if self._timer is not None:
+            self._timer.stop()
+        if self._channel is not None:
+            self._channel._read_watcher.stop()
+            self._channel._write_watcher.stop()
+            self._channel.close()
+        if connected:
+            self.observer.closed(self.sent, self.received, error=state == "reset")
+        if self._answers is not None:
+            self._answers.put(None)
+        self._ended.set()
