@@ -308,3 +308,24 @@ def test_privilege_drop_failure_refuses_to_serve(tmp_path, daemons):
     daemon.start(wait_ready=False)
     assert daemon.wait() == 1
     assert "user: no such user 'no-such-user-gproxyd'" in daemon.process.stderr.read().decode()
+
+
+def test_watchdog_pings_when_systemd_asks(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address),
+                     env={"WATCHDOG_USEC": "200000"})  # WatchdogSec=200ms: ping every 100ms
+    daemon.start()
+    first = daemon.notify.wait_for("WATCHDOG=1")
+    daemon.notify.wait_for("WATCHDOG=1", after=first + 1)
+
+
+def test_periodic_summary_line_per_route(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + "stats-interval = 200ms\n\n"
+                     + route_section("web", port, backends["a"].address))
+    daemon.start()
+    for _ in range(3):
+        exchange(port)
+    daemon.wait_log("stats route=web connections=0/3")
+    line = [l for l in daemon.log().splitlines() if "stats route=web connections=0/3" in l][0]
+    assert "production: requests=3 errors=0 p50=" in line
