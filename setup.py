@@ -31,6 +31,7 @@ setup(
     # Relative paths land under the installation prefix; copying the unit and config
     # into /etc and /lib/systemd is the documented `make install-service` step.
     data_files=[
+        ("share/man/man1", ["man/gproxyctl.1"]),
         ("share/man/man8", ["man/gproxyd.8"]),
         ("share/man/man5", ["man/gproxyd.conf.5"]),
         ("share/doc/gproxyd", ["etc/gproxyd.conf", "systemd/gproxyd.service",

@@ -273,6 +273,44 @@ def render_man8() -> str:
     for option in GLOBAL_OPTIONS:
         lines += _global_option_item(option)
     lines += [
+        ".SH STATISTICS",
+        _text("gproxyd measures production and every shadow side by side on the live "
+              "traffic. With protocol = tcp a request is a connection, timed to its first "
+              "response byte; with protocol = http each HTTP/1.x request is timed from "
+              "fully sent to response complete (5xx counts as an error); with protocol = "
+              "redis each command, pipelines included (error replies count as errors). A "
+              "shadow's clock starts when gproxyd wrote the request to it. A stream the "
+              "parser cannot follow is measured as tcp from there on, and its bytes are "
+              "relayed untouched."),
+        ".PP",
+        _text("The admin endpoint (the admin option, by default 127.0.0.1:9901) serves "
+              "GET /stats (JSON: per route, connections, and for production and each "
+              "shadow requests, errors, dropped, mismatches and latency_ms p50, p90, p99, "
+              "p999, max), GET /metrics (Prometheus text, metric names prefixed gproxyd_, "
+              "labels route and backend) and GET /healthz. Every stats-interval a summary "
+              "line per route is logged."),
+        ".BR gproxyctl (1)",
+        _text("prints production against each shadow from the same config file."),
+        ".SH HOOKS",
+        _text("A route's hooks option names a Python module (a dotted name, or a .py file) "
+              "that may define on_connect(conn), on_data(conn, data), on_response(conn, "
+              "backend, data) and on_finish(conn, backend). on_data returns the bytes to "
+              "relay, None to drop them, or (bytes, [backend names]) to send them only to "
+              "those backends; on_response returns what reaches the client (for "
+              "production; shadows' answers are shown but never reach it). conn has route, "
+              "client, backends, state (a dict), reply(bytes), close(), and production, "
+              "which on_connect may set to an address or a list tried in order. Hooks run "
+              "in the connection's greenlets and may block in gevent-friendly ways. A hook "
+              "that raises closes only its connection and is logged with its traceback; a "
+              "module that cannot be imported is a configuration error, at start and on "
+              "reload (which imports it again). gproxyd.trace is a ready-made module that "
+              "logs every chunk. Routes without hooks never call Python per chunk."),
+        ".SH WORKERS",
+        _text("With workers = N above 1, a master process binds every TCP listen address N "
+              "times with SO_REUSEPORT, starts N worker processes on those sockets, merges "
+              "their statistics for the admin endpoint, restarts a worker that dies, and on "
+              "SIGHUP starts new workers on the same sockets before the old ones drain, so "
+              "a reload refuses no connection. Signals go to the master."),
         ".SH SIGNALS",
         ".TP",
         _bold("SIGHUP"),
@@ -339,6 +377,7 @@ def render_man8() -> str:
         _text("Try it out without writing a configuration:"),
         *_example("gproxyd demo"),
         ".SH \"SEE ALSO\"",
+        ".BR gproxyctl (1),",
         ".BR gproxyd.conf (5),",
         ".BR systemd.service (5),",
         ".BR logrotate (8)",
@@ -466,7 +505,67 @@ def render_man5() -> str:
 
 # --- writing ---------------------------------------------------------------------------
 
+def render_man1_gproxyctl() -> str:
+    """man/gproxyctl.1: the stats client."""
+    lines = _header("gproxyctl", 1, "User Commands")
+    lines += [
+        ".SH NAME",
+        "gproxyctl \\- show how production and its shadows compare in a running gproxyd",
+        ".SH SYNOPSIS",
+        ".B gproxyctl stats",
+        ".RB [ \\-\\-watch ]",
+        ".RB [ \\-\\-json ]",
+        ".RB [ \\-c",
+        ".IR FILE ]",
+        ".RB [ \\-\\-interval",
+        ".IR SECONDS ]",
+        ".RB [ \\-\\-count",
+        ".IR N ]",
+        ".SH DESCRIPTION",
+        _text("gproxyctl reads the admin address from gproxyd's configuration file and "
+              "asks the running daemon for GET /stats. It takes two samples --interval "
+              "seconds apart and prints, per route, a row for production and one for each "
+              "shadow: req/s over the interval, requests, p50 and p99 latency in "
+              "milliseconds, errors and drops; then, per shadow, a verdict in words, such "
+              "as \"candidate p99 is 18% slower than production\"."),
+        ".SH OPTIONS",
+        ".TP",
+        f"{_bold('-c')} {_italic('FILE')}, {_bold('--config')} {_italic('FILE')}",
+        _text(f"gproxyd's configuration file (default: {DEFAULT_PATH})."),
+        ".TP",
+        _bold("--watch"),
+        _text("Refresh the table every --interval seconds until interrupted."),
+        ".TP",
+        _bold("--json"),
+        _text("Print the /stats document as JSON and exit."),
+        ".TP",
+        f"{_bold('--interval')} {_italic('SECONDS')}",
+        _text("Seconds between two samples; req/s is measured over it (default 1)."),
+        ".TP",
+        f"{_bold('--count')} {_italic('N')}",
+        _text("With --watch, stop after N refreshes."),
+        ".SH \"EXIT STATUS\"",
+        ".TP",
+        _bold("0"),
+        _text("Success."),
+        ".TP",
+        _bold("64"),
+        _text("Usage error."),
+        ".TP",
+        _bold("69"),
+        _text("gproxyd's admin endpoint could not be reached."),
+        ".TP",
+        _bold("78"),
+        _text("The configuration file is wrong, or has admin = off."),
+        ".SH \"SEE ALSO\"",
+        ".BR gproxyd (8),",
+        ".BR gproxyd.conf (5)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 OUTPUTS: dict[str, Callable[[], str]] = {
+    "man/gproxyctl.1": render_man1_gproxyctl,
     "etc/gproxyd.conf": render_example_config,
     "man/gproxyd.8": render_man8,
     "man/gproxyd.conf.5": render_man5,

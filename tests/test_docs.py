@@ -14,7 +14,7 @@ from gproxyd.config import build_parser, load_config
 from gproxyd.settings import GLOBAL_OPTIONS, ROUTE_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
-MAN_PAGES = ["man/gproxyd.8", "man/gproxyd.conf.5"]
+MAN_PAGES = ["man/gproxyd.8", "man/gproxyd.conf.5", "man/gproxyctl.1"]
 ALL_OPTIONS = GLOBAL_OPTIONS + ROUTE_OPTIONS
 
 
