@@ -74,6 +74,10 @@ def _serve(config, argv: list[str]) -> int:
     log = logging.getLogger("gproxyd")
     from gevent import monkey
     monkey.patch_all()
+    try:  # again, now patched: hooks modules bind the gevent-friendly functions
+        config = load_config(config.path, argv, os.environ)
+    except ConfigError as error:
+        return _fail(str(error), EX_CONFIG)
     # Build everything (and so import all it needs) while every file is still readable.
     master = supervisor(config, argv, os.environ, sockets)
     try:
@@ -97,6 +101,10 @@ def _serve_worker(config, argv: list[str], spec: str) -> int:
     logs.configure(config.settings)
     from gevent import monkey
     monkey.patch_all()
+    try:  # again, now patched: hooks modules bind the gevent-friendly functions
+        config = load_config(config.path, argv, os.environ)
+    except ConfigError as error:
+        return _fail(str(error), EX_CONFIG)
     from .arbiter import run_worker
     return run_worker(config, argv, os.environ, spec)
 

@@ -8,17 +8,19 @@ object works from Python: `gproxyd.Proxy(..., hooks=obj)`) defining any of:
         production is connected. May set `conn.production` (one address or a list of
         addresses tried in order) to choose where this connection goes.
 
-    def on_data(conn, data: bytes) -> bytes | None | tuple[bytes, list[str]]:
+    def on_data(conn, data: bytes) -> bytes | None | tuple[bytes, list[str]] | dict:
         Every chunk the client sends. Return bytes to relay them (changed or not) to
         production and every shadow; None to drop them; (bytes, ["production", ...]) to
-        send them only to the named backends.
+        send them only to the named backends; {backend: bytes} to send each backend its
+        own bytes.
 
     def on_response(conn, backend: str, data: bytes) -> bytes | None:
         Every chunk a backend answers. For "production" the returned bytes go to the
         client (None drops them); for shadows the return value is ignored.
 
     def on_finish(conn, backend: str) -> None:
-        A backend's side of the connection ended.
+        A backend's side of the connection ended. For production it runs once, before
+        the client is half-closed (conn.reply() still works), or when it was unreachable.
 
 Backends are named "production" and each shadow as written in the config. Hooks run
 in the connection's own greenlets: they may block in gevent-friendly ways (a database
@@ -62,6 +64,10 @@ class HookSet:
                                "(expected a function)")
         module_file = getattr(obj, "__file__", "") or getattr(
             sys.modules.get(getattr(type(obj), "__module__", ""), None), "__file__", "") or ""
+        if not any(functions.values()):
+            what = repr(source) if source else f"a {type(obj).__name__} object"
+            raise BadValue(f"{what} defines no hook (expected on_connect, on_data, "
+                           "on_response or on_finish)")
         return cls(source=source or repr(obj), module_file=module_file, **functions)
 
     def __str__(self) -> str:
@@ -84,11 +90,7 @@ def load_hooks(text: str) -> HookSet:
         raise BadValue(f"cannot import {spec!r}: {type(error).__name__}: {error}{where} "
                        "(expected a module path or a .py file defining on_connect, on_data, "
                        "on_response or on_finish)") from None
-    hooks = HookSet.from_object(module, spec)
-    if not any(getattr(hooks, name) for name in HOOK_NAMES):
-        raise BadValue(f"{spec!r} defines no hook (expected on_connect, on_data, "
-                       "on_response or on_finish)")
-    return hooks
+    return HookSet.from_object(module, spec)
 
 
 def _import_file(path: str):
@@ -98,14 +100,17 @@ def _import_file(path: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
+    # Compiled from the source every time: the bytecode cache trusts mtime and size.
+    with open(path, "rb") as handle:
+        code = compile(handle.read(), path, "exec", dont_inherit=True)
+    exec(code, module.__dict__)
     return module
 
 
 def _where_in_module(error: Exception, spec: str) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     own = [frame for frame in frames if "importlib" not in frame.filename
-           and not frame.filename.endswith("hooks.py")]
+           and frame.filename != __file__]
     if isinstance(error, SyntaxError) and error.filename:
         return f" at {error.filename}:{error.lineno}"
     return f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
@@ -126,7 +131,7 @@ class Connection:
     Attributes: `route` (the route's name), `client` (the client's address as text),
     `backends` (["production", shadow names...]), `state` (a dict the hooks may use
     for per-connection state), `production` (settable in on_connect: an address, or a
-    list of addresses tried in order until one accepts).
+    list of addresses tried in order until one accepts; afterwards, the one that did).
     """
     __slots__ = ("route", "client", "backends", "state", "production", "_reply", "_close")
 

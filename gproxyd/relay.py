@@ -110,6 +110,10 @@ class Channel:
         if not self.closed:
             self.closed = True
             for watcher in (self._read_watcher, self._write_watcher):
+                callback = watcher.callback
+                if callback is not None and not hasattr(
+                        getattr(callback, "__self__", None), "throw"):
+                    watcher.stop()  # a Relay's callback, not a greenlet waiting
                 self._hub.cancel_wait(watcher, _closed_error(), True)
             self.sock.close()
 

@@ -14,6 +14,7 @@ import logging
 import time
 
 import gevent
+from gevent.lock import Semaphore
 
 from .config import Route
 from .hooks import Connection, hook_failure
@@ -38,7 +39,7 @@ _FAILED = object()  # a hook raised: the session is being closed
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "observer", "shadows",
                  "up", "down", "started", "reason", "_idle_mark", "_production_failed",
-                 "hooks", "conn")
+                 "hooks", "conn", "_client_writes", "_production_done")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool):
@@ -58,6 +59,10 @@ class Session:
         self._production_failed = False
         self.hooks = route.hooks
         self.conn: Connection | None = None
+        # With hooks, conn.reply() writes to the client from other greenlets than the
+        # relay's: all client writes then go through this lock, one at a time.
+        self._client_writes = Semaphore() if self.hooks else None
+        self._production_done = False
         if mirror:
             on_answer = self._shadow_answer if self.hooks else None
             self.shadows = [
@@ -87,6 +92,7 @@ class Session:
                     return
             self.production = self._connect_production()
             if self.production is None:
+                self._production_finished()
                 return
             self._relay()
         finally:
@@ -105,7 +111,10 @@ class Session:
                 return None
         for target in addresses:
             try:
-                return connect(target, self.route.connect_timeout)
+                channel = connect(target, self.route.connect_timeout)
+                if self.conn is not None:
+                    self.conn.production = target.text  # hooks see where it went
+                return channel
             except OSError as error:
                 self.stats.production.connect_failures += 1
                 self.stats.production.errors += 1
@@ -132,21 +141,20 @@ class Session:
     # --- the two directions ------------------------------------------------------------
 
     def _relay(self) -> None:
-        """Both directions until done. Without hooks that change bytes, libev callbacks
-        do all of it in this one greenlet; with them, each hooked direction runs a
-        copy_pump in its own greenlet (hooks may block)."""
+        """Both directions until done. Without hooks, libev callbacks do all of it while
+        this greenlet waits. With hooks (user code that may block), production -> client
+        runs a copy_pump in a second greenlet, writing under the lock conn.reply() uses,
+        and client -> production does too when there is an on_data hook."""
         up = (self.client, self.production, self.up,
               self._mirror if self.shadows or self.observer.framed else None,
               self._client_eof)
-        down = (self.production, self.client, self.down,
-                self._observe_answer if self.observer.framed else None)
         hooks = self.hooks
-        if hooks is None or not (hooks.on_data or hooks.on_response):
+        if hooks is None:
+            down = (self.production, self.client, self.down,
+                    self._observe_answer if self.observer.framed else None)
             self._run(Relay(up, down))
-            if hooks is not None and hooks.on_finish:
-                self._call("on_finish", hooks.on_finish, self.conn, "production")
             return
-        downstream = gevent.spawn(self._relay_down, down)
+        downstream = gevent.spawn(self._relay_down)
         if hooks.on_data:
             self._run(lambda: copy_pump(self.client, self.production, self.up,
                                         self._upstream_hooked, self._client_eof))
@@ -154,13 +162,20 @@ class Session:
             self._run(Relay(up))
         downstream.join()
 
-    def _relay_down(self, down: tuple) -> None:
-        if self.hooks.on_response:
-            self._run(lambda: copy_pump(self.production, self.client, self.down,
-                                        self._downstream_hooked, _nothing))
-        else:
-            self._run(Relay(down))
-        if self.hooks.on_finish:
+    def _relay_down(self) -> None:
+        # The hooked downstream writes to the client itself (_write_client), under the
+        # same lock as conn.reply().
+        self._run(lambda: copy_pump(self.production, self.client, self.down,
+                                    self._downstream_hooked, self._production_finished))
+        self._production_finished()
+
+    def _production_finished(self) -> None:
+        """on_finish(conn, "production"), once: before the client is half-closed if
+        production ended normally (so the hook may still reply), else at the end."""
+        if self._production_done:
+            return
+        self._production_done = True
+        if self.hooks is not None and self.hooks.on_finish:
             self._call("on_finish", self.hooks.on_finish, self.conn, "production")
 
     def _run(self, relay) -> None:
@@ -197,6 +212,16 @@ class Session:
         result = self._call("on_data", self.hooks.on_data, self.conn, bytes(chunk))
         if result is None or result is _FAILED:
             return None
+        if not self._check("on_data", result, bytes, bytearray, tuple, dict):
+            return None
+        if isinstance(result, dict):
+            for sink in self.shadows:
+                if result.get(sink.address.text):
+                    sink.feed(result[sink.address.text])
+            result = result.get("production")
+            if result and self.observer.framed:
+                self.observer.sent(result)
+            return result or None
         targets = None
         if isinstance(result, tuple):
             result, targets = result
@@ -214,9 +239,31 @@ class Session:
     def _downstream_hooked(self, chunk):
         if self.observer.framed:
             self.observer.received(chunk)
-        result = self._call("on_response", self.hooks.on_response, self.conn, "production",
-                            bytes(chunk))
-        return None if result is _FAILED else result
+        result = chunk
+        if self.hooks.on_response:
+            result = self._call("on_response", self.hooks.on_response, self.conn,
+                                "production", bytes(chunk))
+            if result is _FAILED or not self._check("on_response", result, bytes):
+                return None
+        if result:
+            try:
+                self._write_client(result)
+            except OSError as error:
+                raise Broken(self.client, error) from None
+        return None
+
+    def _write_client(self, data) -> None:
+        with self._client_writes:
+            self.client.sendall(data)
+
+    def _check(self, name, value, *types) -> bool:
+        if value is None or isinstance(value, types):
+            return True
+        error = TypeError(f"{name} returned {type(value).__name__} (expected "
+                          f"{' or '.join(t.__name__ for t in types)} or None)")
+        hook_failure(self.hooks, name, self.route.name, self.peer, error)
+        self.abort(f"hook {name} failed: TypeError")
+        return False
 
     def _shadow_answer(self, sink: ShadowSink, chunk) -> None:
         """A shadow's answer (in its reader greenlet), or its end when chunk is None."""
@@ -229,7 +276,7 @@ class Session:
 
     def _reply(self, data: bytes) -> None:
         try:
-            self.client.sendall(data)
+            self._write_client(data)
         except OSError as error:
             self.abort(f"client {_describe(error)}")
 
@@ -269,6 +316,3 @@ class Session:
                      time.monotonic() - self.started, self.up.bytes, self.down.bytes,
                      shadows, self.reason or EOF)
 
-
-def _nothing() -> None:
-    pass
