@@ -16,6 +16,7 @@ import time
 
 import _socket
 import gevent
+from gevent.event import Event
 from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -106,6 +107,11 @@ class _Server(StreamServer):
 
     _last_warning = 0.0
 
+    def do_close(self, sock, *args) -> None:
+        # gevent closes the client socket when the handler returns; here the Session
+        # owns it and may outlive the handler (libev callbacks relay it).
+        pass
+
     def do_read(self):
         try:
             fd, address = self.socket._accept()
@@ -140,6 +146,8 @@ class Listener:
         self.route = route
         self.stats = stats or RouteStats()
         self.sessions: set[Session] = set()
+        self._no_sessions = Event()
+        self._no_sessions.set()
         self._sampler = random.Random(route.shadow_seed)
         self._listening = sock or bind(route.listen)
         self._server = _Server(self._listening, self._handle, spawn=Pool())
@@ -179,13 +187,14 @@ class Listener:
 
         Returns how many sessions had to be aborted.
         """
-        pool = self._server.pool
-        pool.join(timeout=timeout)
+        self._no_sessions.wait(timeout)
         leftover = list(self.sessions)
         for session in leftover:
             session.abort("stopped: drain-timeout passed")
         if leftover:
-            pool.join(timeout=self.route.shadow_linger + 1)
+            self._no_sessions.wait(self.route.shadow_linger + 1)
+        # Greenlets still running: shadows lingering after their session.
+        self._server.pool.join(timeout=self.route.shadow_linger + 1)
         if self._reaper is not None:
             self._reaper.kill(block=False)
         return len(leftover)
@@ -206,16 +215,27 @@ class Listener:
             return
         mirror = bool(route.shadow) and (route.shadow_sample >= 1.0 or
                                          self._sampler.random() < route.shadow_sample)
-        session = Session(route, Channel(sock), _peer_name(sock.family, address), self.stats,
-                          mirror)
+        try:
+            session = Session(route, Channel(sock), _peer_name(sock.family, address),
+                              self.stats, mirror)
+        except BaseException:
+            sock.close()  # do_close() leaves it to the session, and there is none
+            raise
         self.sessions.add(session)
+        self._no_sessions.clear()
         self.stats.active += 1
         self.stats.total += 1
-        try:
-            session.run()
-        finally:
-            self.sessions.discard(session)
-            self.stats.active -= 1
+        session.run(self._ended)
+
+    def _ended(self, session: Session) -> None:
+        """A session closed its client and production (maybe from a libev callback)."""
+        self.sessions.discard(session)
+        self.stats.active -= 1
+        if not self.sessions:
+            self._no_sessions.set()
+        if session.shadows:  # they may linger: not in a callback, and drain waits for it
+            self._server.pool.spawn(session.finish)
+        else:
             session.finish()
 
     def _reap_idle(self) -> None:

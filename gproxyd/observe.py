@@ -39,7 +39,9 @@ class Exchanges:
         self._requests = framers[0]() if framers else None
         self._responses = framers[1]() if framers else None
         self._per_connection = framers is None  # tcp: one connection is one request
-        self._pending: deque[float] = deque()
+        # Send times of requests not answered yet; only framed protocols pair them (an
+        # idle tcp connection should not carry an empty deque).
+        self._pending: deque[float] | None = deque() if framers else None
         self._connected = monotonic()
 
     @property
@@ -116,8 +118,7 @@ class Exchanges:
             self.stats.record(now - pending.popleft(), is_error)
 
     def _stop_framing(self) -> None:
-        self._requests = self._responses = None
-        self._pending.clear()
+        self._requests = self._responses = self._pending = None
 
     def _fall_back(self, why: str) -> None:
         self.route_stats.parser_fallbacks += 1

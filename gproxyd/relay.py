@@ -199,12 +199,14 @@ class Relay:
     chunk (small ones through the shared buffer, bulk through a pipe with splice); a
     destination that cannot take it all stops the reading side until its writable
     event has flushed the rest, so backpressure is end to end. Half-close is passed on;
-    `run()` returns when both directions have seen EOF or one of them failed.
+    the relay is done when every direction has seen EOF, or one of them failed.
 
-    The Channels' own watchers are used (each Channel has one reader and one writer
-    watcher; this relay is their only user while it runs).
+    Either `run()` it (the calling greenlet waits), or `start(on_done)` it and let the
+    callbacks own the connection: `on_done(failure)` is called once, from the hub, when
+    it is done. The Channels' own watchers are used (each Channel has one reader and one
+    writer watcher; this relay is their only user while it runs).
     """
-    __slots__ = ("_directions", "_waiter", "failure", "_open")
+    __slots__ = ("_directions", "_on_done", "failure", "_open")
 
     def __init__(self, *directions: tuple):
         """`directions`: one or two (src, dst, counter[, tap[, on_eof]]) to relay.
@@ -214,33 +216,40 @@ class Relay:
         direction never splices. `on_eof()` runs at src's EOF, before dst's half-close.
         """
         self._directions = [_Direction(self, *direction) for direction in directions]
-        self._waiter = None
+        self._on_done = None
         self.failure: Broken | None = None
         self._open = len(self._directions)
 
-    def run(self) -> Broken | None:
-        """Relay until done (blocks the calling greenlet); returns the failure, if any."""
-        self._waiter = Waiter()
+    def start(self, on_done: Callable[[Broken | None], None]) -> None:
+        """Relay from now on; `on_done(failure or None)` when done (must not block)."""
+        self._on_done = on_done
         for direction in self._directions:
             direction.start()
+
+    def run(self) -> Broken | None:
+        """Relay until done (blocks the calling greenlet); returns the failure, if any."""
+        waiter = Waiter()
+        self.start(waiter.switch)
         try:
-            self._waiter.get()
+            return waiter.get()
         finally:
-            for direction in self._directions:
-                direction.stop()
-        return self.failure
+            self._stop()
+
+    def _stop(self) -> None:
+        for direction in self._directions:
+            direction.stop()
 
     def _finished(self) -> None:
         self._open -= 1
         if self._open == 0:
-            self._waiter.switch(None)
+            self._stop()
+            self._on_done(None)
 
     def _failed(self, broken: Broken) -> None:
         if self.failure is None:
             self.failure = broken
-            for direction in self._directions:
-                direction.stop()
-            self._waiter.switch(None)
+            self._stop()
+            self._on_done(broken)
 
 
 class _Direction:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import gevent
 from gevent.lock import Semaphore
@@ -39,7 +40,7 @@ _FAILED = object()  # a hook raised: the session is being closed
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "observer", "shadows",
                  "up", "down", "started", "reason", "_idle_mark", "_production_failed",
-                 "hooks", "conn", "_client_writes", "_production_done")
+                 "hooks", "conn", "_client_writes", "_production_done", "_on_end")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool):
@@ -78,12 +79,18 @@ class Session:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Relay until both directions are done or one fails; close client and production.
+    def run(self, on_end: Callable[["Session"], None]) -> None:
+        """Connect production and relay (in the greenlet the listener gave it).
 
+        `on_end(self)` is called once, when client and production are closed. A route
+        without hooks is relayed by libev callbacks: run() returns as soon as they are
+        started and on_end comes later from the hub, so an idle connection holds no
+        greenlet. With hooks (user code that may block), run() relays to the end.
         The client's connection lives as long as production's: shadows still running
         are left to `finish()`.
         """
+        self._on_end = on_end
+        handed_over = False
         try:
             if self.hooks and self.hooks.on_connect:
                 if self._call("on_connect", self.hooks.on_connect, self.conn) is _FAILED:
@@ -94,9 +101,18 @@ class Session:
             if self.production is None:
                 self._production_finished()
                 return
-            self._relay()
+            if self.hooks is None:
+                self._relay_by_callbacks()
+                handed_over = True
+            else:
+                self._relay_hooked()
         finally:
-            self._close()
+            if not handed_over:
+                self._end()
+
+    def _end(self) -> None:
+        self._close()
+        self._on_end(self)
 
     def _connect_production(self) -> Channel | None:
         addresses = [self.route.production]
@@ -140,26 +156,32 @@ class Session:
 
     # --- the two directions ------------------------------------------------------------
 
-    def _relay(self) -> None:
-        """Both directions until done. Without hooks, libev callbacks do all of it while
-        this greenlet waits. With hooks (user code that may block), production -> client
-        runs a copy_pump in a second greenlet, writing under the lock conn.reply() uses,
-        and client -> production does too when there is an on_data hook."""
+    def _relay_by_callbacks(self) -> None:
+        """No hooks: libev callbacks relay both ways; taps feed shadows and observers."""
         up = (self.client, self.production, self.up,
               self._mirror if self.shadows or self.observer.framed else None,
               self._client_eof)
-        hooks = self.hooks
-        if hooks is None:
-            down = (self.production, self.client, self.down,
-                    self._observe_answer if self.observer.framed else None)
-            self._run(Relay(up, down))
-            return
+        down = (self.production, self.client, self.down,
+                self._observe_answer if self.observer.framed else None)
+        Relay(up, down).start(self._relayed)
+
+    def _relayed(self, failure: Broken | None) -> None:
+        if failure is not None:
+            self._fail(failure)
+        self._end()
+
+    def _relay_hooked(self) -> None:
+        """With hooks: production -> client runs a copy_pump in a second greenlet,
+        writing under the lock conn.reply() uses; client -> production does too when
+        there is an on_data hook, else a Relay direction this greenlet waits on."""
         downstream = gevent.spawn(self._relay_down)
-        if hooks.on_data:
+        if self.hooks.on_data:
             self._run(lambda: copy_pump(self.client, self.production, self.up,
                                         self._upstream_hooked, self._client_eof))
         else:
-            self._run(Relay(up))
+            self._run(Relay((self.client, self.production, self.up,
+                             self._mirror if self.shadows or self.observer.framed else None,
+                             self._client_eof)))
         downstream.join()
 
     def _relay_down(self) -> None:
