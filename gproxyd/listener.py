@@ -150,7 +150,10 @@ class Listener:
         self._no_sessions.set()
         self._sampler = random.Random(route.shadow_seed)
         self._listening = sock or bind(route.listen)
-        self._server = _Server(self._listening, self._handle, spawn=Pool())
+        # The server calls _handle in the hub, with no greenlet: most sessions never need
+        # one. Those that do (hooks, host names) and lingering shadows run in this pool.
+        self._greenlets = Pool()
+        self._server = _Server(self._listening, self._handle, spawn=None)
         self._reaper: gevent.Greenlet | None = None
         self._last_rejection_log = 0.0
 
@@ -194,7 +197,7 @@ class Listener:
         if leftover:
             self._no_sessions.wait(self.route.shadow_linger + 1)
         # Greenlets still running: shadows lingering after their session.
-        self._server.pool.join(timeout=self.route.shadow_linger + 1)
+        self._greenlets.join(timeout=self.route.shadow_linger + 1)
         if self._reaper is not None:
             self._reaper.kill(block=False)
         return len(leftover)
@@ -225,7 +228,10 @@ class Listener:
         self._no_sessions.clear()
         self.stats.active += 1
         self.stats.total += 1
-        session.run(self._ended)
+        if session.needs_greenlet:
+            self._greenlets.spawn(session.run, self._ended)
+        else:
+            session.start(self._ended)
 
     def _ended(self, session: Session) -> None:
         """A session closed its client and production (maybe from a libev callback)."""
@@ -234,7 +240,7 @@ class Listener:
         if not self.sessions:
             self._no_sessions.set()
         if session.shadows:  # they may linger: not in a callback, and drain waits for it
-            self._server.pool.spawn(session.finish)
+            self._greenlets.spawn(session.finish)
         else:
             session.finish()
 

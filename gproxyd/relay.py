@@ -53,7 +53,8 @@ class Channel:
     __slots__ = ("sock", "fd", "_hub", "_read_watcher", "_write_watcher", "closed")
 
     def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # not made with SOCK_NONBLOCK
+            sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
         self._hub = get_hub()
@@ -298,7 +299,10 @@ class _Direction:
                 self.stop()
                 if self.on_eof is not None:
                     self.on_eof()
-                self.dst.shutdown_write()
+                if self.relay._open == 2 or len(self.relay._directions) == 1:
+                    # Pass the half-close on. (When the other way is done too, the
+                    # close() that follows sends the FIN: one syscall less.)
+                    self.dst.shutdown_write()
                 self.relay._finished()
                 return
             counter = self.counter
@@ -429,6 +433,67 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
             _buffers.give((buffer, view))
 
 
+def new_channel(family: int) -> Channel:
+    """A fresh non-blocking TCP or unix stream socket, as a Channel."""
+    return Channel(_socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
+
+
+class Connecting:
+    """A non-blocking connect to a literal address, driven by libev callbacks.
+
+    `on_done(channel, None)` or `on_done(None, error)` is called exactly once (maybe
+    before the constructor returns, when the kernel answers at once), unless
+    `cancel()` comes first. Host names need the resolver: use connect() in a greenlet.
+    """
+    __slots__ = ("_channel", "_timer", "_on_done")
+
+    def __init__(self, address: Address, timeout: float,
+                 on_done: Callable[[Channel | None, OSError | None], None]):
+        self._on_done = on_done
+        self._timer = None
+        try:
+            self._channel = new_channel(address.family)
+        except OSError as error:  # out of file descriptors, typically
+            self._channel = None
+            on_done(None, error)
+            return
+        code = self._channel.sock.connect_ex(address.sockaddr)
+        if code in (errno.EINPROGRESS, errno.EAGAIN):
+            self._channel._write_watcher.start(self._writable)
+            self._timer = self._channel._hub.loop.timer(timeout)
+            self._timer.start(self._timed_out)
+        else:
+            self._finish(code)
+
+    def cancel(self) -> None:
+        """Give up (the caller is going away); on_done is not called."""
+        if self._channel is not None:
+            self._stop()
+            self._channel.close()
+            self._channel = None
+
+    def _stop(self) -> None:
+        self._channel._write_watcher.stop()
+        if self._timer is not None:
+            self._timer.stop()
+
+    def _writable(self) -> None:
+        self._stop()
+        self._finish(self._channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _timed_out(self) -> None:
+        self._stop()
+        self._finish(errno.ETIMEDOUT)
+
+    def _finish(self, code: int) -> None:
+        channel, self._channel = self._channel, None
+        if code:
+            channel.close()
+            self._on_done(None, OSError(code, os.strerror(code)))
+        else:
+            self._on_done(channel, None)
+
+
 def connect(address: Address, timeout: float) -> Channel:
     """Open a TCP or unix connection within `timeout` seconds; raise OSError if not.
 
@@ -440,7 +505,7 @@ def connect(address: Address, timeout: float) -> Channel:
         with gevent.Timeout(timeout, socket.timeout(errno.ETIMEDOUT, "connect timed out")):
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 address.host, address.port, 0, socket.SOCK_STREAM)[0]
-    channel = Channel(_socket.socket(family, socket.SOCK_STREAM))
+    channel = new_channel(family)
     sock = channel.sock
     try:
         code = sock.connect_ex(sockaddr)
@@ -456,13 +521,6 @@ def connect(address: Address, timeout: float) -> Channel:
         channel.close()
         raise
     return channel
-
-
-def adopt(gevent_socket) -> Channel:
-    """Take an accepted gevent socket over as a Channel (the gevent object is spent)."""
-    sock = _socket.socket(gevent_socket.family, gevent_socket.type, gevent_socket.proto,
-                          gevent_socket.detach())
-    return Channel(sock)
 
 
 def is_disconnect(error: BaseException) -> bool:

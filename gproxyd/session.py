@@ -20,7 +20,8 @@ from gevent.lock import Semaphore
 from .config import Route
 from .hooks import Connection, hook_failure
 from .observe import Exchanges
-from .relay import EOF, Broken, Channel, Counter, Relay, connect, copy_pump, is_disconnect
+from .relay import (EOF, Broken, Channel, Connecting, Counter, Relay, connect, copy_pump,
+                    is_disconnect)
 from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats
@@ -40,7 +41,8 @@ _FAILED = object()  # a hook raised: the session is being closed
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "observer", "shadows",
                  "up", "down", "started", "reason", "_idle_mark", "_production_failed",
-                 "hooks", "conn", "_client_writes", "_production_done", "_on_end")
+                 "hooks", "conn", "_client_writes", "_production_done", "_on_end",
+                 "_connecting")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool):
@@ -60,6 +62,7 @@ class Session:
         self._production_failed = False
         self.hooks = route.hooks
         self.conn: Connection | None = None
+        self._connecting: Connecting | None = None
         # With hooks, conn.reply() writes to the client from other greenlets than the
         # relay's: all client writes then go through this lock, one at a time.
         self._client_writes = Semaphore() if self.hooks else None
@@ -110,6 +113,36 @@ class Session:
             if not handed_over:
                 self._end()
 
+    @property
+    def needs_greenlet(self) -> bool:
+        """Hooks may block, and a host name needs the resolver: run() in a greenlet.
+        Otherwise start() it from the hub."""
+        return self.hooks is not None or not self.route.production.numeric
+
+    def start(self, on_end: Callable[["Session"], None]) -> None:
+        """Like run(), without a greenlet (see needs_greenlet): libev callbacks connect
+        production, then relay; `on_end(self)` comes from the hub when done."""
+        self._on_end = on_end
+        self._connecting = Connecting(self.route.production, self.route.connect_timeout,
+                                      self._production_connected)
+
+    def _production_connected(self, channel: Channel | None, error: OSError | None) -> None:
+        self._connecting = None
+        if channel is None:
+            self._production_unreachable(self.route.production, error)
+            self._end()
+        elif self.reason:  # aborted while connecting
+            channel.close()
+            self._end()
+        else:
+            self.production = channel
+            self._relay_by_callbacks()
+
+    def _production_unreachable(self, target, error: OSError) -> None:
+        self.stats.production.connect_failures += 1
+        self.stats.production.errors += 1
+        self.reason = f"production {target} unreachable: {_describe(error)}"
+
     def _end(self) -> None:
         self._close()
         self._on_end(self)
@@ -132,9 +165,7 @@ class Session:
                     self.conn.production = target.text  # hooks see where it went
                 return channel
             except OSError as error:
-                self.stats.production.connect_failures += 1
-                self.stats.production.errors += 1
-                self.reason = f"production {target} unreachable: {_describe(error)}"
+                self._production_unreachable(target, error)
         return None
 
     def abort(self, reason: str) -> None:
@@ -142,6 +173,11 @@ class Session:
         if not self.reason:
             self.reason = reason
         self.client.abort()
+        if self._connecting is not None:  # started without a greenlet, still connecting
+            self._connecting.cancel()
+            self._connecting = None
+            self._end()
+            return
         if self.production is not None:
             self.production.abort()
         for sink in self.shadows:

@@ -10,21 +10,16 @@ greenlet per shadow, so a healthy shadow costs little and a dead one nothing.
 """
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import socket
 from collections import deque
 from time import monotonic
 
-import _socket
 import gevent
-from gevent import get_hub
 from gevent.event import Event
 from gevent.queue import SimpleQueue
 
 from .observe import Exchanges
-from .relay import Channel, Counter, connect, discard_buffer, is_disconnect
+from .relay import Channel, Connecting, Counter, connect, discard_buffer, is_disconnect
 from .settings import Address
 from .stats import ShadowStats
 
@@ -51,7 +46,6 @@ class ShadowSink:
         self._written_eof = False   # ...and it has been passed on to the shadow
         self._answered = False      # the shadow has sent EOF
         self._channel: Channel | None = None
-        self._timer = None
         self._ended = Event()
         self.sent = Counter()
         self.received = Counter()
@@ -64,8 +58,9 @@ class ShadowSink:
             self._answers = SimpleQueue()
             self._answer_greenlet = gevent.spawn(self._deliver_answers)
         stats.mirrored += 1
+        self._connecting: Connecting | None = None
         if address.numeric:
-            self._start_connect(connect_timeout)
+            self._connecting = Connecting(address, connect_timeout, self._connected)
         else:  # a host name needs the resolver, which may block: a greenlet does it
             gevent.spawn(self._connect_by_name, connect_timeout)
 
@@ -117,48 +112,24 @@ class ShadowSink:
 
     # --- connecting ------------------------------------------------------------------------
 
-    def _start_connect(self, timeout: float) -> None:
-        try:
-            channel = Channel(_socket.socket(self.address.family, socket.SOCK_STREAM))
-        except OSError as error:
-            self._connect_failed(error)
-            return
-        self._channel = channel
-        code = channel.sock.connect_ex(self.address.sockaddr)
-        if code == 0:
-            self._opened()
-        elif code in (errno.EINPROGRESS, errno.EAGAIN):
-            channel._write_watcher.start(self._connect_done)
-            self._timer = get_hub().loop.timer(timeout)
-            self._timer.start(self._connect_timed_out)
+    def _connected(self, channel: Channel | None, error: OSError | None) -> None:
+        self._connecting = None
+        if channel is None:
+            if self.alive:
+                self._connect_failed(error)
+        elif not self.alive:  # dropped or lingered out meanwhile
+            channel.close()
         else:
-            self._connect_failed(OSError(code, os.strerror(code)))
+            self._channel = channel
+            self._opened()
 
     def _connect_by_name(self, timeout: float) -> None:
         try:
             channel = connect(self.address, timeout)
         except OSError as error:
-            if self.alive:
-                self._connect_failed(error)
+            self._connected(None, error)
             return
-        if not self.alive:
-            channel.close()
-            return
-        self._channel = channel
-        self._opened()
-
-    def _connect_done(self) -> None:
-        self._channel._write_watcher.stop()
-        self._timer.stop()
-        code = self._channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._connect_failed(OSError(code, os.strerror(code)))
-        else:
-            self._opened()
-
-    def _connect_timed_out(self) -> None:
-        self._channel._write_watcher.stop()
-        self._connect_failed(OSError(errno.ETIMEDOUT, "Connection timed out"))
+        self._connected(channel, None)
 
     def _connect_failed(self, error: OSError) -> None:
         self._stats.connect_failures += 1
@@ -273,8 +244,9 @@ class ShadowSink:
         self.state = state
         self._queue.clear()
         self._queued = 0
-        if self._timer is not None:
-            self._timer.stop()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
         if self._channel is not None:
             self._channel._read_watcher.stop()
             self._channel._write_watcher.stop()

@@ -15,8 +15,15 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_emfile_is_logged_and_survived(tmp_path):
     backend = TaggedEcho(b"a")
-    port = free_port()
-    daemon = Daemon(tmp_path, GLOBAL + route_section("web", port, backend.address))
+    port, stuck_port = free_port(), free_port()
+    # A production that never accepts: past its backlog, connects hang until
+    # connect-timeout, each session holding two descriptors meanwhile.
+    never_accepts = socket.socket()
+    never_accepts.bind(("127.0.0.1", 0))
+    never_accepts.listen(1)
+    stuck = "127.0.0.1:%d" % never_accepts.getsockname()[1]
+    daemon = Daemon(tmp_path, GLOBAL + route_section("web", port, backend.address)
+                    + route_section("stuck", stuck_port, stuck, connect_timeout="1s"))
     limit = 64
 
     def low_fd_limit():
@@ -26,7 +33,7 @@ def test_emfile_is_logged_and_survived(tmp_path):
     try:
         # Each proxied connection costs the daemon two fds: 64 cannot hold 40 of them.
         for _ in range(40):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", stuck_port), timeout=5)
             clients.append(sock)
         daemon.wait_log("cannot accept on")
         assert "raise the open-files limit" in daemon.log()
@@ -45,6 +52,7 @@ def test_emfile_is_logged_and_survived(tmp_path):
             sock.close()
         daemon.stop()
         backend.stop()
+        never_accepts.close()
 
 
 def _serves(port: int) -> bool:
