@@ -112,10 +112,12 @@ class Channel:
             self.closed = True
             for watcher in (self._read_watcher, self._write_watcher):
                 callback = watcher.callback
-                if callback is not None and not hasattr(
-                        getattr(callback, "__self__", None), "throw"):
-                    watcher.stop()  # a Relay's callback, not a greenlet waiting
-                self._hub.cancel_wait(watcher, _closed_error(), True)
+                if callback is not None and hasattr(getattr(callback, "__self__", None),
+                                                    "throw"):
+                    self._hub.cancel_wait(watcher, _closed_error(), True)  # a greenlet
+                else:
+                    watcher.stop()  # idle, or a Relay's callback
+                    watcher.close()
             self.sock.close()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -109,10 +109,11 @@ class Address:
     port: int = 0
     path: str = ""
     numeric: bool = True  # a literal IP: connect without asking a resolver
+    sockaddr: Any = field(init=False, compare=False, repr=False)  # for bind()/connect()
 
-    @property
-    def sockaddr(self) -> Any:
-        return self.path if self.family == socket.AF_UNIX else (self.host, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sockaddr", self.path if self.family == socket.AF_UNIX
+                           else (self.host, self.port))
 
     def __str__(self) -> str:
         return self.text
