@@ -605,7 +605,8 @@ class Bench:
                     break
                 except subprocess.TimeoutExpired:
                     if time.monotonic() > deadline:
-                        raise BenchError(f"wrk did not finish within {seconds + 30:.0f} s")
+                        raise BenchError(
+                            f"wrk did not finish within {seconds + 30:.0f} s") from None
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -14,8 +14,12 @@ from typing import Callable
 
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from . import __version__
 from .listener import bind
@@ -46,7 +50,8 @@ class _Collector:
         labels = ["route", "backend"]
         families = {
             "requests": CounterMetricFamily(
-                "gproxyd_requests", "Requests answered (for tcp routes: connections)", labels=labels),
+                "gproxyd_requests", "Requests answered (for tcp routes: connections)",
+                labels=labels),
             "errors": CounterMetricFamily(
                 "gproxyd_errors", "Failed requests: connect failures, resets, 5xx, error replies",
                 labels=labels),

@@ -14,8 +14,15 @@ from typing import Any, Mapping
 import configargparse
 
 from . import __version__
-from .settings import (GLOBAL_BY_NAME, GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, BadValue,
-                       boolean, listen_address)
+from .settings import (
+    GLOBAL_BY_NAME,
+    GLOBAL_OPTIONS,
+    ROUTE_BY_NAME,
+    ROUTE_OPTIONS,
+    BadValue,
+    boolean,
+    listen_address,
+)
 
 DEFAULT_PATH = "/etc/gproxyd/gproxyd.conf"
 

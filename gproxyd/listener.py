@@ -6,6 +6,7 @@ with `close()` (stop accepting) followed by `drain()` (let live sessions finish)
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import os
@@ -14,7 +15,6 @@ import socket
 import stat
 import time
 
-import _socket
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original

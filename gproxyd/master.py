@@ -16,9 +16,9 @@ from gevent.queue import Queue
 
 from . import logs
 from .admin import AdminServer
-from .report import summary_line
 from .config import Config, ConfigError, Route, load_config
 from .listener import Listener, ListenError, bind
+from .report import summary_line
 from .systemd import sd_notify, watchdog_interval
 
 log = logging.getLogger("gproxyd")
@@ -152,6 +152,7 @@ class Master:
     def send_report(self) -> bool:
         """Send this worker's stats to the arbiter; False if the arbiter is gone."""
         import json
+
         from gevent import os as gevent_os
         line = json.dumps({name: stats.export() for name, stats in self.stats().items()})
         data = memoryview(line.encode() + b"\n")

@@ -16,6 +16,7 @@ connection costs no buffer memory and no pipe file descriptors.
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
@@ -23,7 +24,6 @@ import socket
 from time import monotonic
 from typing import Callable
 
-import _socket
 import gevent
 from gevent import get_hub
 from gevent.hub import Waiter

@@ -20,8 +20,17 @@ from gevent.lock import Semaphore
 from .config import Route
 from .hooks import Connection, hook_failure
 from .observe import Exchanges
-from .relay import (EOF, Broken, Channel, Connecting, Counter, Relay, connect, copy_pump,
-                    is_disconnect)
+from .relay import (
+    EOF,
+    Broken,
+    Channel,
+    Connecting,
+    Counter,
+    Relay,
+    connect,
+    copy_pump,
+    is_disconnect,
+)
 from .settings import BadValue, address
 from .shadow import ShadowSink
 from .stats import RouteStats

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backends
 import gevent
 import pytest
+from backends import recv_exactly, recv_to_eof, unused_port, wait_until
 from gevent.event import Event
 
-import backends
 import gproxyd
-from backends import recv_exactly, recv_to_eof, unused_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -270,7 +270,7 @@ def test_duplex_http_mirrors_requests_tags_them_and_times_each_backend(serve, ru
             (production, b"curl/8.0", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
             (shadow, b"gproxyd-test",
              b"GET /b HTTP/1.1\r\nUser-Agent: gproxyd-test\r\nHost: x\r\n\r\n")):
-        wait_until(lambda: len(getattr(server.conns[0], "requests", [])) == 2)
+        wait_until(lambda server=server: len(getattr(server.conns[0], "requests", [])) == 2)
         (post_head, post_body), (get_head, _) = server.conns[0].requests
         assert post_head == (b"POST /a HTTP/1.1\r\nHost: x\r\nUser-Agent: " + agent
                              + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
@@ -316,7 +316,8 @@ def test_selective_forward_mirrors_only_the_chosen_commands(serve, run):
         client.sendall(chunk)
         sent += chunk
         if sent.endswith(b"\n"):  # one chunk at a time: the proxy has passed it on
-            wait_until(lambda: received(production) == sent, what=f"production got {sent!r}")
+            wait_until(lambda sent=sent: received(production) == sent,
+                       what=f"production got {sent!r}")
     client.shutdown(socket.SHUT_WR)
     wait_until(lambda: production.conns[0].eof.is_set())
     wait_until(lambda: shadow.conns and shadow.conns[0].eof.is_set(), what="shadow's EOF")
@@ -543,7 +544,7 @@ def test_balancer_round_robin_alternates_over_the_live_backends(three_backends, 
         sock.close()
         answers.append(name)
     assert set(answers) == {b"A", b"B"}
-    assert all(one != two for one, two in zip(answers, answers[1:])), answers
+    assert all(one != two for one, two in zip(answers, answers[1:], strict=False)), answers
 
 
 def test_balancer_skips_a_dead_backend_it_was_not_told_about(three_backends, run):
@@ -571,7 +572,8 @@ def test_balancer_least_connections_sends_new_connections_to_the_idle_backend(
         assert name != busy, "a new connection went to the backend that is busy"
         sock.close()
         idle = a.address if name == b"A" else b.address
-        wait_until(lambda: balancer.active[idle] == 0, what="on_finish counted the close")
+        wait_until(lambda idle=idle: balancer.active[idle] == 0,
+                   what="on_finish counted the close")
     # Now both have one: a second held connection goes to the other one.
     other, second = ask(proxy)
     assert second != busy

@@ -12,14 +12,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import backends
 import gevent
 import pytest
+from backends import recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines, wait_until
 from gevent.event import Event
 
-import backends
 import gproxyd
-from backends import (recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines,
-                      wait_until)
 from gproxyd.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

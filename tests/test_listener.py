@@ -6,9 +6,8 @@ import time
 
 import gevent
 import pytest
+from backends import recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines, wait_until
 
-from backends import (recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines,
-                      wait_until)
 from gproxyd.listener import ListenError, bind
 from gproxyd.settings import address
 

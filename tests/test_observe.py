@@ -10,14 +10,13 @@ import gevent
 import pytest
 import redis
 import requests
+from backends import recv_to_eof, unused_port, wait_until
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gproxyd.admin import AdminServer
 from gproxyd.settings import address
-
-from backends import recv_to_eof, unused_port, wait_until
 
 
 def http_backend(name: str, delay: float = 0.0, status: int = 200):
@@ -187,7 +186,7 @@ def test_redis_commands_and_pipelines_are_paired_on_both_sides(proxy, shadow_red
     assert client.set(key, "v") is True
     assert client.get(key) == b"v"
     with client.pipeline(transaction=False) as pipe:
-        for number in range(10):
+        for _ in range(10):
             pipe.incr(key + ":n")
         assert pipe.execute() == list(range(1, 11))
     with pytest.raises(redis.exceptions.ResponseError):

@@ -7,7 +7,8 @@ import re
 import string
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gproxyd.protocols import FRAMERS, ProtocolError, Upgraded
 from gproxyd.protocols.http import MAX_HEAD, RequestFramer, ResponseFramer
@@ -437,7 +438,7 @@ def response_stream(draw) -> tuple[list, bytes, list]:
 @st.composite
 def splits(draw, data: bytes) -> list:
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
-    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)], strict=True)]
 
 
 @st.composite

@@ -6,7 +6,8 @@ of a buffer that is overwritten as soon as feed() returns.
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gproxyd.protocols import FRAMERS, ProtocolError, Upgraded
 from gproxyd.protocols.redis import MAX_LINE, NAME_MAX, RequestFramer, ResponseFramer
@@ -370,7 +371,7 @@ def test_reply_stream_generator():
 @st.composite
 def splits(draw, data: bytes) -> list:
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
-    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)], strict=True)]
 
 
 @st.composite

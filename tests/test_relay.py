@@ -11,9 +11,7 @@ import termios
 
 import gevent
 import pytest
-
-from backends import (hash_to_eof, recv_exactly, recv_to_eof, sha256, wait_for_lines,
-                      wait_until)
+from backends import hash_to_eof, recv_exactly, recv_to_eof, sha256, wait_for_lines, wait_until
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024  # gproxyd.relay.CHUNK: the most a pump holds in user space or a pipe

@@ -5,9 +5,7 @@ import struct
 import time
 
 import gevent
-
-from backends import (recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines,
-                      wait_until)
+from backends import recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines, wait_until
 
 
 def test_refused_production_closes_the_client_promptly_and_says_why(servers, proxy, caplog):

@@ -14,9 +14,15 @@ import sys
 
 import gevent
 import pytest
-
-from backends import (hash_to_eof, peer_closed, recv_to_eof, sha256, unused_port,
-                      wait_for_lines, wait_until)
+from backends import (
+    hash_to_eof,
+    peer_closed,
+    recv_to_eof,
+    sha256,
+    unused_port,
+    wait_for_lines,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +40,7 @@ def send_in_step(sock: socket.socket, data: bytes, shadow, piece: int = 256 * 10
     for start in range(0, len(data), piece):
         sock.sendall(data[start:start + piece])
         sent = min(start + piece, len(data))
-        wait_until(lambda: shadow.conns and shadow.conns[0].received >= sent,
+        wait_until(lambda sent=sent: shadow.conns and shadow.conns[0].received >= sent,
                    timeout=10, interval=0.001, what="the healthy shadow keeping pace")
     sock.shutdown(socket.SHUT_WR)
 
@@ -272,7 +278,7 @@ shadow-buffer = 1MiB
 def _mirrored_of_400(servers, proxy, seed: int) -> int:
     shadow = servers.sink()
     proxied = proxy(servers.echo(), shadow=[shadow], shadow_sample="25%", shadow_seed=seed)
-    for batch in range(8):
+    for _ in range(8):
         answers = [gevent.spawn(exchange, proxied, b"%d" % n) for n in range(50)]
         gevent.joinall(answers, raise_error=True)
     counters = proxied.stats.shadows.get(shadow.address)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section
 
 

@@ -10,9 +10,16 @@ import subprocess
 
 import gevent
 import pytest
-
-from service import (GLOBAL, Daemon, TaggedEcho, exchange, free_port, gproxyd_command,
-                     route_section, wait_until)
+from service import (
+    GLOBAL,
+    Daemon,
+    TaggedEcho,
+    exchange,
+    free_port,
+    gproxyd_command,
+    route_section,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -81,7 +88,7 @@ def test_serves_logs_and_notifies_until_sigterm(tmp_path, backends, daemons):
     daemon.start()
     assert exchange(port, b"hello") == b"a:hello"
     daemon.wait_log("route=web client=127.0.0.1:")
-    line = [l for l in daemon.log().splitlines() if "route=web client=" in l][0]
+    line = [entry for entry in daemon.log().splitlines() if "route=web client=" in entry][0]
     assert f"production={backends['a'].address}" in line
     assert "up=5 down=7" in line and "close=eof" in line and "duration=" in line
     assert f"route web: 127.0.0.1:{port} -> production {backends['a'].address}" in daemon.log()
@@ -327,5 +334,6 @@ def test_periodic_summary_line_per_route(tmp_path, backends, daemons):
     for _ in range(3):
         exchange(port)
     daemon.wait_log("stats route=web connections=0/3")
-    line = [l for l in daemon.log().splitlines() if "stats route=web connections=0/3" in l][0]
+    line = [entry for entry in daemon.log().splitlines()
+            if "stats route=web connections=0/3" in entry][0]
     assert "production: requests=3 errors=0 p50=" in line

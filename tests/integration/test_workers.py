@@ -6,7 +6,6 @@ import signal
 
 import gevent
 import requests
-
 from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
 
 
@@ -40,7 +39,7 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
         failures = []
 
         def load():
-            for number in range(300):
+            for _ in range(300):
                 try:
                     answer = exchange(port, b"x")
                     if answer not in (b"a:x", b"b:x"):
