@@ -13,6 +13,8 @@ import requests
 from backends import recv_to_eof, unused_port, wait_until
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from gproxyd.admin import AdminServer
@@ -240,3 +242,19 @@ def test_admin_stats_and_metrics(proxy, http_servers):
         assert requests.get(base + "/nope", timeout=5).status_code == 404
     finally:
         admin.stop()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.binary(min_size=1, max_size=2000), min_size=1, max_size=6),
+       protocol=st.sampled_from(["http", "redis"]))
+def test_no_input_breaks_a_session_or_changes_a_byte(proxy, servers, chunks, protocol):
+    """Whatever the client sends, an observed route relays it exactly (echo backend)."""
+    proxied = proxy(servers.echo(), protocol=protocol)
+    client = proxied.connect()
+    for chunk in chunks:
+        client.sendall(chunk)
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b"".join(chunks)
+    client.close()
+    proxied.stop()
