@@ -26,10 +26,9 @@ from gevent.queue import Queue
 
 from . import logs
 from .admin import AdminServer
-from .config import Config, ConfigError, load_config
+from .config import Config
 from .listener import ListenError, adopt_listening, bind
-from .master import describe_route
-from .report import summary_line
+from .master import describe_route, listen_key, load_or_keep, log_summaries, reloading
 from .stats import RouteStats
 from .systemd import sd_notify
 
@@ -37,10 +36,6 @@ log = logging.getLogger("gproxyd")
 
 _READY_TIMEOUT = 30.0  # seconds a new worker may take to report in
 _RESTART_DELAY = 1.0   # between restarts of a worker that keeps dying
-
-
-def _listen_key(route):
-    return route.listen.family, route.listen.sockaddr
 
 
 def bind_group(route, count: int) -> list[socket.socket]:
@@ -89,7 +84,7 @@ class Arbiter:
                 except ListenError as error:
                     raise ListenError(f"admin: {error}") from None
             for route in config.routes:
-                bound[_listen_key(route)] = bind_group(route, count)
+                bound[listen_key(route)] = bind_group(route, count)
         except ListenError:
             for value in bound.values():
                 for sock in value if isinstance(value, list) else [value]:
@@ -113,7 +108,7 @@ class Arbiter:
         workers = self._spawn_generation()
         if not self._all_ready(workers):
             raise RuntimeError("workers did not start; see the log above")
-        gevent.spawn(self._report_periodically)
+        gevent.spawn(log_summaries, lambda: self.config.settings, self.stats)
         log.info("gproxyd ready: %d route(s), %d workers", len(self.config.routes),
                  len(workers))
         sd_notify("READY=1\nSTATUS=serving")
@@ -157,7 +152,7 @@ class Arbiter:
         worker = Worker(slot, generation)
         fds: dict[str, int] = {}
         for route in self.config.routes:
-            group = self._sockets[_listen_key(route)]
+            group = self._sockets[listen_key(route)]
             fds[route.listen.text] = group[slot % len(group)].fileno()
         report_read, report_write = os.pipe()
         env = {key: value for key, value in self._env.items() if key != "NOTIFY_SOCKET"}
@@ -220,18 +215,13 @@ class Arbiter:
     # --- reload --------------------------------------------------------------------------
 
     def reload(self) -> None:
-        sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
-        try:
-            self._reload()
-        finally:
-            sd_notify("READY=1\nSTATUS=serving")
+        """Re-read the config; if it is good, replace the workers (see the module doc)."""
+        with reloading():
+            new = load_or_keep(self.config, self._argv, self._env)
+            if new is not None:
+                self._apply(new)
 
-    def _reload(self) -> None:
-        try:
-            new = load_config(self.config.path, self._argv, self._env)
-        except ConfigError as error:
-            log.error("reload failed: %s; keeping the running configuration", error)
-            return
+    def _apply(self, new: Config) -> None:
         if new.settings.workers != self.config.settings.workers:
             log.warning("reload: workers changed from %d to %d; that takes a restart",
                         self.config.settings.workers, new.settings.workers)
@@ -241,7 +231,7 @@ class Arbiter:
         sockets = {}
         try:
             for route in new.routes:
-                key = _listen_key(route)
+                key = listen_key(route)
                 sockets[key] = old_sockets.get(key) or bind_group(route, new.settings.workers)
         except ListenError as error:
             for key, group in sockets.items():
@@ -280,14 +270,6 @@ class Arbiter:
                 merged.setdefault(name, RouteStats()).add(numbers)
         return merged
 
-    def _report_periodically(self) -> None:
-        while True:
-            interval = self.config.settings.stats_interval
-            gevent.sleep(interval or 60)
-            if interval:
-                for name, stats in self.stats().items():
-                    log.info("%s", summary_line(name, stats.snapshot()))
-
 
 def _with_workers(settings, workers: int):
     from dataclasses import replace
@@ -305,7 +287,7 @@ def run_worker(config: Config, argv: list[str], env: Mapping[str, str], spec: st
             log.error("worker: no socket for %s (config changed under the master?)",
                       route.listen)
             return 78
-        sockets[_listen_key(route)] = adopt_listening(fd)
+        sockets[listen_key(route)] = adopt_listening(fd)
     # Each worker asks the arbiter for nothing else: it ignores SIGHUP (it is replaced).
     master = Master(config, argv, env, sockets, report_fd=details["report"])
     master.start()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Callable, Mapping
 
 import gevent
 from gevent.queue import Queue
@@ -26,8 +27,38 @@ log = logging.getLogger("gproxyd")
 _DRAINED = "drained"
 
 
-def _listen_key(route: Route):
+def listen_key(route: Route):
+    """What identifies a listener across reloads: its listen address."""
     return route.listen.family, route.listen.sockaddr
+
+
+@contextmanager
+def reloading():
+    """Tell systemd a reload is under way, and when it is over (however it went)."""
+    sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
+    try:
+        yield
+    finally:
+        sd_notify("READY=1\nSTATUS=serving")
+
+
+def load_or_keep(config: Config, argv: list[str], env: Mapping[str, str]) -> Config | None:
+    """The config file read again, or None (logged) if it is bad: keep the running one."""
+    try:
+        return load_config(config.path, argv, env)
+    except ConfigError as error:
+        log.error("reload failed: %s; keeping the running configuration", error)
+        return None
+
+
+def log_summaries(settings_of: Callable[[], object], stats_of: Callable[[], dict]) -> None:
+    """Forever: every stats-interval, one summary line per route (0: none)."""
+    while True:
+        interval = settings_of().stats_interval
+        gevent.sleep(interval or 60)
+        if interval:
+            for name, stats in stats_of().items():
+                log.info("%s", summary_line(name, stats.snapshot()))
 
 
 def describe_route(route: Route) -> str:
@@ -71,7 +102,7 @@ class Master:
                 except ListenError as error:
                     raise ListenError(f"admin: {error}") from None
             for route in config.routes:
-                bound[_listen_key(route)] = bind(route.listen)
+                bound[listen_key(route)] = bind(route.listen)
         except ListenError:
             for sock in bound.values():
                 sock.close()
@@ -83,9 +114,9 @@ class Master:
         if "admin" in sockets and self._report_fd is None:
             self._start_admin(self.config.settings.admin, sockets["admin"])
         for route in self.config.routes:
-            listener = Listener(route, sock=sockets[_listen_key(route)])
+            listener = Listener(route, sock=sockets[listen_key(route)])
             listener.start()
-            self.listeners[_listen_key(route)] = listener
+            self.listeners[listen_key(route)] = listener
             log.info("%s", describe_route(route))
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             gevent.signal_handler(signum, self._signals.put, signum)
@@ -95,7 +126,7 @@ class Master:
         interval = watchdog_interval()
         if interval:
             gevent.spawn(self._watchdog, interval)
-        self._reporter = gevent.spawn(self._report_periodically)
+        self._reporter = gevent.spawn(log_summaries, lambda: self.config.settings, self.stats)
         log.info("gproxyd ready: %d route(s)", len(self.listeners))
         sd_notify("READY=1\nSTATUS=serving")
 
@@ -130,14 +161,6 @@ class Master:
         self._admin = AdminServer(address, self.stats, sock)
         self._admin.start()
         log.info("admin endpoint on http://%s/ (/stats, /metrics)", address)
-
-    def _report_periodically(self) -> None:
-        while True:
-            interval = self.config.settings.stats_interval
-            gevent.sleep(interval or 60)
-            if interval:
-                for name, stats in self.stats().items():
-                    log.info("%s", summary_line(name, stats.snapshot()))
 
     def _report_to_arbiter(self) -> None:
         """A worker's line to its arbiter: its stats twice a second; EOF means orphaned."""
@@ -223,19 +246,13 @@ class Master:
 
     def reload(self) -> None:
         """Re-read the config; apply it if it is good, keep the running one if not."""
-        sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
-        try:
-            self._reload()
-        finally:
-            sd_notify("READY=1\nSTATUS=serving")
+        with reloading():
+            new = load_or_keep(self.config, self._argv, self._env)
+            if new is not None:
+                self._apply(new)
 
-    def _reload(self) -> None:
-        try:
-            new = load_config(self.config.path, self._argv, self._env)
-        except ConfigError as error:
-            log.error("reload failed: %s; keeping the running configuration", error)
-            return
-        new_keys = {_listen_key(route): route for route in new.routes}
+    def _apply(self, new: Config) -> None:
+        new_keys = {listen_key(route): route for route in new.routes}
         added = [route for key, route in new_keys.items() if key not in self.listeners]
         try:
             sockets = self.bind_all(Config(new.path, new.settings, tuple(added)), admin=False)
@@ -261,9 +278,9 @@ class Master:
                 listener.update(new_keys[key])
                 changed.append(new_keys[key].name)
         for route in added:
-            listener = Listener(route, sock=sockets[_listen_key(route)])
+            listener = Listener(route, sock=sockets[listen_key(route)])
             listener.start()
-            self.listeners[_listen_key(route)] = listener
+            self.listeners[listen_key(route)] = listener
         self.config = new
         log.info("reloaded %s: %d route(s); added: %s; changed: %s; removed: %s",
                  new.path, len(self.listeners), ", ".join(r.name for r in added) or "none",
