@@ -29,6 +29,16 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?", re.S)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?", re.S)
 _MAX_LENGTH_DIGITS = 18  # a Content-Length beyond 10**18 bytes is garbage, not a body
 
+# The fast path: a whole, plain head (CRLF line ends, no folding, at most one framing
+# field) in one chunk, matched by one regular expression. Anything else takes the
+# general state machine below, which accepts and rejects exactly as before.
+_FAST_FIELDS = rb"(?:" + _TCHAR + rb"+:[^\r\n]*\r\n)*\r\n"
+_FAST_REQUEST = re.compile(rb"(" + _TCHAR + rb"+) [^ \r\n]+ HTTP/1\.[0-9]\r\n" + _FAST_FIELDS)
+_FAST_STATUS = re.compile(rb"HTTP/1\.[0-9] ([2-9][0-9]{2})(?: [^\r\n]*)?\r\n" + _FAST_FIELDS)
+_FAST_FRAMING = re.compile(rb"\n(?:content-length|transfer-encoding):", re.I)
+_FAST_MAX = MAX_HEAD - 8  # near the limit, the state machine decides (and counts)
+_FAST_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,18})[ \t]*\r\n", re.I)
+
 # Parser states.
 _START = 0        # between messages (stray blank lines are skipped)
 _LINE = 1         # in a start-line (buffered)
@@ -85,6 +95,10 @@ class _MessageFramer:
                 elif state == _START:
                     pos = _BLANKS.match(data, pos).end()
                     if pos < n:
+                        fast = self._fast(data, pos, out)
+                        if fast is not None:
+                            pos, out = fast
+                            continue
                         if data[pos] not in self._FIRST_BYTES:
                             line = bytes(data[pos:pos + 60]).split(b"\n", 1)[0]
                             raise ProtocolError(f"bad {self._KIND} line {_strip_cr(line)!r}")
@@ -201,6 +215,23 @@ class _MessageFramer:
         """Check a start-line (without its line end) and keep what it says in _item."""
         raise NotImplementedError
 
+    def _fast(self, data, pos: int, out: list | None) -> tuple[int, list | None] | None:
+        """Frame a plain head starting at `pos` in one go: (position after it, out), or
+        None to leave it to the state machine."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _fast_framing(head: bytes) -> int | None | bool:
+        """A plain head's Content-Length, None without one, False if it needs the
+        general path (Transfer-Encoding, several framing fields, odd values)."""
+        found = _FAST_FRAMING.findall(head)
+        if not found:
+            return None
+        if len(found) > 1:
+            return False
+        m = _FAST_LENGTH.search(head)
+        return int(m.group(1)) if m is not None else False
+
     def _fields(self, block: bytes, out: list | None) -> list | None:
         """Act on a whole field section: LF, field lines, blank line."""
         raise NotImplementedError
@@ -224,6 +255,18 @@ class RequestFramer(_MessageFramer):
         if m is None:
             raise ProtocolError(f"bad request line {line[:60]!r}")
         self._item = m.group(1).decode("ascii")
+
+    def _fast(self, data, pos: int, out: list | None) -> tuple[int, list | None] | None:
+        m = _FAST_REQUEST.match(data, pos)
+        if m is None or m.end() - pos > _FAST_MAX:
+            return None
+        head = m.group(0)
+        length = self._fast_framing(head)
+        method = m.group(1)
+        if length is False or method == b"CONNECT":
+            return None
+        self._item = method.decode("ascii")
+        return m.end(), self._start_body(length or 0, out)
 
     def _fields(self, block: bytes, out: list | None) -> list | None:
         framing = _body_framing(block, request=True)
@@ -276,6 +319,22 @@ class ResponseFramer(_MessageFramer):
         if status < 100:
             raise ProtocolError(f"bad status code {status:03d}")
         self._item = (status, status >= 500)
+
+    def _fast(self, data, pos: int, out: list | None) -> tuple[int, list | None] | None:
+        m = _FAST_STATUS.match(data, pos)  # final responses only: 1xx take the long way
+        if m is None or m.end() - pos > _FAST_MAX:
+            return None
+        length = self._fast_framing(m.group(0))
+        request = self._pending[0] if self._pending else None
+        if length is False or request == "CONNECT":
+            return None
+        status = int(m.group(1))
+        if self._pending:
+            self._pending.popleft()
+        self._item = (status, status >= 500)
+        if request == "HEAD" or status == 204 or status == 304:
+            return m.end(), self._complete(out)
+        return m.end(), self._start_body(_TO_CLOSE if length is None else length, out)
 
     def _fields(self, block: bytes, out: list | None) -> list | None:
         framing = _body_framing(block, request=False)
