@@ -214,9 +214,10 @@ class Relay:
     def __init__(self, *directions: tuple):
         """`directions`: one or two (src, dst, counter[, tap[, on_eof]]) to relay.
 
-        `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) before it
-        is written on; it runs inside a libev callback, so it must never block. Such a
-        direction never splices. `on_eof()` runs at src's EOF, before dst's half-close.
+        `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) right
+        after it was written on; it runs inside a libev callback, so it must never
+        block. Such a direction never splices. `on_eof()` runs at src's EOF, before
+        dst's half-close.
         """
         self._directions = [_Direction(self, *direction) for direction in directions]
         self._on_done = None
@@ -315,8 +316,6 @@ class _Direction:
                 self.piped = received
                 self._flush_pipe()
             else:
-                if self.tap is not None:
-                    self.tap(_shared_view[:received])
                 try:
                     sent = self.dst.sock.send(_shared_view[:received])
                 except BlockingIOError:
@@ -326,6 +325,10 @@ class _Direction:
                 if sent < received:
                     self.pending = _shared_view[sent:received].tobytes()
                     self._wait_for_dst()
+                if self.tap is not None:
+                    # After production has it: a shadow's loopback write (which runs
+                    # the shadow's wake-up in our syscall) must not delay production.
+                    self.tap(_shared_view[:received])
             self.bulk = received >= SMALL and self.tap is None
             if not self.bulk and self.pipe is not None and not self.piped:
                 _pipes.give(self.pipe)
