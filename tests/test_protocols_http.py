@@ -7,39 +7,12 @@ import re
 import string
 
 import pytest
-from hypothesis import given, settings
+from framing import FAST, bytewise, feed, run, whole
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxyd.protocols import FRAMERS, ProtocolError, Upgraded
 from gproxyd.protocols.http import MAX_HEAD, RequestFramer, ResponseFramer
-
-FAST = settings(max_examples=200, deadline=None)
-
-
-def feed(framer, chunk: bytes) -> list:
-    """Feed `chunk` as the relay does: a memoryview of a buffer reused right after."""
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    try:
-        got = framer.feed(view)
-    finally:
-        view[:] = b"\xa5" * len(buf)  # nothing of it may be kept by reference
-    assert got is None or (isinstance(got, list) and got), got
-    return got or []
-
-
-def run(framer, chunks, close: bool = False) -> tuple[list, str | None]:
-    """(every item completed, name of the exception that stopped the framer or None)."""
-    items = []
-    try:
-        for chunk in chunks:
-            items += feed(framer, chunk)
-        if close:
-            items += framer.close() or []
-    except (ProtocolError, Upgraded) as exc:
-        assert isinstance(exc.completed, list)
-        return items + exc.completed, type(exc).__name__
-    return items, None
 
 
 def requests(chunks) -> tuple[list, str | None]:
@@ -54,12 +27,6 @@ def responses(methods, chunks) -> tuple[list, str | None]:
     return run(framer, chunks, close=True)
 
 
-def whole(data: bytes) -> list:
-    return [data]
-
-
-def bytewise(data: bytes) -> list:
-    return [data[i:i + 1] for i in range(len(data))]
 
 
 def test_framers_are_registered():

@@ -6,39 +6,12 @@ of a buffer that is overwritten as soon as feed() returns.
 import re
 
 import pytest
-from hypothesis import given, settings
+from framing import FAST, bytewise, feed, run, whole
+from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxyd.protocols import FRAMERS, ProtocolError, Upgraded
+from gproxyd.protocols import FRAMERS, ProtocolError
 from gproxyd.protocols.redis import MAX_LINE, NAME_MAX, RequestFramer, ResponseFramer
-
-FAST = settings(max_examples=200, deadline=None)
-
-
-def feed(framer, chunk: bytes) -> list:
-    """Feed `chunk` as the relay does: a memoryview of a buffer reused right after."""
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    try:
-        got = framer.feed(view)
-    finally:
-        view[:] = b"\xa5" * len(buf)  # nothing of it may be kept by reference
-    assert got is None or (isinstance(got, list) and got), got
-    return got or []
-
-
-def run(framer, chunks, close: bool = False) -> tuple[list, str | None]:
-    """(every item completed, name of the exception that stopped the framer or None)."""
-    items = []
-    try:
-        for chunk in chunks:
-            items += feed(framer, chunk)
-        if close:
-            assert framer.close() is None
-    except (ProtocolError, Upgraded) as exc:
-        assert isinstance(exc.completed, list)
-        return items + exc.completed, type(exc).__name__
-    return items, None
 
 
 def commands(chunks) -> tuple[list, str | None]:
@@ -53,12 +26,6 @@ def replies(chunks, requests=()) -> tuple[list, str | None]:
     return run(framer, chunks, close=True)
 
 
-def whole(data: bytes) -> list:
-    return [data]
-
-
-def bytewise(data: bytes) -> list:
-    return [data[i:i + 1] for i in range(len(data))]
 
 
 def bulk(data: bytes, kind: bytes = b"$") -> bytes:
@@ -425,3 +392,10 @@ def test_random_bytes_raise_only_protocol_errors(stream, data):
     requests = data.draw(st.lists(st.sampled_from(["GET", "SUBSCRIBE", "MONITOR"]), max_size=3))
     replies(data.draw(splits(stream)), requests)
     replies(data.draw(splits(b"*2\r\n|1\r\n" + stream)), requests)
+
+
+def test_close_after_whole_replies_completes_nothing():
+    framer = ResponseFramer()
+    framer.expect("GET")
+    assert feed(framer, b"+OK\r\n") == [("+", False)]
+    assert framer.close() is None
