@@ -1,12 +1,13 @@
 """Session: one client connection, relayed to production and mirrored to shadows.
 
-A session runs in the greenlet its listener spawned for the connection (`run()`):
-that greenlet connects production, then relays client -> production itself while a
-second greenlet relays production -> client. The session owns both channels and its
-shadow sinks, and has closed all of them when `finish()` returns.
+Without hooks a session needs no greenlet: `start()` (called in the hub by the
+listener) connects production and relays both ways with libev callbacks (relay.Relay);
+shadows and the observer see each client chunk through a non-blocking tap. With hooks
+(user code that may block) or a host-name production, `run()` does the same work in a
+greenlet, hooked directions as copy_pumps in greenlets of their own.
 
-Each direction takes the cheapest path that serves the route: `splice` when nothing
-needs to see the bytes, `recv_into` a reused buffer when shadows or an observer do.
+The session owns both channels and its shadow sinks: `on_end` is called when client
+and production are closed, and `finish()` lingers for the shadows and logs the line.
 """
 from __future__ import annotations
 
