@@ -140,6 +140,29 @@ def sink(reply_each: bytes = b"", reply_at_eof: bytes = b"", delay: float = 0.0,
     return handle
 
 
+def recording(reply_each: bytes | None = b""):
+    """Keep every byte read in conn.data (and hash it) until the EOF; answer each chunk
+    with `reply_each` (None: echo it)."""
+    def handle(conn: Conn) -> None:
+        conn.data = bytearray()
+        while True:
+            data = conn.sock.recv(CHUNK)
+            if not data:
+                conn.eof.set()
+                return
+            conn.take(data)
+            conn.data += data
+            answer = data if reply_each is None else reply_each
+            if answer:
+                conn.sock.sendall(answer)
+    return handle
+
+
+def received(server: "Backend") -> bytes:
+    """Everything the `recording` connections of `server` have read so far."""
+    return b"".join(bytes(getattr(conn, "data", b"")) for conn in server.conns)
+
+
 def stall(conn: Conn) -> None:
     Event().wait()  # accept, never read; stop() closes it
 

@@ -92,6 +92,20 @@ class Servers:
 
 
 @pytest.fixture
+def serve():
+    """serve(handler, port=0) -> a started backends.Backend; all are stopped at the end."""
+    started = []
+
+    def start(handler, port: int = 0):
+        started.append(backends.Backend(handler, port=port))
+        return started[-1]
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
 def servers(sockdir):
     started = Servers(sockdir)
     yield started

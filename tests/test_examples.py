@@ -15,7 +15,7 @@ from pathlib import Path
 import backends
 import gevent
 import pytest
-from backends import recv_exactly, recv_to_eof, unused_port, wait_until
+from backends import received, recording, recv_exactly, recv_to_eof, unused_port, wait_until
 from gevent.event import Event
 
 import gproxyd
@@ -33,20 +33,6 @@ def load_example(name: str):
     sys.modules[spec.name] = module  # so a failing hook's traceback is trimmed to it
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def serve():
-    """serve(handler) -> a started backends.Backend; all are stopped at the end."""
-    started = []
-
-    def start(handler):
-        started.append(backends.Backend(handler))
-        return started[-1]
-
-    yield start
-    for server in reversed(started):
-        server.stop()
 
 
 @pytest.fixture
@@ -75,22 +61,6 @@ def recv_line(sock: socket.socket) -> bytes:
             raise AssertionError(f"EOF after {line!r}")
         line += data
     return line
-
-
-def recording(conn):
-    """A backend handler: keep every byte in conn.data (and hash it) until the EOF."""
-    conn.data = bytearray()
-    while True:
-        data = conn.sock.recv(65536)
-        if not data:
-            conn.eof.set()
-            return
-        conn.take(data)
-        conn.data += data
-
-
-def received(server) -> bytes:
-    return b"".join(bytes(getattr(conn, "data", b"")) for conn in server.conns)
 
 
 # --- every example is a runnable script ----------------------------------------------------
@@ -305,7 +275,7 @@ def test_duplex_http_from_a_config_file(serve, proxy, caplog):
 # --- selective_forward ---------------------------------------------------------------------
 
 def test_selective_forward_mirrors_only_the_chosen_commands(serve, run):
-    production, shadow = serve(recording), serve(recording)
+    production, shadow = serve(recording()), serve(recording())
     module = load_example("selective_forward")
     proxy = run(module.build(["--listen", "127.0.0.1:0", "--production", production.address,
                               "--shadow", shadow.address]))
@@ -327,7 +297,7 @@ def test_selective_forward_mirrors_only_the_chosen_commands(serve, run):
 
 
 def test_selective_forward_sends_an_endless_line_to_production_alone(serve, run):
-    production, shadow = serve(recording), serve(recording)
+    production, shadow = serve(recording()), serve(recording())
     proxy = run(load_example("selective_forward").build(
         ["--listen", "127.0.0.1:0", "--production", production.address,
          "--shadow", shadow.address]))
@@ -346,7 +316,7 @@ def test_selective_forward_sends_an_endless_line_to_production_alone(serve, run)
 
 
 def test_selective_forward_from_a_config_file(serve, proxy):
-    production, shadow = serve(recording), serve(recording)
+    production, shadow = serve(recording()), serve(recording())
     proxied = proxy(production.address, shadow=[shadow.address],
                     hooks=str(EXAMPLES / "selective_forward.py"))
     client = proxied.connect()

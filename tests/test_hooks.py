@@ -15,7 +15,16 @@ from pathlib import Path
 import backends
 import gevent
 import pytest
-from backends import recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines, wait_until
+from backends import (
+    received,
+    recording,
+    recv_exactly,
+    recv_to_eof,
+    sees_eof,
+    unused_port,
+    wait_for_lines,
+    wait_until,
+)
 from gevent.event import Event
 
 import gproxyd
@@ -26,20 +35,6 @@ MiB = 1024 * 1024
 
 
 # --- fixtures and backends -----------------------------------------------------------------
-
-@pytest.fixture
-def serve():
-    """serve(handler) -> a started backends.Backend; all are stopped at the end."""
-    started = []
-
-    def start(handler, port: int = 0):
-        started.append(backends.Backend(handler, port=port))
-        return started[-1]
-
-    yield start
-    for server in reversed(started):
-        server.stop()
-
 
 @pytest.fixture
 def run(caplog):
@@ -61,28 +56,6 @@ def run(caplog):
 
 def connect(proxy, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(proxy.address, timeout=timeout)
-
-
-def recording(reply_each: bytes = b""):
-    """A handler keeping every byte it reads in conn.data; optionally answering each chunk
-    (reply_each=None: echo it)."""
-    def handle(conn):
-        conn.data = bytearray()
-        while True:
-            data = conn.sock.recv(65536)
-            if not data:
-                conn.eof.set()
-                return
-            conn.take(data)
-            conn.data += data
-            answer = data if reply_each is None else reply_each
-            if answer:
-                conn.sock.sendall(answer)
-    return handle
-
-
-def received(server) -> bytes:
-    return b"".join(bytes(getattr(conn, "data", b"")) for conn in server.conns)
 
 
 class Seen:
