@@ -42,69 +42,58 @@ def stats_document(source: StatsSource) -> dict:
             "routes": {name: stats.snapshot() for name, stats in source().items()}}
 
 
+# (RouteStats attribute, metric name, help): one gauge, then counters, per route.
+_ROUTE_METRICS = (
+    ("active", "gproxyd_connections_active", "Client connections open"),
+    ("total", "gproxyd_connections", "Client connections accepted"),
+    ("rejected", "gproxyd_connections_rejected",
+     "Client connections closed over max-connections"),
+    ("parser_fallbacks", "gproxyd_parser_fallbacks",
+     "Connections measured as tcp because the protocol could not be followed"),
+)
+# (BackendStats attribute, metric name, help, shadows only): counters per route and backend.
+_BACKEND_COUNTERS = (
+    ("requests", "gproxyd_requests", "Requests answered (for tcp routes: connections)", False),
+    ("errors", "gproxyd_errors",
+     "Failed requests: connect failures, resets, 5xx, error replies", False),
+    ("bytes_sent", "gproxyd_backend_sent_bytes", "Bytes written to the backend", False),
+    ("bytes_received", "gproxyd_backend_received_bytes", "Bytes read from the backend", False),
+    ("connect_failures", "gproxyd_connect_failures",
+     "Connections to the backend that failed", False),
+    ("dropped", "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
+     True),
+    ("mismatches", "gproxyd_shadow_mismatches", "Shadow answers that differ from production's",
+     True),
+)
+
+
 class _Collector:
     def __init__(self, source: StatsSource):
         self._source = source
 
     def collect(self):
-        labels = ["route", "backend"]
-        families = {
-            "requests": CounterMetricFamily(
-                "gproxyd_requests", "Requests answered (for tcp routes: connections)",
-                labels=labels),
-            "errors": CounterMetricFamily(
-                "gproxyd_errors", "Failed requests: connect failures, resets, 5xx, error replies",
-                labels=labels),
-            "sent": CounterMetricFamily(
-                "gproxyd_backend_sent_bytes", "Bytes written to the backend", labels=labels),
-            "received": CounterMetricFamily(
-                "gproxyd_backend_received_bytes", "Bytes read from the backend", labels=labels),
-            "connect_failures": CounterMetricFamily(
-                "gproxyd_connect_failures", "Connections to the backend that failed",
-                labels=labels),
-            "dropped": CounterMetricFamily(
-                "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
-                labels=labels),
-            "mismatches": CounterMetricFamily(
-                "gproxyd_shadow_mismatches", "Shadow answers that differ from production's",
-                labels=labels),
-            "latency": HistogramMetricFamily(
-                "gproxyd_request_duration_seconds", "Request latency per backend",
-                labels=labels),
-            "quantiles": Metric("gproxyd_request_latency_seconds",
-                                "Request latency quantiles per backend", "summary"),
-        }
-        active = GaugeMetricFamily("gproxyd_connections_active", "Client connections open",
-                                   labels=["route"])
-        total = CounterMetricFamily("gproxyd_connections", "Client connections accepted",
-                                    labels=["route"])
-        rejected = CounterMetricFamily("gproxyd_connections_rejected",
-                                       "Client connections closed over max-connections",
-                                       labels=["route"])
-        fallbacks = CounterMetricFamily("gproxyd_parser_fallbacks",
-                                        "Connections measured as tcp because the protocol "
-                                        "could not be followed", labels=["route"])
+        routes = [(GaugeMetricFamily if attr == "active" else CounterMetricFamily)(
+            name, doc, labels=["route"]) for attr, name, doc in _ROUTE_METRICS]
+        counters = [CounterMetricFamily(name, doc, labels=["route", "backend"])
+                    for _, name, doc, _ in _BACKEND_COUNTERS]
+        latency = HistogramMetricFamily("gproxyd_request_duration_seconds",
+                                        "Request latency per backend",
+                                        labels=["route", "backend"])
+        quantiles = Metric("gproxyd_request_latency_seconds",
+                           "Request latency quantiles per backend", "summary")
         for name, stats in self._source().items():
-            active.add_metric([name], stats.active)
-            total.add_metric([name], stats.total)
-            rejected.add_metric([name], stats.rejected)
-            fallbacks.add_metric([name], stats.parser_fallbacks)
+            for family, (attr, _, _) in zip(routes, _ROUTE_METRICS, strict=True):
+                family.add_metric([name], getattr(stats, attr))
             backends = [("production", stats.production)] + list(stats.shadows.items())
             for backend, numbers in backends:
-                key = [name, backend]
-                families["requests"].add_metric(key, numbers.requests)
-                families["errors"].add_metric(key, numbers.errors)
-                families["sent"].add_metric(key, numbers.bytes_sent)
-                families["received"].add_metric(key, numbers.bytes_received)
-                families["connect_failures"].add_metric(key, numbers.connect_failures)
-                if backend != "production":
-                    families["dropped"].add_metric(key, numbers.dropped)
-                    families["mismatches"].add_metric(key, numbers.mismatches)
+                for family, (attr, _, _, shadow_only) in zip(counters, _BACKEND_COUNTERS,
+                                                             strict=True):
+                    if backend != "production" or not shadow_only:
+                        family.add_metric([name, backend], getattr(numbers, attr))
                 histogram = numbers.latency
                 buckets = [(str(bound), histogram.count_below(bound)) for bound in _BUCKETS]
                 buckets.append(("+Inf", histogram.count))
-                families["latency"].add_metric(key, buckets, histogram.total)
-                quantiles = families["quantiles"]
+                latency.add_metric([name, backend], buckets, histogram.total)
                 where = {"route": name, "backend": backend}
                 for share in _QUANTILES:
                     quantiles.add_sample("gproxyd_request_latency_seconds",
@@ -114,8 +103,10 @@ class _Collector:
                                      histogram.count)
                 quantiles.add_sample("gproxyd_request_latency_seconds_sum", where,
                                      histogram.total)
-        yield from (active, total, rejected, fallbacks)
-        yield from families.values()
+        yield from routes
+        yield from counters
+        yield latency
+        yield quantiles
 
 
 class AdminServer:
