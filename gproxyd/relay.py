@@ -500,31 +500,22 @@ class Connecting:
 
 
 def connect(address: Address, timeout: float) -> Channel:
-    """Open a TCP or unix connection within `timeout` seconds; raise OSError if not.
-
-    Literal IP addresses go straight to connect(); only host names ask the resolver.
-    """
-    if address.numeric:
-        family, sockaddr = address.family, address.sockaddr
-    else:
+    """Open a TCP or unix connection within `timeout` seconds (blocks the calling
+    greenlet); raise OSError if not. Only host names ask the resolver."""
+    if not address.numeric:
         with gevent.Timeout(timeout, socket.timeout(errno.ETIMEDOUT, "connect timed out")):
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 address.host, address.port, 0, socket.SOCK_STREAM)[0]
-    channel = new_channel(family)
-    sock = channel.sock
+        address = Address(address.text, family, host=sockaddr[0], port=sockaddr[1])
+    waiter = Waiter()
+    connecting = Connecting(address, timeout, lambda *outcome: waiter.switch(outcome))
     try:
-        code = sock.connect_ex(sockaddr)
-        if code in (errno.EINPROGRESS, errno.EAGAIN):
-            with gevent.Timeout(timeout, False):
-                channel.wait_writable()
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code in (errno.EINPROGRESS, errno.EAGAIN):
-                code = errno.ETIMEDOUT
-        if code:
-            raise OSError(code, os.strerror(code))
-    except BaseException:
-        channel.close()
+        channel, error = waiter.get()
+    except BaseException:  # killed while connecting
+        connecting.cancel()
         raise
+    if error is not None:
+        raise error
     return channel
 
 

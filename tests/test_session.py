@@ -118,3 +118,14 @@ def test_counters_sum_over_sessions_and_track_the_live_ones(servers, proxy, capl
     production = proxied.stats.production
     assert (production.bytes_sent, production.bytes_received) == (15, 15)
     assert sorted(line["up"] for line in wait_for_lines(caplog, 5)) == [1, 2, 3, 4, 5]
+
+
+def test_a_host_name_production_is_resolved_and_served(proxy, servers):
+    backend = servers.echo()
+    port = backend.address.rsplit(":", 1)[1]
+    proxied = proxy(f"localhost:{port}")
+    client = proxied.connect()
+    client.sendall(b"by name")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b"by name"
+    client.close()
