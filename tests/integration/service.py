@@ -75,6 +75,14 @@ def exchange(port: int, payload: bytes = b"ping", timeout: float = 5.0,
             chunks.append(data)
 
 
+def live_connection(port: int, tag: bytes = b"a", first: bytes = b"1") -> socket.socket:
+    """A connection through the proxy to a TaggedEcho, proven open by one exchange."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(first)
+    assert sock.recv(100) == tag + b":" + first
+    return sock
+
+
 class NotifySocket:
     """A NOTIFY_SOCKET the way systemd offers one: a unix datagram socket."""
 

@@ -17,6 +17,7 @@ from service import (
     exchange,
     free_port,
     gproxyd_command,
+    live_connection,
     route_section,
     wait_until,
 )
@@ -106,9 +107,7 @@ def test_reload_reconciles_routes_without_failing_a_request(tmp_path, backends, 
         + route_section("added", added, b)
     daemon = daemons(tmp_path, first)
     daemon.start()
-    live = socket.create_connection(("127.0.0.1", changed), timeout=5)
-    live.sendall(b"before")
-    assert live.recv(100) == b"a:before"
+    live = live_connection(changed, first=b"before")
 
     results = {"ok": 0, "failed": []}
 
@@ -151,9 +150,7 @@ def test_removed_route_lets_live_connection_finish(tmp_path, backends, daemons):
     daemon = daemons(tmp_path, GLOBAL + route_section("keep", keep, a)
                      + route_section("gone", gone, a))
     daemon.start()
-    live = socket.create_connection(("127.0.0.1", gone), timeout=5)
-    live.sendall(b"1")
-    assert live.recv(10) == b"a:1"
+    live = live_connection(gone)
     daemon.write_config(GLOBAL + route_section("keep", keep, a))
     daemon.reload()
     with pytest.raises(ConnectionRefusedError):
@@ -180,9 +177,7 @@ def test_sigterm_drains_live_connections_and_refuses_new_ones(tmp_path, backends
     port = free_port()
     daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address))
     daemon.start()
-    live = socket.create_connection(("127.0.0.1", port), timeout=5)
-    live.sendall(b"1")
-    assert live.recv(10) == b"a:1"
+    live = live_connection(port)
     daemon.signal(signal.SIGTERM)
     daemon.wait_log("draining 1 live connection(s)")
     with pytest.raises(ConnectionRefusedError):
@@ -200,9 +195,7 @@ def test_second_sigterm_stops_at_once(tmp_path, backends, daemons):
     daemon = daemons(tmp_path, GLOBAL.replace("10s", "60s")
                      + route_section("web", port, backends["a"].address))
     daemon.start()
-    live = socket.create_connection(("127.0.0.1", port), timeout=5)
-    live.sendall(b"1")
-    assert live.recv(10) == b"a:1"
+    live = live_connection(port)
     daemon.signal(signal.SIGTERM)
     daemon.wait_log("draining 1 live connection(s)")
     daemon.signal(signal.SIGTERM)
@@ -216,9 +209,7 @@ def test_drain_timeout_closes_what_is_left(tmp_path, backends, daemons):
     daemon = daemons(tmp_path, GLOBAL.replace("10s", "300ms")
                      + route_section("web", port, backends["a"].address))
     daemon.start()
-    live = socket.create_connection(("127.0.0.1", port), timeout=5)
-    live.sendall(b"1")
-    assert live.recv(10) == b"a:1"
+    live = live_connection(port)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=10) == 0
     assert live.recv(10) == b""
