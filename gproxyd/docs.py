@@ -279,7 +279,10 @@ def render_man8() -> str:
               "response byte; with protocol = http each HTTP/1.x request is timed from "
               "fully sent to response complete (5xx counts as an error); with protocol = "
               "redis each command, pipelines included (error replies count as errors). A "
-              "shadow's clock starts when gproxyd wrote the request to it. A stream the "
+              "shadow's clock starts when gproxyd wrote the request to it (after "
+              "shadow-write-delay), and a request written while an earlier answer was "
+              "still owed is timed from when that answer was complete, so pipelined "
+              "requests are compared by the time the backend spent on each. A stream the "
               "parser cannot follow is measured as tcp from there on, and its bytes are "
               "relayed untouched."),
         ".PP",

@@ -6,8 +6,12 @@ with the bytes as they were written to that backend (`sent`) and as they came ba
 
 With `protocol = tcp` a "request" is the whole connection and its latency is the time
 to the first response byte. With a protocol framer (http, redis) each request is timed
-from the moment it was completely sent to the moment its response was complete. A
-stream the framer cannot follow falls back to tcp-level measurement.
+from the moment it was completely sent to the moment its response was complete; a
+request sent while the backend still owed an earlier answer (pipelined by the client,
+or written together with others after shadow-write-delay) is timed from the moment
+that earlier answer was complete, when the backend could start on it. So production
+and shadows are compared by their service times even when the bytes reached them in
+different bursts. A stream the framer cannot follow falls back to tcp-level measurement.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ _MAX_PENDING = 10_000
 
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
-                 "_connected", "_per_connection")
+                 "_connected", "_per_connection", "_answered")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str):
@@ -43,6 +47,7 @@ class Exchanges:
         # idle tcp connection should not carry an empty deque).
         self._pending: deque[float] | None = deque() if framers else None
         self._connected = monotonic()
+        self._answered = 0.0  # when the latest complete answer arrived
 
     @property
     def framed(self) -> bool:
@@ -111,11 +116,14 @@ class Exchanges:
             return
         now = monotonic()
         pending = self._pending
+        answered = self._answered
+        self._answered = now
         for _status, is_error in done:
             if not pending:
                 self._fall_back("a response nobody asked for")
                 return
-            self.stats.record(now - pending.popleft(), is_error)
+            sent = pending.popleft()
+            self.stats.record(now - (sent if sent > answered else answered), is_error)
 
     def _stop_framing(self) -> None:
         self._requests = self._responses = self._pending = None

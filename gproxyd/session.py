@@ -83,7 +83,8 @@ class Session:
                 ShadowSink(address, route.shadow_buffer, route.shadow_connect_timeout,
                            stats.shadow(address.text),
                            Exchanges(route.protocol, stats.shadow(address.text), stats,
-                                     f"{label} shadow {address}"), label, on_answer)
+                                     f"{label} shadow {address}"), label, on_answer,
+                           route.shadow_write_delay)
                 for address in route.shadow]
         if self.hooks:
             self.conn = Connection(route.name, peer,

@@ -242,6 +242,10 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "a fixed seed makes the choice repeatable.", "NUMBER"),
     Option("shadow-buffer", size, "4MiB",
            "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
+    Option("shadow-write-delay", duration, "5ms",
+           "Longest a client byte waits before it is written to a shadow; what arrives "
+           "meanwhile goes out in the same write, so a busy route makes far fewer shadow "
+           "writes. 0 writes each chunk at once. Production is never delayed.", "DURATION"),
     Option("shadow-connect-timeout", duration, "1s",
            "How long connecting to a shadow may take.", "DURATION"),
     Option("shadow-linger", duration, "5s",

@@ -1,10 +1,11 @@
 """ShadowSink: a bounded, isolated mirror of one client stream to one shadow backend.
 
 The session calls `feed()` with every client chunk and `finish()` at the client's EOF.
-Neither ever blocks or waits for the shadow: a chunk is written at once if the shadow's
-socket takes it, else queued; the queue holds at most `shadow-buffer` bytes, and a
-shadow that would overflow it is dropped (counted, logged once) while production
-carries on untouched. Connecting, flushing the queue and reading (and discarding) the
+Neither ever blocks or waits for the shadow: a chunk is queued, and written out with
+whatever else arrived within `shadow-write-delay` (one write for several requests, out
+of production's way); the queue holds at most `shadow-buffer` bytes, and a shadow that
+would overflow it is dropped (counted, logged once) while production carries on
+untouched. Connecting, flushing the queue and reading (and discarding) the
 shadow's answers are driven by libev callbacks on the shadow's own socket: no
 greenlet per shadow, so a healthy shadow costs little and a dead one nothing.
 """
@@ -27,6 +28,47 @@ from .stats import ShadowStats
 log = logging.getLogger("gproxyd.shadow")
 
 _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
+# The kernel's send buffer of a shadow socket (it doubles this). Left to autotuning it
+# grows to tcp_wmem's maximum (4 MiB): a stalled shadow would then be fed by a send()
+# per chunk, each copying into fresh kernel memory, until megabytes are queued there.
+# Capped, the kernel is full within a few hundred KiB, and from then on a chunk costs
+# an append to the shadow's own queue (no syscall) until shadow-buffer drops it.
+_SEND_BUFFER = 128 * 1024
+# Bytes waiting for the write delay that are written at once instead: a bulk stream
+# gains nothing from waiting, and waiting must never fill shadow-buffer by itself.
+_WRITE_NOW = 64 * 1024
+
+
+class _DelayedWrites:
+    """The shadows with bytes waiting to be written, flushed together by one timer.
+
+    One per write delay and event loop: a busy route arms one timer per delay period,
+    not one per connection, and each shadow then makes one write of everything its
+    client sent in that period.
+    """
+    _by_delay: dict[float, "_DelayedWrites"] = {}
+
+    def __init__(self, delay: float):
+        self._loop = gevent.get_hub().loop
+        self._timer = self._loop.timer(delay)
+        self._sinks: list[ShadowSink] = []
+
+    @classmethod
+    def for_delay(cls, delay: float) -> "_DelayedWrites":
+        batch = cls._by_delay.get(delay)
+        if batch is None or batch._loop is not gevent.get_hub().loop:
+            batch = cls._by_delay[delay] = cls(delay)
+        return batch
+
+    def add(self, sink: "ShadowSink") -> None:
+        if not self._sinks:
+            self._timer.start(self._flush)
+        self._sinks.append(sink)
+
+    def _flush(self) -> None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink._delay_over()
 
 
 class ShadowSink:
@@ -37,7 +79,8 @@ class ShadowSink:
     """
 
     def __init__(self, address: Address, limit: int, connect_timeout: float,
-                 stats: ShadowStats, observer: Exchanges, label: str, on_answer=None):
+                 stats: ShadowStats, observer: Exchanges, label: str, on_answer=None,
+                 write_delay: float = 0.0):
         self.address = address
         self.observer = observer
         self._limit = limit
@@ -45,6 +88,8 @@ class ShadowSink:
         self._label = label  # "route web client 1.2.3.4:5" for log lines
         self._queue: deque = deque()
         self._queued = 0
+        self._delayed = _DelayedWrites.for_delay(write_delay) if write_delay > 0 else None
+        self._waiting = False       # in self._delayed, to be written when the delay is over
         self._eof = False           # the client has sent EOF
         self._written_eof = False   # ...and it has been passed on to the shadow
         self._answered = False      # the shadow has sent EOF
@@ -74,8 +119,17 @@ class ShadowSink:
     # --- what the session calls ----------------------------------------------------------
 
     def feed(self, chunk) -> None:
-        """Write `chunk` to the shadow now, or queue a copy; drop the shadow if over."""
+        """Queue a copy of `chunk` for the shadow (or, with no write delay, write it
+        now if the shadow takes it); drop the shadow if its queue would overflow."""
         if not self.alive:
+            return
+        if self._delayed is not None:
+            if self._enqueue(chunk) and self.state == "open" and not self._blocked:
+                if self._queued >= _WRITE_NOW:
+                    self._write_queue()
+                elif not self._waiting:
+                    self._waiting = True
+                    self._delayed.add(self)
             return
         if self.state == "open" and not self._queue:
             sent = self._send(chunk)
@@ -83,20 +137,28 @@ class ShadowSink:
                 return
             chunk = chunk[sent:]
             self._channel._write_watcher.start(self._writable)
+        self._enqueue(chunk)
+
+    def _enqueue(self, chunk) -> bool:
         size = len(chunk)
         if self._queued + size > self._limit:
             self._stats.dropped += 1
             log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
                         self._label, self.address, self._limit)
             self._end("dropped")
-            return
+            return False
         self._queue.append(bytes(chunk))
         self._queued += size
+        return True
 
     def finish(self) -> None:
         """The client sent EOF: pass it on once the queue is written out."""
         self._eof = True
-        if self.state == "open" and not self._queue:
+        if self.state != "open" or self._blocked:
+            return  # connecting, gone, or the writer passes the EOF on when it is done
+        if self._queue:
+            self._write_queue()  # nothing more is coming: no point waiting for the delay
+        else:
             self._pass_eof()
 
     def linger(self, timeout: float) -> None:
@@ -143,6 +205,12 @@ class ShadowSink:
 
     def _opened(self) -> None:
         self.state = "open"
+        if self._channel.sock.family != socket.AF_UNIX:
+            try:
+                self._channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                              _SEND_BUFFER)
+            except OSError:
+                pass
         self._channel._read_watcher.start(self._readable)
         if self._queue:
             self._channel._write_watcher.start(self._writable)
@@ -167,6 +235,27 @@ class ShadowSink:
             if self.observer.framed:
                 self.observer.sent(data[:sent])
         return sent
+
+    @property
+    def _blocked(self) -> bool:
+        """Waiting for the shadow to take what it has been given (its writer runs)."""
+        return self._channel._write_watcher.active
+
+    def _delay_over(self) -> None:
+        self._waiting = False
+        if self.state == "open" and not self._blocked:
+            self._write_queue()
+
+    def _write_queue(self) -> None:
+        """Write what queued up, in one piece; the writer takes over what is left."""
+        queue = self._queue
+        if len(queue) > 1:
+            joined = b"".join(queue)
+            queue.clear()
+            queue.append(joined)
+        self._writable()
+        if queue and self.alive:
+            self._channel._write_watcher.start(self._writable)
 
     def _writable(self) -> None:
         queue = self._queue

@@ -41,6 +41,7 @@ class Conn:
         self.sock = sock
         self.hasher = hashlib.sha256()
         self.received = 0
+        self.reads: list[int] = []  # the size of each recv, in order
         self.sent = 0
         self.eof = Event()       # the client's EOF arrived
         self.done = Event()      # the handler returned (the socket is closed)
@@ -54,6 +55,7 @@ class Conn:
     def take(self, data: bytes) -> None:
         self.hasher.update(data)
         self.received += len(data)
+        self.reads.append(len(data))
 
     def read_to_eof(self, reply_each: bytes = b"") -> None:
         while True:

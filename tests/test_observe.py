@@ -98,6 +98,25 @@ def test_http_pipelined_requests_are_paired_in_order(proxy, http_servers):
     assert proxied.stats.parser_fallbacks == 0
 
 
+def test_pipelined_requests_are_timed_from_when_the_backend_could_start_on_them(
+        proxy, http_servers):
+    """Four requests in one write to a server taking 0.1 s each: the fourth answer
+    comes 0.4 s after it was sent, but the server spent 0.1 s on it, as on each."""
+    production = http_servers("p", delay=0.1)
+    proxied = proxy(production.address, protocol="http")
+    pipeline = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3))
+    pipeline += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    client = proxied.connect()
+    client.sendall(pipeline)
+    answers = recv_to_eof(client)
+    client.close()
+    assert answers.count(b"HTTP/1.1 200") == 4
+    settle(proxied, 4)
+    latency = proxied.stats.production.latency
+    assert latency.percentile(0.01) >= 0.09
+    assert latency.percentile(1.0) < 0.25, "a request was timed from when it was sent"
+
+
 def test_http_chunked_head_and_5xx(proxy, servers):
     """A raw server: a chunked answer, a HEAD answer with Content-Length but no body, a 503."""
     def handler(conn):

@@ -17,6 +17,7 @@ import pytest
 from backends import (
     hash_to_eof,
     peer_closed,
+    recv_exactly,
     recv_to_eof,
     sha256,
     unused_port,
@@ -57,11 +58,13 @@ def exchange(proxied, data: bytes) -> tuple[str, int]:
     return answer
 
 
+@pytest.mark.parametrize("write_delay", ["5ms", "0"])
 def test_production_and_every_shadow_get_the_exact_stream_and_its_eof(
-        servers, proxy, caplog):
+        servers, proxy, caplog, write_delay):
     production = servers.sink(reply_at_eof=b"done")
     first, second = servers.sink(), servers.sink()
-    proxied = proxy(production, shadow=[first, second], shadow_buffer="64MiB")
+    proxied = proxy(production, shadow=[first, second], shadow_buffer="64MiB",
+                    shadow_write_delay=write_delay)
     data = os.urandom(16 * MiB)
 
     assert exchange(proxied, data) == (sha256(b"done"), 4)
@@ -181,6 +184,51 @@ def test_a_healthy_shadow_keeps_up_with_a_client_sending_at_full_speed(
     assert exchange(proxied, data) == (sha256(b""), 0)
     line, = wait_for_lines(caplog)
     assert line["shadows"] == {shadow.address: "done"}
+    assert proxied.shadow_stats(shadow).dropped == 0
+    assert shadow.conns[0].sha256 == sha256(data)
+
+
+# --- shadow-write-delay --------------------------------------------------------------------
+
+def test_what_arrives_within_the_write_delay_reaches_the_shadow_in_one_write(
+        servers, proxy, caplog):
+    """Production answers each request at once; the shadow gets all three requests
+    together, in one write, after shadow-write-delay."""
+    production, shadow = servers.echo(), servers.sink()
+    proxied = proxy(production, shadow=[shadow], shadow_write_delay="1s")
+    client = proxied.connect()
+    requests = [b"first request\n", b"second request\n", b"third request\n"]
+    for request in requests:
+        client.sendall(request)
+        assert recv_exactly(client, len(request)) == request
+    connected = wait_until(lambda: shadow.conns and shadow.conns[0])
+    assert connected.received == 0, "the shadow got bytes before the write delay was over"
+
+    wait_until(lambda: connected.received == len(b"".join(requests)), timeout=5,
+               what="the delayed write at the shadow")
+    assert connected.reads == [len(b"".join(requests))]
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b""
+    client.close()
+    assert connected.eof.wait(5)
+    assert connected.sha256 == sha256(b"".join(requests))
+    line, = wait_for_lines(caplog)
+    assert line["shadows"] == {shadow.address: "done"}
+
+
+def test_a_bulk_stream_and_the_eof_are_not_held_back_by_the_write_delay(
+        servers, proxy, caplog):
+    """Past 64 KiB waiting, bytes go to the shadow at once, and the client's EOF sends
+    the rest: with a delay far longer than the transfer, 32 MiB at full speed pass
+    without filling shadow-buffer (4 MiB), and the shadow is done well before it."""
+    production, shadow = servers.sink(), servers.sink()
+    proxied = proxy(production, shadow=[shadow], shadow_write_delay="30s")
+    data = os.urandom(32 * MiB)
+
+    assert exchange(proxied, data) == (sha256(b""), 0)
+    line, = wait_for_lines(caplog, timeout=10)
+    assert line["shadows"] == {shadow.address: "done"}
+    assert line["duration"] < 30, "the shadow's last bytes waited for the write delay"
     assert proxied.shadow_stats(shadow).dropped == 0
     assert shadow.conns[0].sha256 == sha256(data)
 
