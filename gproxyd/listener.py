@@ -107,6 +107,12 @@ class _Server(StreamServer):
 
     _last_warning = 0.0
 
+    def __init__(self, listening: socket.socket, handle, **kwargs):
+        super().__init__(listening, handle, **kwargs)
+        # Plain ints, read once: socket.socket's family and type properties build an
+        # enum at every access, which would be once per accepted connection.
+        self._family, self._type = int(listening.family), int(listening.type)
+
     def do_close(self, sock, *args) -> None:
         # gevent closes the client socket when the handler returns; here the Session
         # owns it and may outlive the handler (libev callbacks relay it).
@@ -122,8 +128,7 @@ class _Server(StreamServer):
                 raise
             self._pause_accepting(error)
             return None
-        listening = self.socket
-        return _socket.socket(listening.family, listening.type, 0, fd), address
+        return _socket.socket(self._family, self._type, 0, fd), address
 
     def _pause_accepting(self, error: OSError) -> None:
         # Accepting again at once would spin: the pending connection stays readable.
