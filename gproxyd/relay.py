@@ -125,7 +125,7 @@ def _closed_error() -> OSError:
     return OSError(errno.EBADF, "socket closed while in use")
 
 
-class _FreeList:
+class FreeList:
     """Spare pipes or buffers, shared by all connections of the process."""
 
     def __init__(self, make: Callable, drop: Callable = lambda item: None):
@@ -164,8 +164,8 @@ def _make_buffer() -> tuple[bytearray, memoryview]:
     return buffer, memoryview(buffer)
 
 
-_pipes = _FreeList(_make_pipe, _close_pipe)
-_buffers = _FreeList(_make_buffer)
+_pipes = FreeList(_make_pipe, _close_pipe)
+_buffers = FreeList(_make_buffer)
 
 
 class Counter:

@@ -12,8 +12,10 @@ greenlet per shadow, so a healthy shadow costs little and a dead one nothing.
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 from collections import deque
+from itertools import islice
 from time import monotonic
 
 import gevent
@@ -21,7 +23,15 @@ from gevent.event import Event
 from gevent.queue import SimpleQueue
 
 from .observe import Exchanges
-from .relay import Channel, Connecting, Counter, connect, discard_buffer, is_disconnect
+from .relay import (
+    Channel,
+    Connecting,
+    Counter,
+    FreeList,
+    connect,
+    discard_buffer,
+    is_disconnect,
+)
 from .settings import Address
 from .stats import ShadowStats
 
@@ -37,6 +47,104 @@ _SEND_BUFFER = 128 * 1024
 # Bytes waiting for the write delay that are written at once instead: a bulk stream
 # gains nothing from waiting, and waiting must never fill shadow-buffer by itself.
 _WRITE_NOW = 64 * 1024
+
+
+_BLOCK = 64 * 1024
+_MOST_PER_WRITE = 64  # queued pieces in one sendmsg()
+# A block that is not kept as a spare is simply let go: the last reference to an mmap
+# unmaps it, so its memory goes back to the system at once.
+_spare_blocks = FreeList(lambda: mmap.mmap(-1, _BLOCK))
+
+
+class _Block:
+    """64 KiB of anonymous memory being filled (at end) and drained (from start)."""
+    __slots__ = ("memory", "start", "end")
+
+    def __init__(self):
+        self.memory = _spare_blocks.take()
+        self.start = self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def fill(self, data: memoryview) -> int:
+        count = min(_BLOCK - self.end, len(data))
+        self.memory[self.end:self.end + count] = data[:count]
+        self.end += count
+        return count
+
+    def view(self) -> memoryview:
+        return memoryview(self.memory)[self.start:self.end]
+
+    def release(self) -> None:
+        _spare_blocks.give(self.memory)
+        self.memory = None
+
+
+class _Queue:
+    """The bytes one shadow has not taken yet, in order.
+
+    A shadow that keeps up never has more than a write delay's worth waiting: those
+    pieces stay small bytes objects, cheap to make, written together by one sendmsg().
+    Past _WRITE_NOW waiting, the shadow is behind, and the rest goes into 64 KiB blocks
+    of anonymous memory (mmap): freed heap objects would leave the process's heap
+    fragmented at the peak of every past stall, while blocks are reused or unmapped as
+    soon as they are drained, or the shadow dropped.
+    """
+    __slots__ = ("_pieces", "size")
+
+    def __init__(self):
+        self._pieces: deque = deque()   # bytes, and then _Blocks
+        self.size = 0
+
+    def append(self, data) -> None:
+        """Copy `data` (any bytes-like object) in at the end."""
+        if not len(data):
+            return
+        pieces = self._pieces
+        if self.size < _WRITE_NOW:
+            self.size += len(data)
+            pieces.append(bytes(data))
+            return
+        view = memoryview(data)
+        self.size += len(view)
+        while view:
+            last = pieces[-1]
+            if type(last) is not _Block or last.end == _BLOCK:
+                last = _Block()
+                pieces.append(last)
+            view = view[last.fill(view):]
+
+    def pieces(self) -> list:
+        """The first waiting pieces, in order (up to _MOST_PER_WRITE of them), to be
+        written with one sendmsg(); use them before the next consume() or clear()."""
+        return [piece if type(piece) is bytes else piece.view()
+                for piece in islice(self._pieces, _MOST_PER_WRITE)]
+
+    def consume(self, count: int) -> None:
+        """The first `count` waiting bytes were written: forget them."""
+        self.size -= count
+        pieces = self._pieces
+        while count:
+            piece = pieces[0]
+            size = len(piece)
+            if count < size:
+                if type(piece) is bytes:
+                    pieces[0] = piece[count:]
+                else:
+                    piece.start += count
+                return
+            count -= size
+            pieces.popleft()
+            if type(piece) is _Block:
+                piece.release()
+
+    def clear(self) -> None:
+        for piece in self._pieces:
+            if type(piece) is _Block:
+                piece.release()
+        self._pieces.clear()
+        self.size = 0
 
 
 class _DelayedWrites:
@@ -86,8 +194,7 @@ class ShadowSink:
         self._limit = limit
         self._stats = stats
         self._label = label  # "route web client 1.2.3.4:5" for log lines
-        self._queue: deque = deque()
-        self._queued = 0
+        self._queue = _Queue()
         self._delayed = _DelayedWrites.for_delay(write_delay) if write_delay > 0 else None
         self._waiting = False       # in self._delayed, to be written when the delay is over
         self._eof = False           # the client has sent EOF
@@ -125,13 +232,13 @@ class ShadowSink:
             return
         if self._delayed is not None:
             if self._enqueue(chunk) and self.state == "open" and not self._blocked:
-                if self._queued >= _WRITE_NOW:
+                if self._queue.size >= _WRITE_NOW:
                     self._write_queue()
                 elif not self._waiting:
                     self._waiting = True
                     self._delayed.add(self)
             return
-        if self.state == "open" and not self._queue:
+        if self.state == "open" and not self._queue.size:
             sent = self._send(chunk)
             if sent is None or sent == len(chunk):
                 return
@@ -141,14 +248,13 @@ class ShadowSink:
 
     def _enqueue(self, chunk) -> bool:
         size = len(chunk)
-        if self._queued + size > self._limit:
+        if self._queue.size + size > self._limit:
             self._stats.dropped += 1
             log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
                         self._label, self.address, self._limit)
             self._end("dropped")
             return False
-        self._queue.append(bytes(chunk))
-        self._queued += size
+        self._queue.append(chunk)
         return True
 
     def finish(self) -> None:
@@ -156,7 +262,7 @@ class ShadowSink:
         self._eof = True
         if self.state != "open" or self._blocked:
             return  # connecting, gone, or the writer passes the EOF on when it is done
-        if self._queue:
+        if self._queue.size:
             self._write_queue()  # nothing more is coming: no point waiting for the delay
         else:
             self._pass_eof()
@@ -212,7 +318,7 @@ class ShadowSink:
             except OSError:
                 pass
         self._channel._read_watcher.start(self._readable)
-        if self._queue:
+        if self._queue.size:
             self._channel._write_watcher.start(self._writable)
         elif self._eof:
             self._pass_eof()
@@ -220,9 +326,13 @@ class ShadowSink:
     # --- writing ---------------------------------------------------------------------------
 
     def _send(self, data) -> int | None:
-        """One non-blocking write; the count sent, or None if the shadow broke."""
+        """One non-blocking write of a bytes-like object or of a list of them; the count
+        sent, or None if the shadow broke."""
         try:
-            sent = self._channel.sock.send(data)
+            if isinstance(data, list):
+                sent = self._channel.sock.sendmsg(data)
+            else:
+                sent = self._channel.sock.send(data)
         except BlockingIOError:
             return 0
         except OSError as error:
@@ -233,7 +343,12 @@ class ShadowSink:
                 self.sent.first = monotonic()
             self.sent.bytes += sent
             if self.observer.framed:
-                self.observer.sent(data[:sent])
+                left = sent
+                for part in data if isinstance(data, list) else (data,):
+                    self.observer.sent(part[:left])
+                    left -= len(part)
+                    if left <= 0:
+                        break
         return sent
 
     @property
@@ -247,28 +362,21 @@ class ShadowSink:
             self._write_queue()
 
     def _write_queue(self) -> None:
-        """Write what queued up, in one piece; the writer takes over what is left."""
-        queue = self._queue
-        if len(queue) > 1:
-            joined = b"".join(queue)
-            queue.clear()
-            queue.append(joined)
+        """Write what queued up; the writer takes over what the shadow does not take."""
         self._writable()
-        if queue and self.alive:
+        if self._queue.size and self.alive:
             self._channel._write_watcher.start(self._writable)
 
     def _writable(self) -> None:
         queue = self._queue
-        while queue:
-            data = queue[0]
-            sent = self._send(data)
+        while queue.size:
+            pieces = queue.pieces()
+            sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
             if sent is None:
                 return
-            self._queued -= sent
-            if sent < len(data):
-                queue[0] = data[sent:]
+            queue.consume(sent)
+            if sent < sum(map(len, pieces)):
                 return
-            queue.popleft()
         self._channel._write_watcher.stop()
         if self._eof:
             self._pass_eof()
@@ -354,7 +462,6 @@ class ShadowSink:
         connected = self.state == "open"
         self.state = state
         self._queue.clear()
-        self._queued = 0
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None

@@ -24,6 +24,10 @@ from backends import (
     wait_for_lines,
     wait_until,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gproxyd.shadow import _Queue
 
 MiB = 1024 * 1024
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,3 +403,34 @@ def test_shadow_linger_is_one_deadline_for_all_shadows_not_one_each(servers, pro
     line, = wait_for_lines(caplog, timeout=5)
     assert 0.5 <= line["duration"] < 1.0, (
         f"the session lingered {line['duration']}s for shadow-linger = 0.5s")
+
+
+# --- the shadow queue -------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "write"]),
+                          st.integers(min_value=0, max_value=200_000)), max_size=40))
+def test_the_shadow_queue_gives_back_exactly_what_went_in_in_order(steps):
+    """Appends of any size (small pieces, then 64 KiB blocks past 64 KiB waiting), and
+    writes of any part of what pieces() offers (as a partial send() would), keep the
+    bytes exact and in order."""
+    queue, expected, written, counter = _Queue(), bytearray(), bytearray(), 0
+    for action, size in steps:
+        if action == "append":
+            data = bytes((counter + i) % 251 for i in range(size))
+            counter += size
+            queue.append(memoryview(data))
+            expected += data
+        elif queue.size:
+            offered = b"".join(bytes(piece) for piece in queue.pieces())
+            assert offered == expected[len(written):len(written) + len(offered)]
+            count = min(size, len(offered))
+            written += offered[:count]
+            queue.consume(count)
+        assert queue.size == len(expected) - len(written)
+    while queue.size:
+        offered = b"".join(bytes(piece) for piece in queue.pieces())
+        written += offered
+        queue.consume(len(offered))
+    assert written == expected
+    assert queue.pieces() == []
