@@ -41,7 +41,7 @@ LONG_RUN_CONNECTIONS = 10
 TOOLS = ("haproxy", "nginx", "wrk", "iperf3")
 
 SECTIONS = ("small", "large", "bulk", "connect", "memory", "shadow", "observer",
-            "shadow-matrix")
+            "shadow-matrix", "workers")
 SECTION_HELP = {
     "small": "1. ~100-byte responses over keep-alive, wrk -c50: req/s, p50, p99, proxy CPU/req",
     "large": "2. 1 MiB responses, wrk -c10: MiB/s",
@@ -52,6 +52,8 @@ SECTION_HELP = {
     "observer": "7. small and connect again with protocol = http, and with a no-op hook",
     "shadow-matrix": "shadow issue: no/healthy/stalled/dead shadow at a fixed rate and at "
                      "saturation, ~1 KiB POSTs, RSS over a long stalled run",
+    "workers": "workers = 1 against workers = 2 where the proxy is the bottleneck "
+               "(protocol = http, small keep-alive): req/s and proxy CPU/req",
 }
 
 
@@ -293,6 +295,8 @@ class WrkResult:
     cpu_seconds: float | None = None   # of the proxy's process tree during the run
     rss_kib: list[int] = field(default_factory=list)  # proxy tree RSS, one sample a second
     queued: list[tuple[int, int, int]] = field(default_factory=list)  # shadow_queues() each s
+    # CPU seconds during the run of the other processes: each nginx, and wrk itself
+    others_cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -323,6 +327,7 @@ class Bench:
         self.scripts: dict[tuple, str] = {}
         self.targets: dict[str, Target] = {}
         self.nginx_port = self.shadow_nginx_port = self.iperf_port = 0
+        self.nginx_pids: dict[str, int] = {}   # "nginx", "nginx-shadow" -> pid
         self.stall_port = self.echo_port = self.dead_port = 0
         self.iperf_proc: subprocess.Popen | None = None
         self.stall_proc: subprocess.Popen | None = None
@@ -380,6 +385,7 @@ class Bench:
             name, ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
             cpus=self.load_cpus)
         wait_listening([port], proc, log)
+        self.nginx_pids[name] = proc.pid
         return port
 
     def start_python_server(self, kind: str) -> int:
@@ -419,12 +425,16 @@ class Bench:
         if self.wants("shadow-matrix"):
             variants.append(("gproxyd+dead", "gproxyd, shadow port closed (refused)",
                              [f"shadow = 127.0.0.1:{self.dead_port}"], False))
-        if self.wants("observer"):
+        if self.wants("observer", "workers"):
             variants.append(("gproxyd+http", "gproxyd, protocol = http (observer)",
                              ["protocol = http"], False))
+        if self.wants("observer"):
             variants.append(("gproxyd+hook", "gproxyd, hooks = bench/noop_hook.py "
                              "(on_data and on_response return the bytes unchanged)",
                              [f"hooks = {os.path.join(BENCH_DIR, 'noop_hook.py')}"], False))
+        if self.wants("workers"):
+            variants.append(("gproxyd+http+2w", "gproxyd, protocol = http, workers = 2",
+                             ["protocol = http"], False))
         for name, description, extra, all_routes in variants:
             target = Target(name, description)
             if name == "gproxyd+stalled":
@@ -434,7 +444,8 @@ class Bench:
                 target.error = gproxyd_error
                 continue
             try:
-                self.start_gproxyd(target, extra, all_routes)
+                self.start_gproxyd(target, extra, all_routes,
+                                   ["workers = 2"] if name.endswith("+2w") else [])
             except BenchError as error:
                 target.error = str(error)
 
@@ -469,7 +480,8 @@ class Bench:
             target.error = str(error)
         return target
 
-    def start_gproxyd(self, target: Target, extra: list[str], all_routes: bool) -> None:
+    def start_gproxyd(self, target: Target, extra: list[str], all_routes: bool,
+                      global_lines: list[str]) -> None:
         target.http_port = free_port()
         routes = [("http", target.http_port, self.nginx_port, extra)]
         if all_routes:
@@ -479,7 +491,7 @@ class Bench:
             if self.echo_port:
                 target.hold_port = free_port()
                 routes.append(("hold", target.hold_port, self.echo_port, []))
-        text = [GPROXYD_GLOBAL]
+        text = [GPROXYD_GLOBAL + "".join(line + "\n" for line in global_lines)]
         for name, listen, production, lines in routes:
             text.append(GPROXYD_ROUTE.format(name=name, listen=listen, production=production))
             text.extend(line + "\n" for line in lines)
@@ -586,6 +598,8 @@ class Bench:
         argv.append(f"http://127.0.0.1:{target.http_port}{path}")
         pid = target.pid
         cpu_before = tree_cpu_seconds(pid) if pid else 0.0
+        others_before = {name: tree_cpu_seconds(p) for name, p in self.nginx_pids.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         rss: list[int] = []
         queued: list[tuple[int, int, int]] = []
         out_path = os.path.join(self.workdir, "wrk.out")
@@ -612,6 +626,12 @@ class Bench:
                 proc.kill()
                 proc.wait(5)
         cpu = tree_cpu_seconds(pid) - cpu_before if pid else None
+        others = {name: tree_cpu_seconds(p) - others_before[name]
+                  for name, p in self.nginx_pids.items()}
+        # wrk is the only child reaped during the run: the rest run until the end.
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        others["wrk"] = (reaped.ru_utime + reaped.ru_stime
+                         - children.ru_utime - children.ru_stime)
         with open(out_path, errors="replace") as handle:
             output = handle.read()
         match = re.search(r"^BENCH-RESULT (\{.*\})$", output, re.M)
@@ -624,7 +644,7 @@ class Bench:
             raise BenchError(f"no request completed ({errors} errors)")
         return WrkResult(int(data["requests"]), data["duration_us"] / 1e6, int(data["bytes"]),
                          int(errors), data["p50_us"] / 1000, data["p99_us"] / 1000, cpu, rss,
-                         queued)
+                         queued, others)
 
     # -- sections
 
@@ -714,9 +734,13 @@ class Bench:
                            connections: int = 50) -> dict[str, Any]:
         result = self.wrk(target, "/post", connections, seconds or self.args.duration,
                           self.wrk_script("POST", POST_BODY_SIZE))
+        # Where the two CPUs went, per request: the proxy, production's and the healthy
+        # shadow's nginx, and wrk (what a shadow costs besides the proxy's own work).
+        budget = {f"cpu_us_{name.replace('-', '_')}": _per(seconds_used, result.requests)
+                  for name, seconds_used in result.others_cpu.items()}
         return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                "errors": result.errors, **_rss_summary(result.rss_kib),
-                **_queue_summary(result.queued)}
+                "errors": result.errors, "cpu_us": _per(result.cpu_seconds, result.requests),
+                **budget, **_rss_summary(result.rss_kib), **_queue_summary(result.queued)}
 
     def run(self) -> None:
         only = self.args.only
@@ -726,7 +750,8 @@ class Bench:
             variants += ["gproxyd+healthy", "gproxyd+stalled"]
         if "observer" in only:
             variants += ["gproxyd+http", "gproxyd+hook"]
-        self.warm_up(base + variants)
+        workers = ["gproxyd+http", "gproxyd+http+2w"] if "workers" in only else []
+        self.warm_up(base + variants + [name for name in workers if name not in variants])
         if only & {"small", "shadow", "observer"}:
             self.interleaved("small", base + variants, self.measure_small)
         if "large" in only:
@@ -747,6 +772,8 @@ class Bench:
             long_runs = ["gproxyd+stalled"] if self.args.quick else ["gproxyd", "gproxyd+stalled"]
             self.interleaved("long", long_runs, lambda target: self.measure_saturation(
                 target, self.args.stall_seconds, LONG_RUN_CONNECTIONS), 1)
+        if workers:
+            self.interleaved("workers", workers, self.measure_small)
 
     def warm_up(self, names: list[str]) -> None:
         for name in names:
@@ -1027,6 +1054,11 @@ MATRIX_ROWS = (
     Row("saturation.p50_ms", "saturation: p50 ms", 3),
     Row("saturation.p99_ms", "saturation: p99 ms", 3),
     Row("saturation.errors", "saturation: wrk errors", ratios=False),
+    Row("saturation.cpu_us", "saturation: CPU us/req, gproxyd", 1),
+    Row("saturation.cpu_us_nginx", "saturation: CPU us/req, production nginx", 1),
+    Row("saturation.cpu_us_nginx_shadow", "saturation: CPU us/req, shadow nginx", 1,
+        ratios=False),
+    Row("saturation.cpu_us_wrk", "saturation: CPU us/req, wrk", 1),
     Row("saturation.rss_growth_kib", "saturation: proxy RSS growth in one run, KiB",
         ratios=False),
     Row("saturation.kernel_queued_per_conn_kib",
@@ -1080,6 +1112,23 @@ def matrix_table(bench: Bench) -> list[list[str]]:
         values = [bench.median(name, row.metric) for name, _ in MATRIX]
         rows.append([row.label] + [fmt(v, row.digits) for v in values]
                     + [ratio(v, values[0]) if row.ratios else "" for v in values[1:]])
+    return rows
+
+
+WORKERS = (("gproxyd+http", "workers = 1"), ("gproxyd+http+2w", "workers = 2"))
+WORKERS_ROWS = (
+    Row("workers.rps", "small keep-alive (wrk -c50): req/s"),
+    Row("workers.p99_ms", "small keep-alive: p99 ms", 3),
+    Row("workers.cpu_us", "proxy CPU us/req (all processes)", 1),
+)
+
+
+def workers_table(bench: Bench) -> list[list[str]]:
+    rows = [["metric (median), protocol = http"] + [label for _, label in WORKERS]
+            + ["2/1"]]
+    for row in WORKERS_ROWS:
+        one, two = (bench.median(name, row.metric) for name, _ in WORKERS)
+        rows.append([row.label, fmt(one, row.digits), fmt(two, row.digits), ratio(two, one)])
     return rows
 
 
@@ -1257,6 +1306,13 @@ def report(bench: Bench, elapsed: float) -> str:
                markdown_table(matrix_table(bench)), "",
                f"Long runs ({args.stall_seconds:g} s):", ""]
         md += [f"- {line}" for line in long_run_lines(bench)] or ["- n/a"]
+    if "workers" in args.only:
+        md += ["", "## workers = N", "",
+               "The same route (protocol = http, whose observer makes the proxy's own work "
+               "the bottleneck at one process) with workers = 1 and workers = 2 "
+               "(SO_REUSEPORT, one master). On a machine whose load generator and backend "
+               "also need the CPUs, the second worker can only use what they leave free.",
+               "", markdown_table(workers_table(bench))]
     md += ["", "## Notes", ""]
     md += [f"- {note}" for note in bench.notes] or ["- none"]
     if not args.haproxy_splice:
@@ -1376,6 +1432,9 @@ def main(argv: list[str]) -> int:
         print(text_table(matrix_table(bench)))
         for line in long_run_lines(bench):
             print(line)
+    if "workers" in args.only:
+        print()
+        print(text_table(workers_table(bench)))
     if bench.notes:
         print("\nnotes:\n" + "\n".join(f"- {note}" for note in bench.notes))
     print(f"\nwrote {os.path.relpath(args.output)} ({elapsed / 60:.1f} minutes)")
