@@ -425,6 +425,10 @@ class Bench:
         if self.wants("shadow-matrix"):
             variants.append(("gproxyd+dead", "gproxyd, shadow port closed (refused)",
                              [f"shadow = 127.0.0.1:{self.dead_port}"], False))
+            variants.append(("gproxyd+batched", "gproxyd, shadow = a second nginx, "
+                             "shadow-write-delay = 5ms",
+                             [f"shadow = 127.0.0.1:{self.shadow_nginx_port}",
+                              "shadow-write-delay = 5ms"], False))
         if self.wants("observer", "workers"):
             variants.append(("gproxyd+http", "gproxyd, protocol = http (observer)",
                              ["protocol = http"], False))
@@ -763,7 +767,7 @@ class Bench:
         if "memory" in only:
             self.interleaved("memory", ["haproxy", "gproxyd"], self.measure_memory)
         if "shadow-matrix" in only:
-            matrix = ["gproxyd", "gproxyd+healthy", "gproxyd+stalled", "gproxyd+dead"]
+            matrix = [name for name, _ in MATRIX]
             self.interleaved("fixed", matrix, self.measure_fixed_rate)
             self.interleaved("saturation", matrix, self.measure_saturation)
             # Ten connections, not fifty: each then carries five times the bytes, so the
@@ -1044,7 +1048,8 @@ VARIANT_LABELS = {"gproxyd+healthy": ("healthy shadow", "shadow"),
                   "gproxyd+http": ("http observer", "observer"),
                   "gproxyd+hook": ("no-op hook", "observer")}
 MATRIX = (("gproxyd", "a) none"), ("gproxyd+healthy", "b) healthy"),
-          ("gproxyd+stalled", "c) stalled"), ("gproxyd+dead", "d) dead"))
+          ("gproxyd+stalled", "c) stalled"), ("gproxyd+dead", "d) dead"),
+          ("gproxyd+batched", "e) healthy, 5ms"))
 MATRIX_ROWS = (
     Row("fixed.rps", "fixed rate: achieved req/s"),
     Row("fixed.p50_ms", "fixed rate: p50 ms", 3),
@@ -1107,7 +1112,7 @@ def main_table(bench: Bench) -> list[list[str]]:
 
 def matrix_table(bench: Bench) -> list[list[str]]:
     rows = [["metric (median), ~1 KiB POSTs"] + [label for _, label in MATRIX]
-            + ["b/a", "c/a", "d/a"]]
+            + [f"{label[0]}/a" for _, label in MATRIX[1:]]]
     for row in MATRIX_ROWS:
         values = [bench.median(name, row.metric) for name, _ in MATRIX]
         rows.append([row.label] + [fmt(v, row.digits) for v in values]

@@ -242,10 +242,13 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "a fixed seed makes the choice repeatable.", "NUMBER"),
     Option("shadow-buffer", size, "4MiB",
            "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
-    Option("shadow-write-delay", duration, "5ms",
-           "Longest a client byte waits before it is written to a shadow; what arrives "
-           "meanwhile goes out in the same write, so a busy route makes far fewer shadow "
-           "writes. 0 writes each chunk at once. Production is never delayed.", "DURATION"),
+    Option("shadow-write-delay", duration, "0",
+           "Longest a client byte may wait before it is written to a shadow; what the same "
+           "client sends meanwhile goes out in the same write. 0 (the default) writes each "
+           "chunk to the shadows right after production, which keeps production's latency "
+           "lowest below saturation. A few ms (e.g. 5ms) makes far fewer shadow writes and "
+           "lets a saturated route keep more of its throughput, at some latency cost "
+           "below saturation when the shadow shares production's CPUs.", "DURATION"),
     Option("shadow-connect-timeout", duration, "1s",
            "How long connecting to a shadow may take.", "DURATION"),
     Option("shadow-linger", duration, "5s",

@@ -2,8 +2,8 @@
 
 The session calls `feed()` with every client chunk and `finish()` at the client's EOF.
 Neither ever blocks or waits for the shadow: a chunk is queued, and written out with
-whatever else arrived within `shadow-write-delay` (one write for several requests, out
-of production's way); the queue holds at most `shadow-buffer` bytes, and a shadow that
+whatever else the same client sent within `shadow-write-delay` (one write for several
+requests, out of production's way); the queue holds at most `shadow-buffer` bytes, and a shadow that
 would overflow it is dropped (counted, logged once) while production carries on
 untouched. Connecting, flushing the queue and reading (and discarding) the
 shadow's answers are driven by libev callbacks on the shadow's own socket: no
@@ -156,38 +156,6 @@ class _Queue:
         self.size = 0
 
 
-class _DelayedWrites:
-    """The shadows with bytes waiting to be written, flushed together by one timer.
-
-    One per write delay and event loop: a busy route arms one timer per delay period,
-    not one per connection, and each shadow then makes one write of everything its
-    client sent in that period.
-    """
-    _by_delay: dict[float, "_DelayedWrites"] = {}
-
-    def __init__(self, delay: float):
-        self._loop = gevent.get_hub().loop
-        self._timer = self._loop.timer(delay)
-        self._sinks: list[ShadowSink] = []
-
-    @classmethod
-    def for_delay(cls, delay: float) -> "_DelayedWrites":
-        batch = cls._by_delay.get(delay)
-        if batch is None or batch._loop is not gevent.get_hub().loop:
-            batch = cls._by_delay[delay] = cls(delay)
-        return batch
-
-    def add(self, sink: "ShadowSink") -> None:
-        if not self._sinks:
-            self._timer.start(self._flush)
-        self._sinks.append(sink)
-
-    def _flush(self) -> None:
-        sinks, self._sinks = self._sinks, []
-        for sink in sinks:
-            sink._delay_over()
-
-
 class ShadowSink:
     """Owns one shadow connection: its socket, its queue and its watchers.
 
@@ -204,8 +172,12 @@ class ShadowSink:
         self._stats = stats
         self._label = label  # "route web client 1.2.3.4:5" for log lines
         self._queue = _Queue()
-        self._delayed = _DelayedWrites.for_delay(write_delay) if write_delay > 0 else None
-        self._waiting = False       # in self._delayed, to be written when the delay is over
+        # Each shadow connection times its own delay: one timer for all would write to
+        # every shadow at the same moment, and a shadow would get its requests in
+        # bursts production never saw (queueing in the shadow, measured as its latency).
+        self._write_delay = write_delay
+        self._delay_timer = None    # created at the first delayed write
+        self._waiting = False       # the delay timer runs
         self._eof = False           # the client has sent EOF
         self._written_eof = False   # ...and it has been passed on to the shadow
         self._answered = False      # the shadow has sent EOF
@@ -239,13 +211,15 @@ class ShadowSink:
         now if the shadow takes it); drop the shadow if its queue would overflow."""
         if not self.alive:
             return
-        if self._delayed is not None:
+        if self._write_delay:
             if self._enqueue(chunk) and self.state == "open" and not self._blocked:
                 if self._queue.size >= _WRITE_NOW:
                     self._write_queue()
                 elif not self._waiting:
                     self._waiting = True
-                    self._delayed.add(self)
+                    if self._delay_timer is None:
+                        self._delay_timer = gevent.get_hub().loop.timer(self._write_delay)
+                    self._delay_timer.start(self._delay_over)
             return
         if self.state == "open" and not self._queue.size:
             sent = self._send(chunk)
@@ -471,6 +445,9 @@ class ShadowSink:
         connected = self.state == "open"
         self.state = state
         self._queue.clear()
+        if self._delay_timer is not None:
+            self._delay_timer.stop()
+            self._delay_timer.close()
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
