@@ -1,13 +1,14 @@
 """ShadowSink: a bounded, isolated mirror of one client stream to one shadow backend.
 
 The session calls `feed()` with every client chunk and `finish()` at the client's EOF.
-Neither ever blocks or waits for the shadow: a chunk is queued, and written out with
-whatever else the same client sent within `shadow-write-delay` (one write for several
-requests, out of production's way); the queue holds at most `shadow-buffer` bytes, and a shadow that
-would overflow it is dropped (counted, logged once) while production carries on
-untouched. Connecting, flushing the queue and reading (and discarding) the
-shadow's answers are driven by libev callbacks on the shadow's own socket: no
-greenlet per shadow, so a healthy shadow costs little and a dead one nothing.
+Neither ever blocks or waits for the shadow: a chunk is written at once if the shadow's
+socket takes it, else queued (with `shadow-write-delay`, it is queued first and written
+with whatever else the same client sent within the delay); the queue holds at most
+`shadow-buffer` bytes, and a shadow that would overflow it is dropped (counted, logged
+once) while production carries on untouched. Connecting, flushing the queue and
+reading (and discarding) the shadow's answers are driven by libev callbacks on the
+shadow's own socket: no greenlet per shadow, so a healthy shadow costs little and a
+dead one nothing.
 """
 from __future__ import annotations
 
