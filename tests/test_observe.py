@@ -83,15 +83,22 @@ def test_http_keepalive_counts_each_request_and_sees_the_candidate_delay(proxy, 
     assert stats.parser_fallbacks == 0
 
 
-def test_http_pipelined_requests_are_paired_in_order(proxy, http_servers):
-    production = http_servers("p")
-    proxied = proxy(production.address, protocol="http")
-    pipeline = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(5))
+def send_pipelined(proxied, count: int) -> bytes:
+    """`count` GETs in one write, the last with Connection: close; the answers to EOF."""
+    pipeline = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n
+                        for n in range(count - 1))
     pipeline += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     client = proxied.connect()
     client.sendall(pipeline)
     answers = recv_to_eof(client)
     client.close()
+    return answers
+
+
+def test_http_pipelined_requests_are_paired_in_order(proxy, http_servers):
+    production = http_servers("p")
+    proxied = proxy(production.address, protocol="http")
+    answers = send_pipelined(proxied, 6)
     assert answers.count(b"HTTP/1.1 200") == 6
     settle(proxied, 6)
     assert proxied.stats.production.requests == 6
@@ -104,12 +111,7 @@ def test_pipelined_requests_are_timed_from_when_the_backend_could_start_on_them(
     comes 0.4 s after it was sent, but the server spent 0.1 s on it, as on each."""
     production = http_servers("p", delay=0.1)
     proxied = proxy(production.address, protocol="http")
-    pipeline = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3))
-    pipeline += b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    client = proxied.connect()
-    client.sendall(pipeline)
-    answers = recv_to_eof(client)
-    client.close()
+    answers = send_pipelined(proxied, 4)
     assert answers.count(b"HTTP/1.1 200") == 4
     settle(proxied, 4)
     latency = proxied.stats.production.latency
