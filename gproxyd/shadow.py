@@ -104,15 +104,15 @@ class _Queue:
 
     def append(self, data) -> None:
         """Copy `data` (any bytes-like object) in at the end."""
-        if not len(data):
+        size = len(data)
+        if not size:
             return
         pieces = self._pieces
-        if self.size < _WRITE_NOW:
-            self.size += len(data)
+        behind = self.size >= _WRITE_NOW
+        self.size += size
+        if not behind:
             pieces.append(bytes(data))
             return
-        size = len(data)
-        self.size += size
         last = pieces[-1]
         if type(last) is _Block and _BLOCK - last.end >= size:  # most appends: one copy
             last.memory.write(data)
