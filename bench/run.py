@@ -52,8 +52,9 @@ SECTION_HELP = {
     "observer": "7. small and connect again with protocol = http, and with a no-op hook",
     "shadow-matrix": "shadow issue: no/healthy/stalled/dead shadow at a fixed rate and at "
                      "saturation, ~1 KiB POSTs, RSS over a long stalled run",
-    "workers": "workers = 1 against workers = 2 where the proxy is the bottleneck "
-               "(protocol = http, small keep-alive): req/s and proxy CPU/req",
+    "workers": "workers = 1 against workers = 2, small keep-alive, on a protocol = http "
+               "route and on a route whose hook needs ~0.1 ms of CPU per request: req/s "
+               "and proxy CPU/req",
 }
 
 
@@ -82,16 +83,21 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of the tree (a process's stat already counts all its threads)."""
-    total = 0
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of the tree, seconds (a process's stat counts all its threads)."""
+    user = system = 0
     for member in process_tree(pid):
         try:
             fields = _stat_fields(member)
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, ValueError, IndexError):
             continue
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(tree_cpu_times(pid))
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -293,6 +299,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     cpu_seconds: float | None = None   # of the proxy's process tree during the run
+    cpu_user_seconds: float | None = None  # ...of which in user space (the rest: kernel)
     rss_kib: list[int] = field(default_factory=list)  # proxy tree RSS, one sample a second
     queued: list[tuple[int, int, int]] = field(default_factory=list)  # shadow_queues() each s
     # CPU seconds during the run of the other processes: each nginx, and wrk itself
@@ -439,6 +446,11 @@ class Bench:
         if self.wants("workers"):
             variants.append(("gproxyd+http+2w", "gproxyd, protocol = http, workers = 2",
                              ["protocol = http"], False))
+            busy = [f"hooks = {os.path.join(BENCH_DIR, 'busy_hook.py')}"]
+            variants.append(("gproxyd+busy", "gproxyd, hooks = bench/busy_hook.py "
+                             "(~0.1 ms of Python per request)", busy, False))
+            variants.append(("gproxyd+busy+2w", "gproxyd, hooks = bench/busy_hook.py, "
+                             "workers = 2", busy, False))
         for name, description, extra, all_routes in variants:
             target = Target(name, description)
             if name == "gproxyd+stalled":
@@ -601,7 +613,7 @@ class Bench:
             argv += ["-H", header]
         argv.append(f"http://127.0.0.1:{target.http_port}{path}")
         pid = target.pid
-        cpu_before = tree_cpu_seconds(pid) if pid else 0.0
+        user_before, system_before = tree_cpu_times(pid) if pid else (0.0, 0.0)
         others_before = {name: tree_cpu_seconds(p) for name, p in self.nginx_pids.items()}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         rss: list[int] = []
@@ -629,7 +641,11 @@ class Bench:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-        cpu = tree_cpu_seconds(pid) - cpu_before if pid else None
+        cpu = user = None
+        if pid:
+            user_after, system_after = tree_cpu_times(pid)
+            user = user_after - user_before
+            cpu = user + system_after - system_before
         others = {name: tree_cpu_seconds(p) - others_before[name]
                   for name, p in self.nginx_pids.items()}
         # wrk is the only child reaped during the run: the rest run until the end.
@@ -647,15 +663,17 @@ class Bench:
         if data["requests"] == 0:
             raise BenchError(f"no request completed ({errors} errors)")
         return WrkResult(int(data["requests"]), data["duration_us"] / 1e6, int(data["bytes"]),
-                         int(errors), data["p50_us"] / 1000, data["p99_us"] / 1000, cpu, rss,
-                         queued, others)
+                         int(errors), data["p50_us"] / 1000, data["p99_us"] / 1000, cpu, user,
+                         rss, queued, others)
 
     # -- sections
 
     def measure_small(self, target: Target) -> dict[str, float]:
         result = self.wrk(target, "/small", 50, self.args.duration, self.wrk_script())
         return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                "cpu_us": _per(result.cpu_seconds, result.requests), "errors": result.errors}
+                "cpu_us": _per(result.cpu_seconds, result.requests),
+                "cpu_user_us": _per(result.cpu_user_seconds, result.requests),
+                "errors": result.errors}
 
     def measure_large(self, target: Target) -> dict[str, float]:
         result = self.wrk(target, "/1m", 10, self.args.duration, self.wrk_script())
@@ -754,7 +772,7 @@ class Bench:
             variants += ["gproxyd+healthy", "gproxyd+stalled"]
         if "observer" in only:
             variants += ["gproxyd+http", "gproxyd+hook"]
-        workers = ["gproxyd+http", "gproxyd+http+2w"] if "workers" in only else []
+        workers = [name for pair in WORKERS for name, _ in pair] if "workers" in only else []
         self.warm_up(base + variants + [name for name in workers if name not in variants])
         if only & {"small", "shadow", "observer"}:
             self.interleaved("small", base + variants, self.measure_small)
@@ -1026,6 +1044,7 @@ MAIN_ROWS = (
     Row("small.p50_ms", "small keep-alive: p50 ms", 3),
     Row("small.p99_ms", "small keep-alive: p99 ms", 3),
     Row("small.cpu_us", "small keep-alive: proxy CPU us/req", 1),
+    Row("small.cpu_user_us", "small keep-alive: ...of which user space (not kernel)", 1),
     Row("large.mibps", "1 MiB responses (wrk -c10): MiB/s"),
     Row("large.cpu_us", "1 MiB responses: proxy CPU us/response", 0),
     Row("bulk.gbps", "iperf3 single stream: Gbit/s", 2),
@@ -1040,6 +1059,7 @@ VARIANT_ROWS = (
     Row("small.rps", "small keep-alive: req/s"),
     Row("small.p99_ms", "small keep-alive: p99 ms", 3),
     Row("small.cpu_us", "small keep-alive: proxy CPU us/req", 1),
+    Row("small.cpu_user_us", "small keep-alive: ...of which user space (not kernel)", 1),
     Row("connect.cps", "new connections: conn/s"),
     Row("connect.cpu_us", "new connections: proxy CPU us/conn", 1),
 )
@@ -1120,7 +1140,10 @@ def matrix_table(bench: Bench) -> list[list[str]]:
     return rows
 
 
-WORKERS = (("gproxyd+http", "workers = 1"), ("gproxyd+http+2w", "workers = 2"))
+# (workers = 1, workers = 2) pairs: where wrk and nginx need the second core, and where
+# the proxy's own work leaves it mostly free.
+WORKERS = ((("gproxyd+http", "protocol = http"), ("gproxyd+http+2w", "")),
+           (("gproxyd+busy", "hooks = busy_hook.py"), ("gproxyd+busy+2w", "")))
 WORKERS_ROWS = (
     Row("workers.rps", "small keep-alive (wrk -c50): req/s"),
     Row("workers.p99_ms", "small keep-alive: p99 ms", 3),
@@ -1129,11 +1152,12 @@ WORKERS_ROWS = (
 
 
 def workers_table(bench: Bench) -> list[list[str]]:
-    rows = [["metric (median), protocol = http"] + [label for _, label in WORKERS]
-            + ["2/1"]]
-    for row in WORKERS_ROWS:
-        one, two = (bench.median(name, row.metric) for name, _ in WORKERS)
-        rows.append([row.label, fmt(one, row.digits), fmt(two, row.digits), ratio(two, one)])
+    rows = [["metric (median)", "route", "workers = 1", "workers = 2", "2/1"]]
+    for (one_name, route), (two_name, _) in WORKERS:
+        for row in WORKERS_ROWS:
+            one, two = (bench.median(name, row.metric) for name in (one_name, two_name))
+            rows.append([row.label, route, fmt(one, row.digits), fmt(two, row.digits),
+                         ratio(two, one)])
     return rows
 
 
@@ -1313,10 +1337,12 @@ def report(bench: Bench, elapsed: float) -> str:
         md += [f"- {line}" for line in long_run_lines(bench)] or ["- n/a"]
     if "workers" in args.only:
         md += ["", "## workers = N", "",
-               "The same route (protocol = http, whose observer makes the proxy's own work "
-               "the bottleneck at one process) with workers = 1 and workers = 2 "
-               "(SO_REUSEPORT, one master). On a machine whose load generator and backend "
-               "also need the CPUs, the second worker can only use what they leave free.",
+               "Two routes, each with workers = 1 and workers = 2 (SO_REUSEPORT, one "
+               "master), small keep-alive requests: protocol = http, where wrk and nginx "
+               "need most of what one worker leaves of two cores, and hooks = "
+               "bench/busy_hook.py (~0.1 ms of Python per request), where the proxy needs "
+               "several times the CPU of wrk and nginx, so a second core is mostly free "
+               "for a second worker.",
                "", markdown_table(workers_table(bench))]
     md += ["", "## Notes", ""]
     md += [f"- {note}" for note in bench.notes] or ["- none"]
