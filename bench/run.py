@@ -762,7 +762,8 @@ class Bench:
                   for name, seconds_used in result.others_cpu.items()}
         return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
                 "errors": result.errors, "cpu_us": _per(result.cpu_seconds, result.requests),
-                **budget, **_rss_summary(result.rss_kib), **_queue_summary(result.queued)}
+                "cpu_user_us": _per(result.cpu_user_seconds, result.requests), **budget,
+                **_rss_summary(result.rss_kib), **_queue_summary(result.queued)}
 
     def run(self) -> None:
         only = self.args.only
@@ -1080,6 +1081,7 @@ MATRIX_ROWS = (
     Row("saturation.p99_ms", "saturation: p99 ms", 3),
     Row("saturation.errors", "saturation: wrk errors", ratios=False),
     Row("saturation.cpu_us", "saturation: CPU us/req, gproxyd", 1),
+    Row("saturation.cpu_user_us", "saturation: ...of which gproxyd's user space", 1),
     Row("saturation.cpu_us_nginx", "saturation: CPU us/req, production nginx", 1),
     Row("saturation.cpu_us_nginx_shadow", "saturation: CPU us/req, shadow nginx", 1,
         ratios=False),
