@@ -244,11 +244,11 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
     Option("shadow-write-delay", duration, "0",
            "Longest a client byte may wait before it is written to a shadow; what the same "
-           "client sends meanwhile goes out in the same write. 0 (the default) writes each "
-           "chunk to the shadows right after production, which keeps production's latency "
-           "lowest below saturation. A few ms (e.g. 5ms) makes far fewer shadow writes and "
-           "lets a saturated route keep more of its throughput, at some latency cost "
-           "below saturation when the shadow shares production's CPUs.", "DURATION"),
+           "client sends meanwhile goes out in the same write. 0 (the default): a chunk "
+           "goes to the shadows right after production when nothing else waits in the "
+           "event loop, else once the loop has served what was waiting (production "
+           "first), at the latest 2 ms later. A few ms (e.g. 5ms) always batches: fewer "
+           "shadow writes, each request reaches the shadow that much later.", "DURATION"),
     Option("shadow-connect-timeout", duration, "1s",
            "How long connecting to a shadow may take.", "DURATION"),
     Option("shadow-linger", duration, "5s",

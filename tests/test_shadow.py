@@ -192,6 +192,44 @@ def test_a_healthy_shadow_keeps_up_with_a_client_sending_at_full_speed(
     assert shadow.conns[0].sha256 == sha256(data)
 
 
+def test_a_busy_event_loop_does_not_keep_the_shadow_waiting(servers, proxy, caplog):
+    """Without a write delay, a shadow is written once the event loop has nothing else
+    to do (production first). A loop that never runs out of work must not starve the
+    shadow: here a greenlet yields to the loop without end, and the shadow still gets
+    the client's bytes (the 2 ms deadline), while that greenlet is still spinning."""
+    production, shadow = servers.echo(), servers.sink()
+    proxied = proxy(production, shadow=[shadow])
+    client = proxied.connect()
+    client.sendall(b"connect\n")
+    assert recv_exactly(client, 8) == b"connect\n"
+    wait_until(lambda: shadow.conns and shadow.conns[0].received == 8,
+               what="the shadow connected and written")
+    spinning = True
+
+    def spin() -> int:
+        spins = 0
+        while spinning:
+            spins += 1
+            gevent.sleep(0)  # always a callback pending: the loop is never idle
+        return spins
+
+    spinner = gevent.spawn(spin)
+    try:
+        client.sendall(b"while the loop is busy\n")
+        assert recv_exactly(client, 23) == b"while the loop is busy\n"
+        wait_until(lambda: shadow.conns[0].received == 8 + 23, timeout=5, interval=0.001,
+                   what="the shadow written while the loop is busy")
+        assert not spinner.dead
+    finally:
+        spinning = False
+    assert spinner.get(timeout=5) > 0
+    client.close()
+    assert shadow.conns[0].eof.wait(5)
+    assert shadow.conns[0].sha256 == sha256(b"connect\nwhile the loop is busy\n")
+    line, = wait_for_lines(caplog)
+    assert line["shadows"] == {shadow.address: "done"}
+
+
 # --- shadow-write-delay --------------------------------------------------------------------
 
 def test_what_arrives_within_the_write_delay_reaches_the_shadow_in_one_write(
