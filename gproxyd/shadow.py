@@ -8,10 +8,9 @@ _SpareTime); with `shadow-write-delay`, it is queued and written with whatever e
 same client sent within the delay. What the shadow's socket does not take stays
 queued until it is writable. The queue holds at most `shadow-buffer` bytes, and a
 shadow that would overflow it is dropped (counted, logged once) while production
-carries on untouched. Connecting, flushing the queue and
-reading (and discarding) the shadow's answers are driven by libev callbacks on the
-shadow's own socket: no greenlet per shadow, so a healthy shadow costs little and a
-dead one nothing.
+carries on untouched. Connecting, flushing the queue and reading (and discarding) the
+shadow's answers are driven by libev callbacks on the shadow's own socket: no greenlet
+per shadow, so a healthy shadow costs little and a dead one nothing.
 """
 from __future__ import annotations
 
@@ -403,7 +402,7 @@ class ShadowSink:
 
     def _delay_over(self) -> None:
         self._waiting = False
-        if self.state == "open" and not self._channel._write_watcher.active:
+        if self.state == "open" and not self._blocked:
             self._write_queue()
 
     def _write_queue(self) -> None:

@@ -192,18 +192,21 @@ def test_a_healthy_shadow_keeps_up_with_a_client_sending_at_full_speed(
     assert shadow.conns[0].sha256 == sha256(data)
 
 
-def test_a_busy_event_loop_does_not_keep_the_shadow_waiting(servers, proxy, caplog):
-    """Without a write delay, a shadow is written once the event loop has nothing else
-    to do (production first). A loop that never runs out of work must not starve the
-    shadow: here a greenlet yields to the loop without end, and the shadow still gets
-    the client's bytes (the 2 ms deadline), while that greenlet is still spinning."""
+def test_a_busy_event_loop_does_not_keep_the_shadows_waiting(servers, proxy, caplog):
+    """Without a write delay, a chunk that arrives while other events wait in the same
+    turn of the event loop goes to the shadow once the loop has nothing else to do
+    (production first). A loop that never runs out of work must not starve the shadow:
+    here a greenlet yields to the loop without end, two clients send in the same turn
+    (so at least one chunk is held back), and both shadow connections still get their
+    bytes (the 2 ms deadline) while that greenlet is still spinning."""
     production, shadow = servers.echo(), servers.sink()
     proxied = proxy(production, shadow=[shadow])
-    client = proxied.connect()
-    client.sendall(b"connect\n")
-    assert recv_exactly(client, 8) == b"connect\n"
-    wait_until(lambda: shadow.conns and shadow.conns[0].received == 8,
-               what="the shadow connected and written")
+    clients = [proxied.connect(), proxied.connect()]
+    for client in clients:
+        client.sendall(b"connect\n")
+        assert recv_exactly(client, 8) == b"connect\n"
+    wait_until(lambda: len(shadow.conns) == 2 and all(c.received == 8 for c in shadow.conns),
+               what="both shadow connections open and written")
     spinning = True
 
     def spin() -> int:
@@ -215,19 +218,23 @@ def test_a_busy_event_loop_does_not_keep_the_shadow_waiting(servers, proxy, capl
 
     spinner = gevent.spawn(spin)
     try:
-        client.sendall(b"while the loop is busy\n")
-        assert recv_exactly(client, 23) == b"while the loop is busy\n"
-        wait_until(lambda: shadow.conns[0].received == 8 + 23, timeout=5, interval=0.001,
-                   what="the shadow written while the loop is busy")
+        for client in clients:  # non-blocking sends: no switch between the two
+            client.sendall(b"while the loop is busy\n")
+        for client in clients:
+            assert recv_exactly(client, 23) == b"while the loop is busy\n"
+        wait_until(lambda: all(c.received == 8 + 23 for c in shadow.conns), timeout=5,
+                   interval=0.001, what="both shadows written while the loop is busy")
         assert not spinner.dead
     finally:
         spinning = False
     assert spinner.get(timeout=5) > 0
-    client.close()
-    assert shadow.conns[0].eof.wait(5)
-    assert shadow.conns[0].sha256 == sha256(b"connect\nwhile the loop is busy\n")
-    line, = wait_for_lines(caplog)
-    assert line["shadows"] == {shadow.address: "done"}
+    for client in clients:
+        client.close()
+    for conn in shadow.conns:
+        assert conn.eof.wait(5)
+        assert conn.sha256 == sha256(b"connect\nwhile the loop is busy\n")
+    lines = wait_for_lines(caplog, count=2)
+    assert [line["shadows"] for line in lines] == [{shadow.address: "done"}] * 2
 
 
 # --- shadow-write-delay --------------------------------------------------------------------
