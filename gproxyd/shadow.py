@@ -192,7 +192,7 @@ class _SpareTime:
         self._deadline.stop()
         sinks, self._sinks = self._sinks, []
         for sink in sinks:
-            sink._delay_over()
+            sink.write_waiting()
 
 
 _spare_times: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -285,8 +285,8 @@ class ShadowSink:
         self._waiting = True
         if self._write_delay:
             if self._delay_timer is None:
-                self._delay_timer = gevent.get_hub().loop.timer(self._write_delay)
-            self._delay_timer.start(self._delay_over)
+                self._delay_timer = self._loop.timer(self._write_delay)
+            self._delay_timer.start(self.write_waiting)
         else:
             self._spare_time.add(self)
 
@@ -400,7 +400,8 @@ class ShadowSink:
         """Waiting for the shadow to take what it has been given (its writer runs)."""
         return self._channel._write_watcher.active
 
-    def _delay_over(self) -> None:
+    def write_waiting(self) -> None:
+        """The wait is over (write delay, or spare time): write what queued up."""
         self._waiting = False
         if self.state == "open" and not self._blocked:
             self._write_queue()
