@@ -20,6 +20,7 @@ from .settings import (
     ROUTE_BY_NAME,
     ROUTE_OPTIONS,
     BadValue,
+    HookSpec,
     boolean,
     listen_address,
 )
@@ -191,6 +192,8 @@ def _route(path: str, section: _Section, name: str) -> Route:
         if option.name in section.values:
             text, line = section.values[option.name]
             values[option.attr] = _parse(option, text, f"{path}:{line}")
+            if isinstance(values[option.attr], HookSpec):
+                values[option.attr] = values[option.attr].at(f"{path}:{line}")
         elif option.default is None:
             raise ConfigError(f"{path}:{section.line}", option.name,
                               f"missing in [route {name}] (expected {option.name} = "
@@ -203,7 +206,8 @@ def _route(path: str, section: _Section, name: str) -> Route:
 def make_route(name: str = "proxy", **values: Any) -> Route:
     """A Route from Python values: option names with '_' for '-'; strings are parsed
     like config text, other values (lists of shadows, a hooks object) are taken as they
-    are. Raises ConfigError naming the option."""
+    are (a hooks object is checked when it is loaded: hooks.load_route_hooks). Raises
+    ConfigError naming the option."""
     parsed: dict[str, Any] = {}
     for option in ROUTE_OPTIONS:
         value = values.pop(option.attr, None)
@@ -221,11 +225,7 @@ def make_route(name: str = "proxy", **values: Any) -> Route:
         elif option.name == "shadow":
             parsed[option.attr] = _parse(option, ",".join(map(str, value)), "Proxy()")
         elif option.name == "hooks":
-            from .hooks import HookSet
-            try:
-                parsed[option.attr] = HookSet.from_object(value)
-            except BadValue as error:
-                raise ConfigError("Proxy()", "hooks", str(error)) from None
+            parsed[option.attr] = value  # an object: checked where hooks are loaded
         else:
             parsed[option.attr] = _parse(option, str(value), "Proxy()")
     if values:

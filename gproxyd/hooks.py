@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .settings import BadValue
+from .config import ConfigError
+from .settings import BadValue, HookSpec
 
 log = logging.getLogger("gproxyd.hooks")
 
@@ -74,11 +77,42 @@ class HookSet:
         return self.source
 
 
+class HookLoadError(ConfigError):
+    """A route's hooks cannot be imported, or define no hook; str() is the whole
+    message, naming the config's FILE:LINE."""
+
+
+def load_route_hooks(routes) -> dict[str, HookSet]:
+    """Import the hooks of every route that has some: {route name: HookSet}.
+
+    Only a serving process calls this, after gevent's monkey-patching (hooks bind the
+    patched functions), at start and again at every reload (a reload picks up edits).
+    """
+    loaded: dict[str, HookSet] = {}
+    for route in routes:
+        if route.hooks is None:
+            continue
+        try:
+            loaded[route.name] = _load(route.hooks)
+        except BadValue as error:
+            where = route.hooks.where if isinstance(route.hooks, HookSpec) else ""
+            raise HookLoadError(where or route.where, "hooks", str(error)) from None
+    return loaded
+
+
+def _load(hooks) -> HookSet:
+    if isinstance(hooks, HookSet):
+        return hooks
+    if isinstance(hooks, HookSpec):
+        return load_hooks(hooks.text)
+    return HookSet.from_object(hooks)  # gproxyd.Proxy(hooks=obj)
+
+
 def load_hooks(text: str) -> HookSet:
     """Import (again, on every call) the module named by a route's `hooks` value."""
     spec = text.strip()
     try:
-        if spec.endswith(".py") or os.sep in spec:
+        if HookSpec(spec).is_file:
             module = _import_file(spec)
         else:
             module = importlib.import_module(spec)
@@ -91,6 +125,39 @@ def load_hooks(text: str) -> HookSet:
                        "(expected a module path or a .py file defining on_connect, on_data, "
                        "on_response or on_finish)") from None
     return HookSet.from_object(module, spec)
+
+
+def check_hooks_in_child(routes) -> list[str]:
+    """Import every route's hooks in a child process, as a serving process would (after
+    monkey-patching); the error messages, none when all import. --check-config uses it:
+    the checking process itself never runs user code."""
+    specs = [[route.hooks.text, route.hooks.where or route.where] for route in routes
+             if isinstance(route.hooks, HookSpec)]
+    if not specs:
+        return []
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from gproxyd.hooks import _check_main; "
+                               "sys.exit(_check_main())"],
+        input=json.dumps(specs), capture_output=True, text=True)
+    errors = [line for line in child.stdout.splitlines() if line]
+    if child.returncode and not errors:
+        last = (child.stderr.strip().splitlines() or [""])[-1]
+        errors = [f"hooks: the checking process failed (exit {child.returncode}): {last}"]
+    return errors
+
+
+def _check_main() -> int:
+    """The child of check_hooks_in_child(): [[spec, FILE:LINE], ...] on stdin."""
+    from gevent import monkey
+    monkey.patch_all()
+    failed = 0
+    for text, where in json.load(sys.stdin):
+        try:
+            load_hooks(text)
+        except BadValue as error:
+            print(f"{where}: hooks: {error}", flush=True)
+            failed += 1
+    return 1 if failed else 0
 
 
 def _import_file(path: str):
@@ -154,8 +221,3 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection route={self.route} client={self.client}>"
-
-
-def none_or_hooks(text: str) -> HookSet | None:
-    """The `hooks` option: empty for none, else a module to import."""
-    return load_hooks(text) if text.strip() else None

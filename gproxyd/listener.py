@@ -22,6 +22,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from .config import Route
+from .hooks import HookSet
 from .relay import Channel
 from .session import Session
 from .settings import Address
@@ -147,8 +148,10 @@ class Listener:
     """Accepts connections for one route and runs a Session for each."""
 
     def __init__(self, route: Route, stats: RouteStats | None = None,
-                 sock: socket.socket | None = None):
+                 sock: socket.socket | None = None, hooks: HookSet | None = None):
+        """`hooks`: the route's hooks, imported by the caller (hooks.load_route_hooks)."""
         self.route = route
+        self.hooks = hooks
         self.stats = stats or RouteStats()
         self.sessions: set[Session] = set()
         self._no_sessions = Event()
@@ -175,11 +178,11 @@ class Listener:
         self._server.start()
         self._reaper = gevent.spawn(self._reap_idle)
 
-    def update(self, route: Route) -> None:
-        """Use `route` for connections accepted from now on."""
+    def update(self, route: Route, hooks: HookSet | None = None) -> None:
+        """Use `route` and `hooks` for connections accepted from now on."""
         if route.shadow_seed != self.route.shadow_seed:
             self._sampler = random.Random(route.shadow_seed)
-        self.route = route
+        self.route, self.hooks = route, hooks
 
     def close(self) -> None:
         """Stop accepting; live sessions go on (see drain())."""
@@ -225,7 +228,7 @@ class Listener:
                                          self._sampler.random() < route.shadow_sample)
         try:
             session = Session(route, Channel(sock), _peer_name(sock.family, address),
-                              self.stats, mirror)
+                              self.stats, mirror, self.hooks)
         except BaseException:
             sock.close()  # do_close() leaves it to the session, and there is none
             raise

@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from .config import make_route
+from .hooks import load_route_hooks
 from .listener import Listener
 
 
@@ -24,6 +25,7 @@ class Proxy:
 
     def __init__(self, listen: str, production: str, name: str = "proxy", **options: Any):
         self.route = make_route(name, listen=listen, production=production, **options)
+        self.hooks = load_route_hooks([self.route]).get(name)  # HookLoadError: ConfigError
         self._listener: Listener | None = None
 
     @property
@@ -39,7 +41,7 @@ class Proxy:
         """Bind and start accepting (returns at once; gevent runs the connections)."""
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-        self._listener = Listener(self.route)
+        self._listener = Listener(self.route, hooks=self.hooks)
         self._listener.start()
         return self
 

@@ -19,7 +19,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from .config import Route
-from .hooks import Connection, hook_failure
+from .hooks import Connection, HookSet, hook_failure
 from .observe import Exchanges
 from .relay import (
     EOF,
@@ -55,7 +55,7 @@ class Session:
                  "_connecting")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
-                 mirror: bool):
+                 mirror: bool, hooks: HookSet | None = None):
         self.route = route  # the route as it was when accepted; reloads don't change it
         self.client = client
         self.peer = peer
@@ -70,7 +70,7 @@ class Session:
         self.reason = ""
         self._idle_mark = (0, self.started)
         self._production_failed = False
-        self.hooks = route.hooks
+        self.hooks = hooks
         self.conn: Connection | None = None
         self._connecting: Connecting | None = None
         # With hooks, conn.reply() writes to the client from other greenlets than the

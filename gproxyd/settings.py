@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
+from importlib.machinery import PathFinder
 from typing import Any, Callable
 
 
@@ -169,9 +171,72 @@ def optional_text(text: str) -> str:
     return text.strip()
 
 
-def _hooks(text: str):
-    from .hooks import none_or_hooks  # imports user code: only when a route asks for it
-    return none_or_hooks(text)
+@dataclass(frozen=True)
+class HookSpec:
+    """A route's `hooks` value as data: the module or file named, and where it was named.
+
+    Config stays pure data: parsing checks that the module or file exists and compiles,
+    but runs none of it; the serving process imports it (hooks.load_route_hooks).
+    """
+    text: str
+    where: str = ""  # FILE:LINE of the hooks key, for the import's error messages
+
+    @property
+    def is_file(self) -> bool:
+        return self.text.endswith(".py") or os.sep in self.text
+
+    def at(self, where: str) -> "HookSpec":
+        return HookSpec(self.text, where)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def hook_spec(text: str) -> HookSpec | None:
+    """The `hooks` option: empty for none, else a module or .py file that must exist and
+    compile (checked without running any of it)."""
+    spec = HookSpec(text.strip())
+    if not spec.text:
+        return None
+    source = spec.text if spec.is_file else _module_source(spec.text)
+    if spec.is_file and not os.path.isfile(source):
+        raise BadValue(f"no such hooks file {spec.text!r} (expected a readable .py file)")
+    if source and source.endswith(".py"):
+        try:
+            with open(source, "rb") as handle:
+                compile(handle.read(), source, "exec", dont_inherit=True)
+        except OSError as error:
+            raise BadValue(f"cannot read hooks file {source!r}: {error.strerror} (expected "
+                           "a readable .py file)") from None
+        except (SyntaxError, ValueError) as error:
+            line = getattr(error, "lineno", None)
+            at = f" at {source}:{line}" if line else ""
+            raise BadValue(f"cannot import {spec.text!r}: {type(error).__name__}: {error}{at} "
+                           "(expected a module path or a .py file defining on_connect, "
+                           "on_data, on_response or on_finish)") from None
+    return spec
+
+
+def _module_source(name: str) -> str | None:
+    """The file a dotted module name resolves to on sys.path, found without importing
+    it or its parent packages (their __init__ would run); None when it has no source
+    file (a namespace package)."""
+    parts = name.split(".")
+    search = None
+    found = None
+    for count in range(1, len(parts) + 1):
+        dotted = ".".join(parts[:count])
+        try:
+            found = (PathFinder.find_spec(dotted, search)
+                     if count == 1 or search is not None else None)  # None: not a package
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise BadValue(f"cannot import {name!r}: ModuleNotFoundError: no module named "
+                           f"{dotted!r} (expected a module path or a .py file defining "
+                           "on_connect, on_data, on_response or on_finish)")
+        search = found.submodule_search_locations
+    return found.origin if found.has_location else None
 
 
 # --- the registry ---------------------------------------------------------------------
@@ -262,7 +327,7 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("max-connections", positive_int, "10000",
            "Most client connections served at once; clients over it are closed at once.",
            "NUMBER"),
-    Option("hooks", _hooks, "",
+    Option("hooks", hook_spec, "",
            "Python hooks that see and may change the traffic: a dotted module name or a "
            "path to a .py file defining on_connect, on_data, on_response or on_finish "
            "(see Writing hooks). Re-imported on reload.", "MODULE"),

@@ -16,6 +16,7 @@ import gevent  # noqa: E402
 import pytest  # noqa: E402
 
 from gproxyd.config import load_config  # noqa: E402
+from gproxyd.hooks import load_route_hooks  # noqa: E402
 from gproxyd.listener import Listener  # noqa: E402
 
 import backends  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest)
@@ -176,7 +177,7 @@ def proxy(tmp_path, sockdir, caplog):
         path = tmp_path / f"gproxyd{len(running)}.conf"
         path.write_text("\n".join(lines) + "\n")
         route, = load_config(str(path), [], {}).routes
-        listener = Listener(route)
+        listener = Listener(route, hooks=load_route_hooks([route]).get(route.name))
         listener.start()
         proxied = Proxy(listener, str(path))
         running.append(proxied)

@@ -29,6 +29,7 @@ from gevent.event import Event
 
 import gproxyd
 from gproxyd.config import ConfigError, load_config
+from gproxyd.hooks import load_route_hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -402,6 +403,12 @@ def write_config(tmp_path, hooks_value: str) -> tuple[str, int]:
     return str(path), 7
 
 
+def load_only_hooks(config: str):
+    """What a serving process does with the config: load it, then import the hooks."""
+    route, = load_config(config, [], {}).routes
+    return load_route_hooks([route])[route.name]
+
+
 @pytest.mark.parametrize("name, source, problem", [
     ("syntax.py", "def on_data(conn, data)\n    return data\n",
      "cannot import '{file}': SyntaxError: expected ':' (syntax.py, line 1) at {file}:1 "),
@@ -418,7 +425,7 @@ def test_a_bad_hooks_file_is_a_config_error_naming_file_and_line(tmp_path, name,
     hooks_file.write_text(source)
     config, line = write_config(tmp_path, str(hooks_file))
     with pytest.raises(ConfigError) as raised:
-        load_config(config, [], {})
+        load_only_hooks(config)
     assert str(raised.value).startswith(f"{config}:{line}: hooks: "
                                         + problem.format(file=hooks_file))
 
@@ -443,7 +450,7 @@ def test_an_import_error_in_a_file_named_like_hooks_still_names_its_line(tmp_pat
     hooks_file.write_text("import os\n\nvalue = undefined_name\n")
     config, line = write_config(tmp_path, str(hooks_file))
     with pytest.raises(ConfigError) as raised:
-        load_config(config, [], {})
+        load_only_hooks(config)
     assert str(raised.value).startswith(
         f"{config}:{line}: hooks: cannot import '{hooks_file}': NameError: name "
         f"'undefined_name' is not defined at {hooks_file}:3 ")
@@ -464,11 +471,11 @@ def test_reload_imports_the_hooks_file_again(tmp_path):
     hooks_file = tmp_path / "edited.py"
     hooks_file.write_text("def on_data(conn, data):\n    return data.upper()\n")
     config, _ = write_config(tmp_path, str(hooks_file))
-    first, = load_config(config, [], {}).routes
+    first = load_only_hooks(config)
     hooks_file.write_text("def on_data(conn, data):\n    return data[::-1]  # reversed\n")
-    second, = load_config(config, [], {}).routes
-    assert first.hooks.on_data(None, b"ab") == b"AB"
-    assert second.hooks.on_data(None, b"ab") == b"ba"
+    second = load_only_hooks(config)
+    assert first.on_data(None, b"ab") == b"AB"
+    assert second.on_data(None, b"ab") == b"ba"
 
 
 def test_reload_uses_the_new_source_even_when_size_and_mtime_are_unchanged(tmp_path,
@@ -483,12 +490,12 @@ def test_reload_uses_the_new_source_even_when_size_and_mtime_are_unchanged(tmp_p
     stamp = 1_700_000_000
     hooks_file.write_text("def on_data(conn, data):\n    return data.upper()\n")
     os.utime(hooks_file, (stamp, stamp))
-    first, = load_config(config, [], {}).routes
+    first = load_only_hooks(config)
     hooks_file.write_text("def on_data(conn, data):\n    return data.lower()\n")
     os.utime(hooks_file, (stamp, stamp))
-    second, = load_config(config, [], {}).routes
-    assert first.hooks.on_data(None, b"Ab") == b"AB"
-    assert second.hooks.on_data(None, b"Ab") == b"ab", "the reload ran the old bytecode"
+    second = load_only_hooks(config)
+    assert first.on_data(None, b"Ab") == b"AB"
+    assert second.on_data(None, b"Ab") == b"ab", "the reload ran the old bytecode"
 
 
 # --- which routes look at the bytes --------------------------------------------------------
@@ -724,3 +731,59 @@ def test_the_daemon_imports_hooks_after_monkey_patching(serve, tmp_path):
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait(timeout=10)
+
+
+# --- config is data: loading it runs no user code --------------------------------------------
+
+MARKING_HOOKS = """\
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+
+def on_data(conn, data):
+    return data
+"""
+
+
+def test_loading_the_config_and_gproxyctl_run_no_hook_code(tmp_path):
+    marker = tmp_path / "imported"
+    hooks_file = tmp_path / "marking.py"
+    hooks_file.write_text(MARKING_HOOKS.format(marker=str(marker)))
+    config, _ = write_config(tmp_path, str(hooks_file))
+    route, = load_config(config, [], {}).routes
+    assert route.hooks.text == str(hooks_file)
+    assert not marker.exists(), "load_config imported the hooks"
+    ctl = subprocess.run([sys.executable, "-c", "import sys; from gproxyd.ctl import main; "
+                          "sys.exit(main(sys.argv[1:]))", "stats", "-c", config],
+                         capture_output=True, text=True, timeout=30)
+    assert ctl.returncode != 0  # admin = off: nothing to ask
+    assert not marker.exists(), "gproxyctl imported the hooks"
+    load_route_hooks([route])
+    assert marker.read_text() == "imported"
+
+
+def test_check_config_reports_a_hook_import_error_with_file_and_line_from_a_child(tmp_path):
+    marker = tmp_path / "imported"
+    hooks_file = tmp_path / "crash.py"
+    hooks_file.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+                          "value = 1 / 0\n")
+    config, line = write_config(tmp_path, str(hooks_file))
+    checked = subprocess.run([sys.executable, "-m", "gproxyd", "--check-config", "-c", config],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 78, checked
+    assert (f"{config}:{line}: hooks: cannot import '{hooks_file}': ZeroDivisionError: "
+            f"division by zero at {hooks_file}:3") in checked.stderr
+    assert "Traceback" not in checked.stderr
+    assert marker.exists()  # imported, as a serving process would, in the child
+
+
+def test_a_hooks_file_with_a_syntax_error_or_a_missing_module_fails_at_load_config(tmp_path):
+    hooks_file = tmp_path / "syntax.py"
+    hooks_file.write_text("def on_data(conn, data)\n    return data\n")
+    config, line = write_config(tmp_path, str(hooks_file))
+    with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import .*"
+                                          rf"SyntaxError.* at {hooks_file}:1 "):
+        load_config(config, [], {})
+    config, line = write_config(tmp_path, "os.no_such_submodule")
+    with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import "
+                                          r"'os.no_such_submodule': ModuleNotFoundError"):
+        load_config(config, [], {})
