@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import ConfigError
-from .settings import BadValue, HookSpec
+from .settings import Address, BadValue, HookSpec, address
 
 log = logging.getLogger("gproxyd.hooks")
 
@@ -221,3 +221,105 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection route={self.route} client={self.client}>"
+
+
+_FAILED = object()  # what a hook call returns when the hook raised
+
+
+class HookDispatch:
+    """One connection's hooks: calls them, checks what they return, routes the result.
+
+    A hook that raises, or returns a value of the wrong type, is logged (hook_failure)
+    and its connection closed through `abort(reason)`; the daemon goes on. Everything
+    runs in the connection's own greenlets: a hook may block.
+    """
+    __slots__ = ("hooks", "conn", "_route", "_peer", "_abort", "_backends")
+
+    def __init__(self, hooks: HookSet, route: str, peer: str, production: str,
+                 shadows: list[str], reply: Callable[[bytes], None],
+                 abort: Callable[[str], None]):
+        self.hooks = hooks
+        self._route, self._peer = route, peer
+        self._abort = abort
+        self._backends = ["production"] + shadows
+        self.conn = Connection(route, peer, list(self._backends), production, reply,
+                               lambda: abort("closed by hook"))
+
+    @property
+    def sees_client_data(self) -> bool:
+        return self.hooks.on_data is not None
+
+    def connect(self, default: Address) -> list[Address] | None:
+        """on_connect: the production addresses to try, in order (`default` unless the
+        hook chose others); None if the hook failed, closed the connection or chose an
+        address that does not parse."""
+        if self.hooks.on_connect is not None:
+            if self._call("on_connect", self.hooks.on_connect, self.conn) is _FAILED:
+                return None
+        chosen = self.conn.production
+        if chosen == default.text:
+            return [default]
+        try:
+            addresses = [address(text) for text in ([chosen] if isinstance(chosen, str)
+                                                     else list(chosen))]
+            if not addresses:
+                raise BadValue("an empty list (expected at least one address)")
+        except (BadValue, TypeError) as error:
+            self.refuse(f"hook on_connect set a bad production: {error}")
+            return None
+        return addresses
+
+    def refuse(self, reason: str) -> None:
+        """What a hook asked for cannot be done: log it and close the connection."""
+        log.error("route %s client %s: %s", self._route, self._peer, reason)
+        self._abort(reason)
+
+    def client_data(self, chunk) -> dict[str, bytes]:
+        """on_data: {backend name: bytes to send it}; backends not named get nothing."""
+        result = self._call("on_data", self.hooks.on_data, self.conn, bytes(chunk))
+        if result is None or result is _FAILED:
+            return {}
+        if not self._check("on_data", result, bytes, bytearray, tuple, dict):
+            return {}
+        if isinstance(result, dict):
+            return {name: data for name, data in result.items() if data}
+        targets = self._backends
+        if isinstance(result, tuple):
+            if len(result) != 2:  # not (bytes, [backend, ...]): fails the check, logged
+                self._check("on_data", result, bytes, bytearray, dict)
+                return {}
+            result, targets = result
+        return dict.fromkeys(targets, result) if result else {}
+
+    def response(self, backend: str, chunk):
+        """on_response: for production, the bytes to give the client (None: nothing);
+        for a shadow, None (what the hook returns is ignored)."""
+        if self.hooks.on_response is None:
+            return chunk if backend == "production" else None
+        result = self._call("on_response", self.hooks.on_response, self.conn, backend,
+                            bytes(chunk))
+        if backend != "production" or result is _FAILED:
+            return None
+        return result if self._check("on_response", result, bytes) else None
+
+    def finish(self, backend: str) -> None:
+        """on_finish(conn, backend)."""
+        if self.hooks.on_finish is not None:
+            self._call("on_finish", self.hooks.on_finish, self.conn, backend)
+
+    def _call(self, name: str, hook: Callable, *args):
+        try:
+            return hook(*args)
+        except Exception as error:  # a user hook: anything may come out of it
+            hook_failure(self.hooks, name, self._route, self._peer, error)
+            self._abort(f"hook {name} failed: {type(error).__name__}")
+            return _FAILED
+
+    def _check(self, name: str, value, *types) -> bool:
+        if value is None or isinstance(value, types):
+            return True
+        error = TypeError(f"{name} returned {type(value).__name__} (expected "
+                          f"{' or '.join(t.__name__ for t in types)} or None)")
+        hook_failure(self.hooks, name, self._route, self._peer, error)
+        self._abort(f"hook {name} failed: TypeError")
+        return False

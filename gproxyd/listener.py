@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 
 from .config import Route
 from .hooks import HookSet
-from .relay import Channel
+from .channel import Channel
 from .session import Session
 from .settings import Address
 from .stats import RouteStats
@@ -228,7 +228,7 @@ class Listener:
                                          self._sampler.random() < route.shadow_sample)
         try:
             session = Session(route, Channel(sock), _peer_name(sock.family, address),
-                              self.stats, mirror, self.hooks)
+                              self.stats, mirror, self.hooks, self._greenlets.spawn)
         except BaseException:
             sock.close()  # do_close() leaves it to the session, and there is none
             raise
@@ -236,10 +236,7 @@ class Listener:
         self._no_sessions.clear()
         self.stats.active += 1
         self.stats.total += 1
-        if session.needs_greenlet:
-            self._greenlets.spawn(session.run, self._ended)
-        else:
-            session.start(self._ended)
+        session.start(self._ended)
 
     def _ended(self, session: Session) -> None:
         """A session closed its client and production (maybe from a libev callback)."""

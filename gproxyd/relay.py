@@ -1,7 +1,6 @@
 """The relay loops: move the bytes of a connection, cut-through, with half-close.
 
-Sockets here are plain non-blocking `_socket.socket`s with our own libev watchers, not
-gevent socket objects: it saves a layer of Python per chunk on the hot path.
+Both work on Channels, through their transport API (channel.py).
 
 - `Relay` drives one or both directions with libev callbacks: each chunk moves as it
   arrives, with no greenlet switch; small chunks through one shared buffer, bulk
@@ -16,19 +15,16 @@ connection costs no buffer memory and no pipe file descriptors.
 """
 from __future__ import annotations
 
-import _socket
 import errno
 import fcntl
 import os
-import socket
 from time import monotonic
 from typing import Callable
 
 import gevent
-from gevent import get_hub
 from gevent.hub import Waiter
 
-from .settings import Address
+from .channel import Channel
 
 CHUNK = 256 * 1024
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -41,88 +37,6 @@ _FAIR_SHARE = 4
 
 # Why a direction stopped.
 EOF = "eof"
-
-
-class Channel:
-    """One socket of a session, driven non-blocking on the gevent hub.
-
-    The Channel owns its socket: `close()` closes it. `abort()` may be called from any
-    greenlet: it shuts the socket down both ways, which wakes every greenlet waiting on
-    it (their reads see EOF, their writes fail), so no greenlet has to be killed.
-    """
-    __slots__ = ("sock", "fd", "_hub", "_read_watcher", "_write_watcher", "closed")
-
-    def __init__(self, sock: socket.socket):
-        if sock.gettimeout() != 0.0:  # not made with SOCK_NONBLOCK
-            sock.setblocking(False)
-        self.sock = sock
-        self.fd = sock.fileno()
-        self._hub = get_hub()
-        loop = self._hub.loop
-        self._read_watcher = loop.io(self.fd, 1)
-        self._write_watcher = loop.io(self.fd, 2)
-        self.closed = False
-        if sock.family != socket.AF_UNIX:
-            # Cut-through: a small write goes out now, not after Nagle's delay.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def wait_readable(self) -> None:
-        self._hub.wait(self._read_watcher)
-
-    def wait_writable(self) -> None:
-        self._hub.wait(self._write_watcher)
-
-    def sendall(self, data) -> None:
-        """Write all of `data`, waiting (cooperatively) while the peer is slow to read."""
-        view = memoryview(data)
-        send = self.sock.send
-        while view:
-            try:
-                sent = send(view)
-            except BlockingIOError:
-                self.wait_writable()
-                continue
-            view = view[sent:]
-
-    def recv_into(self, buffer) -> int:
-        """Read what is available into `buffer`, waiting for at least one byte or EOF."""
-        while True:
-            try:
-                return self.sock.recv_into(buffer)
-            except BlockingIOError:
-                self.wait_readable()
-
-    def shutdown_write(self) -> None:
-        """Pass an EOF on: the peer reads end-of-stream; we may still read from it."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # already gone: the other direction reports it
-
-    def abort(self) -> None:
-        """Stop all traffic both ways now; wakes any greenlet blocked on this socket."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """Close the socket; a greenlet still waiting on it gets OSError(EBADF)."""
-        if not self.closed:
-            self.closed = True
-            for watcher in (self._read_watcher, self._write_watcher):
-                callback = watcher.callback
-                if callback is not None and hasattr(getattr(callback, "__self__", None),
-                                                    "throw"):
-                    self._hub.cancel_wait(watcher, _closed_error(), True)  # a greenlet
-                else:
-                    watcher.stop()  # idle, or a Relay's callback
-                    watcher.close()
-            self.sock.close()
-
-
-def _closed_error() -> OSError:
-    return OSError(errno.EBADF, "socket closed while in use")
 
 
 class FreeList:
@@ -195,6 +109,23 @@ _shared_view = memoryview(_shared)
 discard_buffer = bytearray(SMALL)
 
 
+class Direction:
+    """What one way of a Relay moves: src -> dst, counted in `counter`.
+
+    `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) right after
+    it was written to dst; it runs inside a libev callback, so it must never block.
+    Such a direction never splices. `on_eof()` runs at src's EOF, before dst's
+    half-close.
+    """
+    __slots__ = ("src", "dst", "counter", "tap", "on_eof")
+
+    def __init__(self, src: Channel, dst: Channel, counter: Counter,
+                 tap: Callable[[memoryview], None] | None = None,
+                 on_eof: Callable[[], None] | None = None):
+        self.src, self.dst, self.counter = src, dst, counter
+        self.tap, self.on_eof = tap, on_eof
+
+
 class Relay:
     """One or both directions of a connection, driven by libev callbacks.
 
@@ -204,31 +135,24 @@ class Relay:
     event has flushed the rest, so backpressure is end to end. Half-close is passed on;
     the relay is done when every direction has seen EOF, or one of them failed.
 
-    Either `run()` it (the calling greenlet waits), or `start(on_done)` it and let the
-    callbacks own the connection: `on_done(failure)` is called once, from the hub, when
-    it is done. The Channels' own watchers are used (each Channel has one reader and one
-    writer watcher; this relay is their only user while it runs).
+    `start(on_done)` it: the callbacks own the connection, and `on_done(failure)` is
+    called once, from the hub, when it is done; or `run()` it from a greenlet, which
+    waits. While it runs, the relay is the only user of its source channels' reading
+    and its destination channels' writing.
     """
-    __slots__ = ("_directions", "_on_done", "failure", "_open")
+    __slots__ = ("_ways", "_on_done", "failure", "_open")
 
-    def __init__(self, *directions: tuple):
-        """`directions`: one or two (src, dst, counter[, tap[, on_eof]]) to relay.
-
-        `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) right
-        after it was written on; it runs inside a libev callback, so it must never
-        block. Such a direction never splices. `on_eof()` runs at src's EOF, before
-        dst's half-close.
-        """
-        self._directions = [_Direction(self, *direction) for direction in directions]
+    def __init__(self, *directions: Direction):
+        self._ways = [_Way(self, direction) for direction in directions]
         self._on_done = None
         self.failure: Broken | None = None
-        self._open = len(self._directions)
+        self._open = len(self._ways)
 
     def start(self, on_done: Callable[[Broken | None], None]) -> None:
         """Relay from now on; `on_done(failure or None)` when done (must not block)."""
         self._on_done = on_done
-        for direction in self._directions:
-            direction.start()
+        for way in self._ways:
+            way.start()
 
     def run(self) -> Broken | None:
         """Relay until done (blocks the calling greenlet); returns the failure, if any."""
@@ -240,8 +164,8 @@ class Relay:
             self._stop()
 
     def _stop(self) -> None:
-        for direction in self._directions:
-            direction.stop()
+        for way in self._ways:
+            way.stop()
 
     def _finished(self) -> None:
         self._open -= 1
@@ -256,26 +180,26 @@ class Relay:
             self._on_done(broken)
 
 
-class _Direction:
-    """One way of a Relay: src's reader watcher, dst's writer watcher, what is pending."""
+class _Way:
+    """One Direction of a Relay as it runs: what is pending, the pipe when splicing."""
     __slots__ = ("relay", "src", "dst", "counter", "tap", "on_eof", "pending", "pipe",
                  "piped", "bulk")
 
-    def __init__(self, relay: Relay, src: Channel, dst: Channel, counter: Counter,
-                 tap=None, on_eof=None):
-        self.relay, self.src, self.dst, self.counter = relay, src, dst, counter
-        self.tap, self.on_eof = tap, on_eof
+    def __init__(self, relay: Relay, direction: Direction):
+        self.relay = relay
+        self.src, self.dst, self.counter = direction.src, direction.dst, direction.counter
+        self.tap, self.on_eof = direction.tap, direction.on_eof
         self.pending = None   # bytes read but not yet written (the shared buffer is reused)
         self.pipe = None
         self.piped = 0        # bytes sitting in the pipe
         self.bulk = False
 
     def start(self) -> None:
-        self.src._read_watcher.start(self._readable)
+        self.src.start_reading(self._readable)
 
     def stop(self) -> None:
-        self.src._read_watcher.stop()
-        self.dst._write_watcher.stop()
+        self.src.stop_reading()
+        self.dst.stop_writing()
         if self.pipe is not None:
             (_pipes.give if not self.piped else _pipes.discard)(self.pipe)
             self.pipe = None
@@ -302,10 +226,10 @@ class _Direction:
                 self.stop()
                 if self.on_eof is not None:
                     self.on_eof()
-                if self.relay._open == 2 or len(self.relay._directions) == 1:
+                if self.relay._open == 2 or len(self.relay._ways) == 1:
                     # Pass the half-close on. (When the other way is done too, the
                     # close() that follows sends the FIN: one syscall less.)
-                    self.dst.shutdown_write()
+                    self.dst.half_close()
                 self.relay._finished()
                 return
             counter = self.counter
@@ -351,8 +275,8 @@ class _Direction:
                 raise Broken(self.dst, error) from None
 
     def _wait_for_dst(self) -> None:
-        self.src._read_watcher.stop()
-        self.dst._write_watcher.start(self._writable)
+        self.src.stop_reading()
+        self.dst.start_writing(self._writable)
 
     def _writable(self) -> None:
         try:
@@ -370,8 +294,8 @@ class _Direction:
                 self._flush_pipe()
                 if self.piped:
                     return
-            self.dst._write_watcher.stop()
-            self.src._read_watcher.start(self._readable)
+            self.dst.stop_writing()
+            self.src.start_reading(self._readable)
         except Broken as broken:
             self.relay._failed(broken)
         except BaseException as error:
@@ -414,7 +338,7 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
                 raise Broken(src, error) from None
             if received == 0:
                 on_eof()
-                dst.shutdown_write()
+                dst.half_close()
                 return EOF
             if not counter.bytes:
                 counter.first = monotonic()
@@ -430,97 +354,9 @@ def copy_pump(src: Channel, dst: Channel, counter: Counter,
                 except BlockingIOError:
                     sent = 0
                 if sent < len(data):
-                    dst.sendall(memoryview(data)[sent:])
+                    dst.flush(memoryview(data)[sent:])
             except OSError as error:
                 raise Broken(dst, error) from None
     finally:
         if buffer is not None:
             _buffers.give((buffer, view))
-
-
-def new_channel(family: int) -> Channel:
-    """A fresh non-blocking TCP or unix stream socket, as a Channel."""
-    return Channel(_socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
-
-
-class Connecting:
-    """A non-blocking connect to a literal address, driven by libev callbacks.
-
-    `on_done(channel, None)` or `on_done(None, error)` is called exactly once (maybe
-    before the constructor returns, when the kernel answers at once), unless
-    `cancel()` comes first. Host names need the resolver: use connect() in a greenlet.
-    """
-    __slots__ = ("_channel", "_timer", "_on_done")
-
-    def __init__(self, address: Address, timeout: float,
-                 on_done: Callable[[Channel | None, OSError | None], None]):
-        self._on_done = on_done
-        self._timer = None
-        try:
-            self._channel = new_channel(address.family)
-        except OSError as error:  # out of file descriptors, typically
-            self._channel = None
-            on_done(None, error)
-            return
-        code = self._channel.sock.connect_ex(address.sockaddr)
-        if code in (errno.EINPROGRESS, errno.EAGAIN):
-            self._channel._write_watcher.start(self._writable)
-            self._timer = self._channel._hub.loop.timer(timeout)
-            self._timer.start(self._timed_out)
-        else:
-            self._finish(code)
-
-    def cancel(self) -> None:
-        """Give up (the caller is going away); on_done is not called."""
-        if self._channel is not None:
-            self._stop()
-            self._channel.close()
-            self._channel = None
-
-    def _stop(self) -> None:
-        self._channel._write_watcher.stop()
-        if self._timer is not None:
-            self._timer.stop()
-
-    def _writable(self) -> None:
-        self._stop()
-        self._finish(self._channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-
-    def _timed_out(self) -> None:
-        self._stop()
-        self._finish(errno.ETIMEDOUT)
-
-    def _finish(self, code: int) -> None:
-        channel, self._channel = self._channel, None
-        if code:
-            channel.close()
-            self._on_done(None, OSError(code, os.strerror(code)))
-        else:
-            self._on_done(channel, None)
-
-
-def connect(address: Address, timeout: float) -> Channel:
-    """Open a TCP or unix connection within `timeout` seconds (blocks the calling
-    greenlet); raise OSError if not. Only host names ask the resolver."""
-    if not address.numeric:
-        with gevent.Timeout(timeout, socket.timeout(errno.ETIMEDOUT, "connect timed out")):
-            family, _, _, _, sockaddr = socket.getaddrinfo(
-                address.host, address.port, 0, socket.SOCK_STREAM)[0]
-        address = Address(address.text, family, host=sockaddr[0], port=sockaddr[1])
-    waiter = Waiter()
-    connecting = Connecting(address, timeout, lambda *outcome: waiter.switch(outcome))
-    try:
-        channel, error = waiter.get()
-    except BaseException:  # killed while connecting
-        connecting.cancel()
-        raise
-    if error is not None:
-        raise error
-    return channel
-
-
-def is_disconnect(error: BaseException) -> bool:
-    """An ordinary way for a peer to go away (not worth a traceback)."""
-    return isinstance(error, OSError) and error.errno in (
-        errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNABORTED,
-        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF)

@@ -21,23 +21,16 @@ import weakref
 from collections import deque
 from itertools import islice
 from time import monotonic
+from typing import Callable
 
 import gevent
 from gevent.event import Event
 from gevent.queue import SimpleQueue
 
-from .observe import Exchanges
-from .relay import (
-    Channel,
-    Connecting,
-    Counter,
-    FreeList,
-    connect,
-    discard_buffer,
-    is_disconnect,
-)
-from .settings import Address
-from .stats import ShadowStats
+from .channel import Channel, is_disconnect
+from .config import Route
+from .relay import FreeList, discard_buffer
+from .upstream import Upstream
 
 log = logging.getLogger("gproxyd.shadow")
 
@@ -208,25 +201,28 @@ def _spare_time() -> _SpareTime:
 
 
 class ShadowSink:
-    """Owns one shadow connection: its socket, its queue and its watchers.
+    """Owns one shadow connection (an Upstream): its queue and its part of the traffic.
 
     States: connecting -> open -> done (finished normally), or dropped (fell behind by
     more than the buffer), failed (could not connect), reset (broke mid-stream).
     """
 
-    def __init__(self, address: Address, limit: int, connect_timeout: float,
-                 stats: ShadowStats, observer: Exchanges, label: str, on_answer=None,
-                 write_delay: float = 0.0):
-        self.address = address
-        self.observer = observer
-        self._limit = limit
-        self._stats = stats
-        self._label = label  # "route web client 1.2.3.4:5" for log lines
+    def __init__(self, upstream: Upstream, route: Route, label: str, spawn: Callable,
+                 on_answer: Callable | None = None):
+        """`label` ("route web client 1.2.3.4:5") starts its log lines; `spawn` starts a
+        greenlet (connecting to a host name); `on_answer(sink, chunk)` gets each answer,
+        then None, in a greenlet of its own (hooks may block)."""
+        self.upstream = upstream
+        self.address = upstream.address
+        self.name = upstream.address.text
+        self._limit = route.shadow_buffer
+        self._stats = upstream.stats
+        self._label = label
         self._queue = _Queue()
         # Each shadow connection times its own delay: one timer for all would write to
         # every shadow at the same moment, and a shadow would get its requests in
         # bursts production never saw (queueing in the shadow, measured as its latency).
-        self._write_delay = write_delay
+        self._write_delay = route.shadow_write_delay
         self._delay_timer = None    # created at the first delayed write
         self._spare_time = _spare_time()  # without a delay, what writes the queue
         self._loop = gevent.get_hub().loop
@@ -236,22 +232,15 @@ class ShadowSink:
         self._answered = False      # the shadow has sent EOF
         self._channel: Channel | None = None
         self._ended = Event()
-        self.sent = Counter()
-        self.received = Counter()
         self.state = "connecting"
-        # Hooks may block: the shadow's answers go to them from a greenlet, in order.
         self._on_answer = on_answer
         self._answers: SimpleQueue | None = None
         self._answer_greenlet: gevent.Greenlet | None = None
         if on_answer is not None:
             self._answers = SimpleQueue()
-            self._answer_greenlet = gevent.spawn(self._deliver_answers)
-        stats.mirrored += 1
-        self._connecting: Connecting | None = None
-        if address.numeric:
-            self._connecting = Connecting(address, connect_timeout, self._connected)
-        else:  # a host name needs the resolver, which may block: a greenlet does it
-            gevent.spawn(self._connect_by_name, connect_timeout)
+            self._answer_greenlet = spawn(self._deliver_answers)
+        self._stats.mirrored += 1
+        upstream.connect(route.shadow_connect_timeout, self._connected, spawn)
 
     @property
     def alive(self) -> bool:
@@ -272,10 +261,10 @@ class ShadowSink:
             if sent is None or sent == len(chunk):
                 return
             chunk = chunk[sent:]
-            self._channel._write_watcher.start(self._writable)
+            self._channel.start_writing(self._writable)
         if not self._enqueue(chunk):
             return
-        if self.state != "open" or self._blocked:
+        if self.state != "open" or self._channel.waiting_to_write:
             return  # written once connected, or by the writer, with the rest
         if self._queue.size >= _WRITE_NOW:
             self._write_queue()
@@ -304,7 +293,7 @@ class ShadowSink:
     def finish(self) -> None:
         """The client sent EOF: pass it on once the queue is written out."""
         self._eof = True
-        if self.state != "open" or self._blocked:
+        if self.state != "open" or self._channel.waiting_to_write:
             return  # connecting, gone, or the writer passes the EOF on when it is done
         if self._queue.size:
             self._write_queue()  # nothing more is coming: no point waiting for the delay
@@ -327,43 +316,22 @@ class ShadowSink:
 
     # --- connecting ------------------------------------------------------------------------
 
-    def _connected(self, channel: Channel | None, error: OSError | None) -> None:
-        self._connecting = None
-        if channel is None:
-            if self.alive:
-                self._connect_failed(error)
-        elif not self.alive:  # dropped or lingered out meanwhile
-            channel.close()
-        else:
-            self._channel = channel
-            self._opened()
-
-    def _connect_by_name(self, timeout: float) -> None:
-        try:
-            channel = connect(self.address, timeout)
-        except OSError as error:
-            self._connected(None, error)
+    def _connected(self, error: OSError | None) -> None:
+        if error is not None:
+            log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
+                     error.strerror or error)
+            self._end("failed")
             return
-        self._connected(channel, None)
-
-    def _connect_failed(self, error: OSError) -> None:
-        self._stats.connect_failures += 1
-        self._stats.errors += 1
-        log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
-                 error.strerror or error)
-        self._end("failed")
-
-    def _opened(self) -> None:
         self.state = "open"
-        if self._channel.sock.family != socket.AF_UNIX:
+        self._channel = channel = self.upstream.channel
+        if channel.sock.family != socket.AF_UNIX:
             try:
-                self._channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                              _SEND_BUFFER)
+                channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
             except OSError:
                 pass
-        self._channel._read_watcher.start(self._readable)
+        channel.start_reading(self._readable)
         if self._queue.size:
-            self._channel._write_watcher.start(self._writable)
+            channel.start_writing(self._writable)
         elif self._eof:
             self._pass_eof()
 
@@ -383,34 +351,31 @@ class ShadowSink:
             self._lost(error)
             return None
         if sent:
-            if not self.sent.bytes:
-                self.sent.first = monotonic()
-            self.sent.bytes += sent
-            if self.observer.framed:
+            counter = self.upstream.sent
+            if not counter.bytes:
+                counter.first = monotonic()
+            counter.bytes += sent
+            observer = self.upstream.observer
+            if observer.framed:
                 left = sent
                 for part in data if isinstance(data, list) else (data,):
-                    self.observer.sent(part[:left])
+                    observer.sent(part[:left])
                     left -= len(part)
                     if left <= 0:
                         break
         return sent
 
-    @property
-    def _blocked(self) -> bool:
-        """Waiting for the shadow to take what it has been given (its writer runs)."""
-        return self._channel._write_watcher.active
-
     def write_waiting(self) -> None:
         """The wait is over (write delay, or spare time): write what queued up."""
         self._waiting = False
-        if self.state == "open" and not self._blocked:
+        if self.state == "open" and not self._channel.waiting_to_write:
             self._write_queue()
 
     def _write_queue(self) -> None:
         """Write what queued up; the writer takes over what the shadow does not take."""
         self._writable()
         if self._queue.size and self.alive:
-            self._channel._write_watcher.start(self._writable)
+            self._channel.start_writing(self._writable)
 
     def _writable(self) -> None:
         queue = self._queue
@@ -422,14 +387,14 @@ class ShadowSink:
             queue.consume(sent)
             if sent < sum(map(len, pieces)):
                 return
-        self._channel._write_watcher.stop()
+        self._channel.stop_writing()
         if self._eof:
             self._pass_eof()
 
     def _pass_eof(self) -> None:
         if not self._written_eof:
             self._written_eof = True
-            self._channel.shutdown_write()
+            self._channel.half_close()
             self._maybe_done()
 
     # --- reading ---------------------------------------------------------------------------
@@ -443,13 +408,15 @@ class ShadowSink:
             self._lost(error)
             return
         if received == 0:
-            self._channel._read_watcher.stop()
+            self._channel.stop_reading()
             self._answered = True
             self._maybe_done()
             return
-        if not self.received.bytes:
-            self.received.first = monotonic()
-            if not self.observer.framed and self._answers is None:
+        counter = self.upstream.received
+        observer = self.upstream.observer
+        if not counter.bytes:
+            counter.first = monotonic()
+            if not observer.framed and self._answers is None:
                 # Nothing but the first byte's time is measured here: from now on, be
                 # woken once per 32 KiB of answers (or at EOF or an error), not per answer.
                 try:
@@ -457,10 +424,10 @@ class ShadowSink:
                                                   _LAZY_READ)
                 except OSError:
                     pass
-        self.received.bytes += received
+        counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
-        if self.observer.framed:
-            self.observer.received(chunk)
+        if observer.framed:
+            observer.received(chunk)
         if self._answers is not None:
             self._answers.put(bytes(chunk))
 
@@ -473,7 +440,7 @@ class ShadowSink:
                 return
             if not received:
                 return
-            self.received.bytes += received
+            self.upstream.received.bytes += received
 
     def _deliver_answers(self) -> None:
         while True:
@@ -501,26 +468,19 @@ class ShadowSink:
         self._end("reset")
 
     def _end(self, state: str) -> None:
-        """Final: close the socket, account for the connection, wake linger()."""
+        """Final: close the connection, account for it, wake linger()."""
         if not self.alive:
             return
-        connected = self.state == "open"
         self.state = state
         self._queue.clear()
         if self._delay_timer is not None:
             self._delay_timer.stop()
             self._delay_timer.close()
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
         if self._channel is not None:
-            self._channel._read_watcher.stop()
-            self._channel._write_watcher.stop()
-            if connected:
-                self._count_unread()
-            self._channel.close()
-        if connected:
-            self.observer.closed(self.sent, self.received, error=state == "reset")
+            self._channel.stop_reading()
+            self._channel.stop_writing()
+            self._count_unread()
+        self.upstream.close(error=state == "reset")
         if self._answers is not None:
             self._answers.put(None)
         self._ended.set()

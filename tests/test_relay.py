@@ -162,7 +162,7 @@ def test_a_client_that_does_not_read_stops_production_at_the_kernel_buffers(serv
     wait_until(stuck, timeout=15, interval=0.5, what="production blocked in send()")
 
     session, = proxied.listener.sessions
-    in_kernel = (_unsent(conn.sock) + _unread(session.production.fd)
+    in_kernel = (_unsent(conn.sock) + _unread(session.production.channel.fd)
                  + _unsent(session.client.fd) + _unread(client))
     assert 0 <= conn.sent - in_kernel <= CHUNK + 64 * 1024, (conn.sent, in_kernel)
     assert conn.sent < 64 * MiB

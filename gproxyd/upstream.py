@@ -1,0 +1,97 @@
+"""Upstream: a session's connection to one backend, production or a shadow.
+
+What production and shadows share: connecting without blocking the client's path (libev
+callbacks for a literal address, a greenlet for a host name, which needs the resolver),
+the Channel once open, the bytes each way, the observer that pairs requests with
+answers, and the accounting when it closes. What differs stays with the user: the
+session relays production to the client, a ShadowSink queues and discards.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .channel import Channel, Connecting, connect
+from .observe import Exchanges
+from .relay import Counter
+from .settings import Address
+from .stats import BackendStats
+
+
+class Upstream:
+    """One backend connection: `connect()` it, use `channel`, then `close()` it.
+
+    `sent` counts what was written to the backend (requests), `received` what it
+    answered. Connect failures are counted in `stats` here; the user logs them.
+    """
+    __slots__ = ("address", "stats", "observer", "channel", "sent", "received",
+                 "_connecting", "_on_connected", "_closed")
+
+    def __init__(self, address: Address, stats: BackendStats, observer: Exchanges):
+        self.address = address
+        self.stats = stats
+        self.observer = observer
+        self.channel: Channel | None = None
+        self.sent = Counter()
+        self.received = Counter()
+        self._connecting: Connecting | None = None
+        self._on_connected: Callable[[OSError | None], None] | None = None
+        self._closed = False
+
+    @property
+    def connecting(self) -> bool:
+        return self._on_connected is not None
+
+    def connect(self, timeout: float, on_connected: Callable[[OSError | None], None],
+                spawn: Callable, address: Address | None = None) -> None:
+        """Connect to `address` (default: the one given at creation) without blocking;
+        `on_connected(None)` once `channel` is open, or `on_connected(error)`, called
+        once from the hub or from the greenlet `spawn` started, unless cancel() or
+        close() comes first."""
+        if address is not None:
+            self.address = address
+        self._on_connected = on_connected
+        if self.address.numeric:
+            self._connecting = Connecting(self.address, timeout, self._connected)
+        else:
+            spawn(self._connect_by_name, timeout)
+
+    def _connect_by_name(self, timeout: float) -> None:
+        try:
+            channel = connect(self.address, timeout)
+        except OSError as error:
+            self._connected(None, error)
+            return
+        self._connected(channel, None)
+
+    def _connected(self, channel: Channel | None, error: OSError | None) -> None:
+        self._connecting = None
+        on_connected, self._on_connected = self._on_connected, None
+        if on_connected is None or self._closed:  # given up meanwhile
+            if channel is not None:
+                channel.close()
+            return
+        if channel is None:
+            self.stats.connect_failures += 1
+            self.stats.errors += 1
+            on_connected(error)
+            return
+        self.channel = channel
+        on_connected(None)
+
+    def cancel(self) -> None:
+        """Stop connecting; on_connected is not called."""
+        self._on_connected = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+
+    def close(self, error: bool = False) -> None:
+        """Close the connection (once) and account for it in the observer and stats;
+        `error`: it ended by a reset or failure."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        if self.channel is not None:
+            self.channel.close()
+            self.observer.closed(self.sent, self.received, error=error)
