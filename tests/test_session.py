@@ -129,3 +129,25 @@ def test_a_host_name_production_is_resolved_and_served(proxy, servers):
     client.shutdown(socket.SHUT_WR)
     assert recv_to_eof(client) == b"by name"
     client.close()
+
+
+def test_a_client_reset_on_a_unix_production_closes_the_session_once(servers, proxy, caplog):
+    """A unix connect completes at once; the session once kept a stale connect in
+    progress that abort() ended a second time: two close lines, active -1, production's
+    bytes counted twice."""
+    echo = servers.echo(family="unix")
+    proxied = proxy(echo)
+    client = proxied.connect()
+    client.sendall(b"ping")
+    assert recv_exactly(client, 4) == b"ping"
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset
+
+    line, = wait_for_lines(caplog)
+    assert (line["up"], line["down"]) == (4, 4), line
+    wait_until(lambda: proxied.stats.active == 0, what="the session ended")
+    gevent.sleep(0.2)  # a second close would come from the same loop turns
+    assert proxied.stats.active == 0 and proxied.stats.total == 1
+    assert proxied.stats.production.bytes_sent == 4
+    assert len([r for r in caplog.records if r.name == "gproxyd.session"
+                and "close=" in r.getMessage()]) == 1
