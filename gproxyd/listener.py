@@ -35,6 +35,7 @@ log = logging.getLogger("gproxyd.listener")
 _StdlibSocket = get_original("socket", "socket")
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKLOG = 4096
+_ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
 
 
 class ListenError(Exception):
@@ -113,6 +114,7 @@ class _Server(StreamServer):
         # Plain ints, read once: socket.socket's family and type properties build an
         # enum at every access, which would be once per accepted connection.
         self._family, self._type = int(listening.family), int(listening.type)
+        self._resume = self.loop.timer(_ACCEPT_PAUSE)  # restarts accepting after a pause
 
     def do_close(self, sock, *args) -> None:
         # gevent closes the client socket when the handler returns; here the Session
@@ -140,8 +142,16 @@ class _Server(StreamServer):
                       "LimitNOFILE=, or lower max-connections); pausing accepts",
                       self.address, error.strerror)
         self.stop_accepting()
-        self._timer = self.loop.timer(0.1)
-        self._timer.start(self._start_accepting_if_started)
+        self._resume.start(self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume.stop()
+        if self.started and not self.closed:
+            self.start_accepting()
+
+    def close(self) -> None:
+        self._resume.stop()
+        super().close()
 
 
 class Listener:
