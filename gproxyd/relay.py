@@ -167,13 +167,19 @@ class Relay:
         for way in self._ways:
             way.stop()
 
-    def _finished(self) -> None:
+    def reached_eof(self, way: "_Way") -> None:
+        """`way`'s source has ended (its own reading has stopped)."""
+        if self._open == 2 or len(self._ways) == 1:
+            # Pass the half-close on. (When the other way is done too, the close()
+            # that follows sends the FIN: one syscall less.)
+            way.dst.half_close()
         self._open -= 1
         if self._open == 0:
             self._stop()
             self._on_done(None)
 
-    def _failed(self, broken: Broken) -> None:
+    def failed(self, broken: Broken) -> None:
+        """A way failed: the whole relay stops."""
         if self.failure is None:
             self.failure = broken
             self._stop()
@@ -226,11 +232,7 @@ class _Way:
                 self.stop()
                 if self.on_eof is not None:
                     self.on_eof()
-                if self.relay._open == 2 or len(self.relay._ways) == 1:
-                    # Pass the half-close on. (When the other way is done too, the
-                    # close() that follows sends the FIN: one syscall less.)
-                    self.dst.half_close()
-                self.relay._finished()
+                self.relay.reached_eof(self)
                 return
             counter = self.counter
             if not counter.bytes:
@@ -258,9 +260,9 @@ class _Way:
                 _pipes.give(self.pipe)
                 self.pipe = None
         except Broken as broken:
-            self.relay._failed(broken)
+            self.relay.failed(broken)
         except BaseException as error:  # never let an error escape into the hub
-            self.relay._failed(Broken(self.src, OSError(errno.EIO, repr(error))))
+            self.relay.failed(Broken(self.src, OSError(errno.EIO, repr(error))))
 
     def _flush_pipe(self) -> None:
         """Write the pipe out as far as dst takes it; wait for dst if it is full."""
@@ -297,9 +299,9 @@ class _Way:
             self.dst.stop_writing()
             self.src.start_reading(self._readable)
         except Broken as broken:
-            self.relay._failed(broken)
+            self.relay.failed(broken)
         except BaseException as error:
-            self.relay._failed(Broken(self.dst, OSError(errno.EIO, repr(error))))
+            self.relay.failed(Broken(self.dst, OSError(errno.EIO, repr(error))))
 
 
 def copy_pump(src: Channel, dst: Channel, counter: Counter,
