@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gproxyctl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     stats = commands.add_parser("stats", help="production vs shadows, per route")
@@ -69,7 +69,7 @@ def _get_unix(sock_path: str, path: str, timeout: float) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, [], {})
     except ConfigError as error:
