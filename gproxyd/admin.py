@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from . import __version__
 from .listener import bind
 from .settings import Address
-from .stats import RouteStats
+from .stats import OUTCOMES, RouteStats
 
 log = logging.getLogger("gproxyd.admin")
 
@@ -60,6 +60,8 @@ _BACKEND_COUNTERS = (
     ("bytes_received", "gproxyd_backend_received_bytes", "Bytes read from the backend", False),
     ("connect_failures", "gproxyd_connect_failures",
      "Connections to the backend that failed", False),
+    ("timeouts", "gproxyd_timeouts",
+     "Requests never answered (shadows: by the end of shadow-linger)", False),
     ("dropped", "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
      True),
     ("mismatches", "gproxyd_shadow_mismatches", "Shadow answers that differ from production's",
@@ -81,6 +83,9 @@ class _Collector:
                                         labels=["route", "backend"])
         quantiles = Metric("gproxyd_request_latency_seconds",
                            "Request latency quantiles per backend", "summary")
+        outcomes = CounterMetricFamily(
+            "gproxyd_shadow_connections", "Shadow connections by how they ended",
+            labels=["route", "backend", "outcome"])
         for name, stats in self._source().items():
             for family, (attr, _, _) in zip(routes, _ROUTE_METRICS, strict=True):
                 family.add_metric([name], getattr(stats, attr))
@@ -90,6 +95,10 @@ class _Collector:
                                                              strict=True):
                     if backend != "production" or not shadow_only:
                         family.add_metric([name, backend], getattr(numbers, attr))
+                if backend != "production":
+                    for outcome in OUTCOMES:
+                        outcomes.add_metric([name, backend, outcome],
+                                            numbers.outcomes.get(outcome, 0))
                 histogram = numbers.latency
                 buckets = [(str(bound), histogram.count_below(bound)) for bound in _BUCKETS]
                 buckets.append(("+Inf", histogram.count))
@@ -105,6 +114,7 @@ class _Collector:
                                      histogram.total)
         yield from routes
         yield from counters
+        yield outcomes
         yield latency
         yield quantiles
 

@@ -114,7 +114,9 @@ class _Server(StreamServer):
         # Plain ints, read once: socket.socket's family and type properties build an
         # enum at every access, which would be once per accepted connection.
         self._family, self._type = int(listening.family), int(listening.type)
-        self._resume = self.loop.timer(_ACCEPT_PAUSE)  # restarts accepting after a pause
+        # Restarts accepting after a pause. Armed with again(), stopped when it fires:
+        # start() on a libev timer that has fired once fires at the next loop turn.
+        self._resume = self.loop.timer(_ACCEPT_PAUSE, _ACCEPT_PAUSE)
 
     def do_close(self, sock, *args) -> None:
         # gevent closes the client socket when the handler returns; here the Session
@@ -142,7 +144,7 @@ class _Server(StreamServer):
                       "LimitNOFILE=, or lower max-connections); pausing accepts",
                       self.address, error.strerror)
         self.stop_accepting()
-        self._resume.start(self._resume_accepting)
+        self._resume.again(self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._resume.stop()

@@ -32,7 +32,7 @@ _MAX_PENDING = 10_000
 
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
-                 "_connected", "_per_connection", "_answered")
+                 "_connected", "_per_connection", "_answered", "answers", "failures")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str):
@@ -48,6 +48,8 @@ class Exchanges:
         self._pending: deque[float] | None = deque() if framers else None
         self._connected = monotonic()
         self._answered = 0.0  # when the latest complete answer arrived
+        self.answers = 0      # this connection's answers, and how many were errors
+        self.failures = 0
 
     @property
     def framed(self) -> bool:
@@ -86,9 +88,16 @@ class Exchanges:
             return
         self._complete(done)
 
-    def closed(self, sent: Counter, received: Counter, error: bool = False) -> None:
+    @property
+    def unanswered(self) -> int:
+        """Requests sent and not answered (framed; tcp: 1 if nothing came back yet)."""
+        return len(self._pending) if self._pending is not None else 0
+
+    def closed(self, sent: Counter, received: Counter, error: bool = False,
+               owed_answers: bool = False) -> None:
         """The backend's side is done: `sent`/`received` are its byte counters; `error`
-        if it ended by a reset or failure."""
+        if it ended by a reset or failure. `owed_answers` (shadows): requests still
+        unanswered are counted as timeouts, not as answered requests."""
         self.stats.bytes_sent += sent.bytes
         self.stats.bytes_received += received.bytes
         if error:
@@ -100,6 +109,8 @@ class Exchanges:
                 done = None
                 self.stats.errors += 1  # an answer cut short
             self._complete(done)
+            if owed_answers and self._pending:
+                self.stats.timeouts += len(self._pending)
             return
         if not self._per_connection:
             return  # fell back or upgraded mid-way: not comparable with per-request numbers
@@ -108,6 +119,8 @@ class Exchanges:
             # the server speaks first (SMTP, MySQL).
             start = sent.first if 0 < sent.first < received.first else self._connected
             self.stats.record(received.first - start)
+        elif owed_answers and sent.bytes:
+            self.stats.timeouts += 1  # asked, and nothing came back: no latency to record
         else:
             self.stats.requests += 1
 
@@ -124,6 +137,8 @@ class Exchanges:
                 return
             sent = pending.popleft()
             self.stats.record(now - (sent if sent > answered else answered), is_error)
+            self.answers += 1
+            self.failures += is_error
 
     def _stop_framing(self) -> None:
         self._requests = self._responses = self._pending = None

@@ -13,8 +13,12 @@ PAR = 0.05
 
 def verdict(production: dict, shadow: dict) -> str:
     """One sentence comparing a shadow ("candidate") with production on p99 and errors."""
+    if shadow["requests"] == 0 and (shadow.get("timeouts") or production["requests"]):
+        words = "no answers from the candidate"
+        return words + (f" ({shadow['timeouts']} requests timed out)"
+                        if shadow.get("timeouts") else "") + _outcome_words(shadow)
     if production["requests"] < MIN_REQUESTS or shadow["requests"] < MIN_REQUESTS:
-        return "not enough requests yet to compare"
+        return "not enough requests yet to compare" + _outcome_words(shadow)
     base, cand = production["latency_ms"]["p99"], shadow["latency_ms"]["p99"]
     if base <= 0:
         words = "candidate p99 cannot be compared (production p99 is 0)"
@@ -27,9 +31,17 @@ def verdict(production: dict, shadow: dict) -> str:
                      f"{'slower' if change > 0 else 'faster'} than production")
     if shadow["errors"] != production["errors"]:
         words += f"; errors: candidate {shadow['errors']}, production {production['errors']}"
-    if shadow.get("dropped"):
-        words += f"; {shadow['dropped']} shadow connection(s) dropped"
-    return words
+    if shadow.get("timeouts"):
+        words += f"; {shadow['timeouts']} candidate request(s) timed out"
+    return words + _outcome_words(shadow)
+
+
+def _outcome_words(shadow: dict) -> str:
+    """The shadow connections that did not end "done", if any."""
+    outcomes = shadow.get("outcomes", {})
+    ended = ", ".join(f"{count} {outcome}" for outcome, count in outcomes.items()
+                      if count and outcome != "done")
+    return f"; shadow connections not done: {ended}" if ended else ""
 
 
 def summary_line(route: str, snapshot: dict) -> str:

@@ -80,7 +80,7 @@ class Session:
             ShadowSink(Upstream(address, stats.shadow(address.text),
                                 Exchanges(route.protocol, stats.shadow(address.text), stats,
                                           f"{label} shadow {address}")),
-                       route, label, spawn, on_answer)
+                       route, label, spawn, self.production, on_answer)
             for address in shadows]
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -298,7 +298,8 @@ class Session:
         for sink in self.shadows:
             sink.linger(max(0.0, deadline - time.monotonic()))
         if log.isEnabledFor(logging.INFO):
-            shadows = "".join(f" shadow[{sink.address}]={sink.state}" for sink in self.shadows)
+            shadows = "".join(f" shadow[{sink.address}]={sink.state}"
+                              + (f"({sink.why})" if sink.why else "") for sink in self.shadows)
             log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "
                      "close=%s", self.route.name, self.peer, self.route.production,
                      time.monotonic() - self.started, self.production.sent.bytes,

@@ -314,6 +314,11 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "event loop, else once the loop has served what was waiting (production "
            "first), at the latest 2 ms later. A few ms (e.g. 5ms) always batches: fewer "
            "shadow writes, each request reaches the shadow that much later.", "DURATION"),
+    Option("shadow-divergence", percentage, "50%",
+           "A shadow connection whose answers differ in size from production's by more "
+           "than this share (over a connection with at least 64 KiB of answers) ends as "
+           "diverged instead of done: its numbers cannot be compared with production's.",
+           "PERCENT"),
     Option("shadow-connect-timeout", duration, "1s",
            "How long connecting to a shadow may take.", "DURATION"),
     Option("shadow-linger", duration, "5s",

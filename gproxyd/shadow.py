@@ -46,6 +46,12 @@ _SEND_BUFFER = 128 * 1024
 _WRITE_NOW = 64 * 1024
 # The longest a busy proxy keeps shadows waiting for spare time.
 _LATEST = 0.002
+# A connection's answers are compared in size only from this many bytes on (production's
+# or the shadow's): below, a small difference is a large share.
+_DIVERGENCE_FLOOR = 64 * 1024
+# A shadow's error answers on one connection count as "far above production's" from
+# this many on, when they are more than twice production's and at least 10% of its answers.
+_ERRORS_FLOOR = 5
 
 
 _BLOCK = 64 * 1024
@@ -171,13 +177,16 @@ class _SpareTime:
     def __init__(self):
         loop = gevent.get_hub().loop
         self._idle = loop.idle()
-        self._deadline = loop.timer(_LATEST)
+        # One-shot timers that are armed again and again: libev's again() re-arms from
+        # now (start() on a timer that has fired once would fire at the next turn),
+        # and the repeat it uses is stopped in the callback.
+        self._deadline = loop.timer(_LATEST, _LATEST)
         self._sinks: list = []
 
     def add(self, sink: "ShadowSink") -> None:
         if not self._sinks:
             self._idle.start(self._run)
-            self._deadline.start(self._run)
+            self._deadline.again(self._run)
         self._sinks.append(sink)
 
     def _run(self) -> None:
@@ -203,16 +212,25 @@ def _spare_time() -> _SpareTime:
 class ShadowSink:
     """Owns one shadow connection (an Upstream): its queue and its part of the traffic.
 
-    States: connecting -> open -> done (finished normally), or dropped (fell behind by
-    more than the buffer), failed (could not connect), reset (broke mid-stream).
+    States: connecting -> open -> one outcome (stats.OUTCOMES), decided when linger()
+    ends: done (finished normally), dropped (fell behind by more than the buffer),
+    failed (could not connect), reset (broke mid-stream), timeout (requests still
+    unanswered when linger ended), diverged (it closed or reset while production
+    carried on, or its answers differ from production's in size or error rate; see
+    _divergence). `why` says more, for the log line.
     """
 
     def __init__(self, upstream: Upstream, route: Route, label: str, spawn: Callable,
-                 on_answer: Callable | None = None):
+                 reference: Upstream, on_answer: Callable | None = None):
         """`label` ("route web client 1.2.3.4:5") starts its log lines; `spawn` starts a
-        greenlet (connecting to a host name); `on_answer(sink, chunk)` gets each answer,
-        then None, in a greenlet of its own (hooks may block)."""
+        greenlet (connecting to a host name); `reference` is production's connection, to
+        compare with; `on_answer(sink, chunk)` gets each answer, then None, in a
+        greenlet of its own (hooks may block)."""
         self.upstream = upstream
+        self._reference = reference
+        self._reference_sent = 0    # what the client had sent production when this ended
+        self._divergence_share = route.shadow_divergence
+        self.why = ""
         self.address = upstream.address
         self.name = upstream.address.text
         self._limit = route.shadow_buffer
@@ -274,8 +292,9 @@ class ShadowSink:
         self._waiting = True
         if self._write_delay:
             if self._delay_timer is None:
-                self._delay_timer = self._loop.timer(self._write_delay)
-            self._delay_timer.start(self.write_waiting)
+                # Armed with again(), stopped when it fires: see _SpareTime.
+                self._delay_timer = self._loop.timer(self._write_delay, self._write_delay)
+            self._delay_timer.again(self.write_waiting)
         else:
             self._spare_time.add(self)
 
@@ -301,7 +320,9 @@ class ShadowSink:
             self._pass_eof()
 
     def linger(self, timeout: float) -> None:
-        """Give the shadow up to `timeout` to take the rest and answer, then close it."""
+        """Give the shadow up to `timeout` to take the rest and answer, then close it
+        and decide its outcome (after the session has ended: production's counters are
+        final)."""
         self.finish()
         self._ended.wait(timeout)
         if self.state == "connecting":
@@ -310,9 +331,40 @@ class ShadowSink:
             self._stats.errors += 1
             self._end("failed")
         elif self.alive:
-            self._end("done")
+            unanswered = self._unanswered()
+            if unanswered:
+                self.why = f"{unanswered}-unanswered"
+                self._end("timeout")
+            else:
+                self._end("done")
+        if self.state in ("done", "reset"):
+            why = self._divergence()
+            if why:
+                self.state, self.why = "diverged", why
+        self._stats.ended(self.state)
         if self._answer_greenlet is not None:
             self._answer_greenlet.join(timeout=1)
+
+    def _unanswered(self) -> int:
+        observer = self.upstream.observer
+        if observer.framed:
+            return observer.unanswered
+        return int(bool(self.upstream.sent.bytes) and not self.upstream.received.bytes)
+
+    def _divergence(self) -> str:
+        """Why this shadow's connection cannot be compared with production's, or ""."""
+        reference = self._reference
+        if reference.sent.bytes > self._reference_sent:
+            return "closed-while-production-carried-on"
+        mine, theirs = self.upstream.received.bytes, reference.received.bytes
+        larger = max(mine, theirs)
+        if larger >= _DIVERGENCE_FLOOR and abs(mine - theirs) > self._divergence_share * larger:
+            return f"answered-{mine}-bytes-production-{theirs}"
+        own, base = self.upstream.observer, reference.observer
+        if (own.failures >= _ERRORS_FLOOR and own.failures > 2 * base.failures
+                and own.failures * 10 >= own.answers):
+            return f"errors-{own.failures}-production-{base.failures}"
+        return ""
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -368,6 +420,8 @@ class ShadowSink:
     def write_waiting(self) -> None:
         """The wait is over (write delay, or spare time): write what queued up."""
         self._waiting = False
+        if self._delay_timer is not None:
+            self._delay_timer.stop()
         if self.state == "open" and not self._channel.waiting_to_write:
             self._write_queue()
 
@@ -480,7 +534,8 @@ class ShadowSink:
             self._channel.stop_reading()
             self._channel.stop_writing()
             self._count_unread()
-        self.upstream.close(error=state == "reset")
+        self._reference_sent = self._reference.sent.bytes
+        self.upstream.close(error=state == "reset", owed_answers=state in ("done", "timeout"))
         if self._answers is not None:
             self._answers.put(None)
         self._ended.set()

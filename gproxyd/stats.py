@@ -104,6 +104,7 @@ class BackendStats:
     bytes_received: int = 0
     connect_failures: int = 0
     resets: int = 0            # the backend reset or broke a connection mid-stream
+    timeouts: int = 0          # requests never answered (shadows: by the end of linger)
     latency: Histogram = field(default_factory=Histogram)
 
     def record(self, seconds: float, error: bool = False) -> None:
@@ -119,6 +120,10 @@ class BackendStats:
         for key, value in exported.items():
             if key == "latency":
                 self.latency.add(value)
+            elif isinstance(value, dict):
+                counts = getattr(self, key)
+                for name, count in value.items():
+                    counts[name] = counts.get(name, 0) + count
             else:
                 setattr(self, key, getattr(self, key) + value)
 
@@ -126,7 +131,11 @@ class BackendStats:
         return {"requests": self.requests, "errors": self.errors,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "connect_failures": self.connect_failures, "resets": self.resets,
-                "latency_ms": self.latency.summary_ms()}
+                "timeouts": self.timeouts, "latency_ms": self.latency.summary_ms()}
+
+
+# How a shadow connection can end (see shadow.ShadowSink).
+OUTCOMES = ("done", "dropped", "failed", "reset", "timeout", "diverged")
 
 
 @dataclass
@@ -135,10 +144,16 @@ class ShadowStats(BackendStats):
     mirrored: int = 0          # client connections copied to this shadow
     dropped: int = 0           # shadow-buffer overflowed: that shadow connection was dropped
     mismatches: int = 0        # answers that differ from production's
+    # How each shadow connection ended: done, dropped, failed, reset, timeout, diverged.
+    outcomes: dict = field(default_factory=dict)
+
+    def ended(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def snapshot(self) -> dict:
         return dict(super().snapshot(), mirrored=self.mirrored, dropped=self.dropped,
-                    mismatches=self.mismatches)
+                    mismatches=self.mismatches,
+                    outcomes={outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES})
 
 
 @dataclass

@@ -85,13 +85,14 @@ class Upstream:
             self._connecting.cancel()
             self._connecting = None
 
-    def close(self, error: bool = False) -> None:
+    def close(self, error: bool = False, owed_answers: bool = False) -> None:
         """Close the connection (once) and account for it in the observer and stats;
-        `error`: it ended by a reset or failure."""
+        `error`: it ended by a reset or failure; `owed_answers`: requests it has not
+        answered are timeouts (see Exchanges.closed)."""
         if self._closed:
             return
         self._closed = True
         self.cancel()
         if self.channel is not None:
             self.channel.close()
-            self.observer.closed(self.sent, self.received, error=error)
+            self.observer.closed(self.sent, self.received, error, owed_answers)

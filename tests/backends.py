@@ -341,8 +341,9 @@ def peer_closed(sock: socket.socket, timeout: float = 2.0) -> bool:
 _CONNECTION_LINE = re.compile(
     r"^route=(?P<route>\S+) client=(?P<client>\S+) production=(?P<production>\S+) "
     r"duration=(?P<duration>[0-9.]+)s up=(?P<up>[0-9]+) down=(?P<down>[0-9]+)"
-    r"(?P<shadows>(?: shadow\[\S+?\]=\w+)*) close=(?P<close>.+)$")
+    r"(?P<shadows>(?: shadow\[\S+?\]=\w+(?:\(\S+?\))?)*) close=(?P<close>.+)$")
 _SHADOW_STATE = re.compile(r"shadow\[(\S+?)\]=(\w+)")
+_SHADOW_WHY = re.compile(r"shadow\[(\S+?)\]=\w+\((\S+?)\)")
 
 
 def connection_lines(caplog) -> list[dict]:
@@ -354,6 +355,7 @@ def connection_lines(caplog) -> list[dict]:
             fields = match.groupdict()
             fields["up"], fields["down"] = int(fields["up"]), int(fields["down"])
             fields["duration"] = float(fields["duration"])
+            fields["why"] = dict(_SHADOW_WHY.findall(fields["shadows"]))
             fields["shadows"] = dict(_SHADOW_STATE.findall(fields["shadows"]))
             fields["level"] = record.levelname
             found.append(fields)
