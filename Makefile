@@ -27,7 +27,7 @@ test: test-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 docs: $(PY)
-	$(PY) -m gproxyd.docs
+	$(PY) tools/docs.py
 
 bench: install
 	bench/setup.sh

@@ -11,12 +11,19 @@ EX_USAGE = 64        # bad command-line usage
 EX_UNAVAILABLE = 69  # gproxyctl: the daemon's admin endpoint cannot be reached
 EX_CONFIG = 78       # the configuration is wrong
 
-# (code, what it means), in the order the man pages list them.
+# (code, what it means), in the order the man pages list them. Each meaning is one or
+# more whole sentences, printed as they are under EXIT STATUS in gproxyd(8) and
+# gproxyctl(1); tools/docs.py picks which statuses each command can exit with.
 EXIT_CODES: tuple[tuple[int, str], ...] = (
-    (EX_OK, "success"),
-    (EX_FAILURE, "could not start or serve: a listen address, the log file or the "
-                 "privilege drop failed"),
-    (EX_USAGE, "bad command-line usage"),
-    (EX_UNAVAILABLE, "gproxyctl only: the admin endpoint cannot be reached"),
-    (EX_CONFIG, "the configuration is wrong (the message names FILE:LINE)"),
+    (EX_OK, "Success: gproxyd stopped on request, or --check-config found the configuration "
+            "good; gproxyctl printed what was asked for."),
+    (EX_FAILURE, "Runtime failure: gproxyd could not start or serve, such as a listen address "
+                 "that cannot be bound, a log file that cannot be opened or privileges that "
+                 "cannot be dropped."),
+    (EX_USAGE, "Usage error: the command line cannot be parsed, such as an unknown option or "
+               "a missing option argument."),
+    (EX_UNAVAILABLE, "gproxyd's admin endpoint could not be reached."),
+    (EX_CONFIG, "Configuration error: the file, a GPROXYD_* variable or a command-line option "
+                "value is wrong, and the message names the file and line, the variable or the "
+                "option; for gproxyctl, also a file with admin = off."),
 )

@@ -1,7 +1,10 @@
-"""The generated docs: committed copies are current, man pages are clean roff, and every
-option of the registry is documented where it belongs."""
+"""The generated docs (tools/docs.py): committed copies are current, man pages are clean
+roff, and every option of the registry, every option and subcommand of gproxyctl's parser
+and every exit status is documented where it belongs."""
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -9,11 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from gproxyd import docs
+from gproxyd import ctl
 from gproxyd.config import build_parser, load_config
+from gproxyd.exitcodes import EXIT_CODES
 from gproxyd.settings import GLOBAL_OPTIONS, ROUTE_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_docs():
+    """tools/docs.py, a build tool outside the package, imported by path."""
+    spec = importlib.util.spec_from_file_location("docs", ROOT / "tools" / "docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+docs = _load_docs()
 MAN_PAGES = ["man/gproxyd.8", "man/gproxyd.conf.5", "man/gproxyctl.1"]
 ALL_OPTIONS = GLOBAL_OPTIONS + ROUTE_OPTIONS
 
@@ -47,7 +62,7 @@ def test_committed_copy_is_current(relative):
     rendered = docs.OUTPUTS[relative]()
     assert (ROOT / relative).exists(), f"{relative} is missing: run `{docs.REGENERATE}`"
     assert _committed(relative) == rendered, (
-        f"{relative} differs from what gproxyd/docs.py renders from the option registry: "
+        f"{relative} differs from what tools/docs.py renders from the option registry: "
         f"run `{docs.REGENERATE}` and commit the result")
 
 
@@ -115,6 +130,78 @@ def test_man5_sections():
     values = _plain(_section(source, "VALUES"))
     for form in ["host:port", "[ipv6]:port", "unix:/path", "ms, s, m or h", "KiB, MiB or GiB"]:
         assert form in values
+
+
+# --- gproxyctl(1) is its parser; EXIT STATUS is exitcodes.EXIT_CODES --------------------
+
+def _parser_entries(parser: argparse.ArgumentParser) -> list[tuple[str, str, str]]:
+    """(section, how the page shows it, help) for every option and subcommand of PARSER
+    and of its subcommands, hidden ones left out: read from argparse itself, not through
+    tools/docs.py, so that the check does not share the renderer's mistakes."""
+    entries = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                entries.append(("COMMANDS", choice.dest, choice.help))
+                entries += _parser_entries(action.choices[choice.dest])
+            continue
+        value = "" if action.nargs == 0 else f" {action.metavar or action.dest.upper()}"
+        help_text = action.help % {**vars(action), "prog": parser.prog}
+        entries += [("OPTIONS", flag + value, help_text) for flag in action.option_strings]
+    return entries
+
+
+def _assert_documents(page: str, parser: argparse.ArgumentParser) -> None:
+    for section, shown, help_text in _parser_entries(parser):
+        words = " ".join(_plain(_section(page, section)).split())
+        assert shown in words, f"{shown!r} is not under {section}"
+        assert " ".join(help_text.split()) in words, f"the help of {shown!r} is not under {section}"
+
+
+def test_gproxyctl_page_documents_every_option_and_subcommand_of_its_parser():
+    page = _committed("man/gproxyctl.1")
+    _assert_documents(page, ctl.build_parser())
+    synopsis = _plain(_section(page, "SYNOPSIS"))
+    assert ("gproxyctl stats [ -c FILE ] [ --json ] [ --watch ] [ --interval SECONDS ] "
+            "[ --count N ]") in synopsis
+    assert "Default: 1.0" in _plain(_section(page, "OPTIONS"))
+
+
+def test_an_option_or_subcommand_added_to_gproxyctl_shows_up_in_its_page():
+    parser = ctl.build_parser()
+    commands = next(action for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    commands.choices["stats"].add_argument("--since", metavar="WHEN",
+                                           help="only requests after WHEN")
+    commands.choices["stats"].add_argument("--internal", help=argparse.SUPPRESS)
+    routes = commands.add_parser("routes", help="list the routes")
+    routes.add_argument("--verbose", action="store_true", help="one line per backend too")
+    page = docs.render_man1_gproxyctl(parser)
+    _assert_documents(page, parser)
+    synopsis = _plain(_section(page, "SYNOPSIS"))
+    assert "[ --count N ] [ --since WHEN ]" in synopsis
+    assert "gproxyctl routes [ --verbose ]" in synopsis
+    assert "--internal" not in _plain(page)
+    with pytest.raises(AssertionError, match="--since WHEN"):
+        _assert_documents(_committed("man/gproxyctl.1"), parser)
+
+
+@pytest.mark.parametrize("relative, codes", [("man/gproxyd.8", [0, 1, 64, 78]),
+                                             ("man/gproxyctl.1", [0, 64, 69, 78])])
+def test_exit_status_is_rendered_from_exitcodes(relative, codes):
+    section = _section(_committed(relative), "EXIT STATUS")
+    assert [int(code) for code in re.findall(r"^\\fB\\%(\d+)\\fR", section, re.M)] == codes
+    words = " ".join(_plain(section).split())
+    for code, meaning in EXIT_CODES:
+        if code in codes:
+            assert " ".join(meaning.split()) in words, code
+
+
+def test_every_exit_status_is_in_a_man_page():
+    documented = set(docs.GPROXYD_EXITS) | set(docs.GPROXYCTL_EXITS)
+    assert {code for code, _ in EXIT_CODES} <= documented
 
 
 # --- every option is documented where it belongs -----------------------------------------

@@ -1,25 +1,32 @@
-"""Rendering the example config and the man pages from the option registry.
+"""Rendering the example config and the man pages from the declarations they describe.
 
-`python3 -m gproxyd.docs` rewrites etc/gproxyd.conf, man/gproxyd.8 and man/gproxyd.conf.5;
+`make docs` (python3 tools/docs.py) rewrites etc/gproxyd.conf and the man pages;
 tests/test_docs.py fails when a committed copy differs from what is rendered here. Option
 names, types, defaults and help come from settings.GLOBAL_OPTIONS and
-settings.ROUTE_OPTIONS only; this module adds the prose around them.
+settings.ROUTE_OPTIONS, gproxyctl's commands and options from its argparse parser
+(ctl.build_parser), exit statuses from exitcodes.EXIT_CODES; this module adds the prose
+around them. It is a build tool: the installed package neither ships nor needs it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .config import DEFAULT_PATH
-from .settings import GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, Option, boolean
-
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
-REGENERATE = "python3 -m gproxyd.docs"
+# The pages describe this source tree, not whatever gproxyd happens to be installed.
+sys.path.insert(0, str(SOURCE_ROOT))
+
+from gproxyd import __version__, ctl, exitcodes
+from gproxyd.config import DEFAULT_PATH
+from gproxyd.exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, EX_USAGE, EXIT_CODES
+from gproxyd.settings import GLOBAL_OPTIONS, ROUTE_BY_NAME, ROUTE_OPTIONS, Option, boolean
+
+REGENERATE = "make docs"
 
 # The example route of etc/gproxyd.conf. Its keys are looked up in the registry, so a
 # renamed option breaks rendering instead of silently documenting a key that is gone.
@@ -173,8 +180,8 @@ def _example(text: str) -> list[str]:
     return [".PP", ".RS 4", ".EX", *body, ".EE", ".RE"]
 
 
-def _header(name: str, section: int, manual: str) -> list[str]:
-    return [f'.\\" Generated from gproxyd/settings.py by `{REGENERATE}`; do not edit.',
+def _header(name: str, section: int, manual: str, sources: str) -> list[str]:
+    return [f'.\\" Generated from {sources} by `{REGENERATE}`; do not edit.',
             f'.TH {roff(name.upper())} {section} "" "gproxyd {__version__}" "{manual}"']
 
 
@@ -196,9 +203,37 @@ def _global_option_item(option: Option) -> list[str]:
                     f"Config file: {_bold(option.name)} in {_bold('[gproxyd]')}"]
 
 
+# Which statuses each command can exit with; what a status means is exitcodes.EXIT_CODES'.
+GPROXYD_EXITS = (EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG)
+GPROXYCTL_EXITS = (EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG)
+
+
+def _sysexits_name(code: int) -> str | None:
+    """The sysexits.h name exitcodes.py gives CODE, if it is one (os mirrors sysexits.h)."""
+    for name, value in vars(exitcodes).items():
+        if name.startswith("EX_") and value == code and getattr(os, name, None) == code:
+            return name
+    return None
+
+
+def _exit_status(codes: tuple[int, ...]) -> list[str]:
+    """The EXIT STATUS section for a command that exits with CODES."""
+    unknown = set(codes).difference(code for code, _ in EXIT_CODES)
+    if unknown:
+        raise ValueError(f"exit statuses missing from exitcodes.EXIT_CODES: {sorted(unknown)}")
+    lines = ['.SH "EXIT STATUS"']
+    for code, meaning in EXIT_CODES:
+        if code in codes:
+            name = _sysexits_name(code)
+            lines += [".TP", _bold(str(code)) + (f" ({roff(name)})" if name else ""),
+                      _text(meaning)]
+    return lines
+
+
 def render_man8() -> str:
     """man/gproxyd.8: the command, its options, signals and exit status."""
-    lines = _header("gproxyd", 8, "System Manager's Manual")
+    lines = _header("gproxyd", 8, "System Manager's Manual",
+                    "gproxyd/settings.py and gproxyd/exitcodes.py")
     lines += [
         ".SH NAME",
         "gproxyd \\- transparent TCP proxy with shadow traffic and live benchmarking",
@@ -314,6 +349,15 @@ def render_man8() -> str:
               "their statistics for the admin endpoint, restarts a worker that dies, and on "
               "SIGHUP starts new workers on the same sockets before the old ones drain, so "
               "a reload refuses no connection. Signals go to the master."),
+        ".PP",
+        _text("The master supervises its workers. A worker that dies is restarted after a "
+              "back-off delay, which grows while the worker keeps crashing; after repeated "
+              "crashes the master gives up restarting it and logs why. A worker that is "
+              "still draining when drain-timeout and a short grace period have passed, on a "
+              "stop or after a reload, is killed with SIGKILL. Each worker reports to the "
+              "master at a regular interval, which doubles as its heartbeat: a worker whose "
+              "reports stop for 3 report intervals is taken to be hung, killed and "
+              "restarted."),
         ".SH SIGNALS",
         ".TP",
         _bold("SIGHUP"),
@@ -349,21 +393,7 @@ def render_man8() -> str:
         _italic(DEFAULT_PATH),
         _text("The configuration file; an annotated example with every key is shipped as "
               "share/doc/gproxyd/gproxyd.conf."),
-        ".SH \"EXIT STATUS\"",
-        ".TP",
-        _bold("0"),
-        _text("Success: stopped on request, or --check-config found the configuration good."),
-        ".TP",
-        _bold("1"),
-        _text("Runtime failure, such as a listen address that cannot be bound or "
-              "privileges that cannot be dropped."),
-        ".TP",
-        _bold("64"),
-        _text("Usage error (EX_USAGE): an unknown option or a missing option argument."),
-        ".TP",
-        _bold("78"),
-        _text("Configuration error (EX_CONFIG): the file, a GPROXYD_* variable or a "
-              "command-line option value is wrong."),
+        *_exit_status(GPROXYD_EXITS),
         ".SH EXAMPLES",
         _text("Check a configuration before installing it:"),
         *_example("gproxyd --check-config -c ./gproxyd.conf"),
@@ -402,7 +432,7 @@ def _file_option_item(option: Option, section: str) -> list[str]:
 
 def render_man5() -> str:
     """man/gproxyd.conf.5: the file syntax, the value forms and every key."""
-    lines = _header("gproxyd.conf", 5, "File Formats Manual")
+    lines = _header("gproxyd.conf", 5, "File Formats Manual", "gproxyd/settings.py")
     lines += [
         ".SH NAME",
         "gproxyd.conf \\- configuration file of gproxyd",
@@ -506,24 +536,87 @@ def render_man5() -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- writing ---------------------------------------------------------------------------
+# --- gproxyctl(1), from its argparse parser -------------------------------------------
+# argparse has no public API to walk a parser; _actions, _SubParsersAction, _HelpAction
+# and _choices_actions are what argparse-to-man-page tools read, and have long been stable.
 
-def render_man1_gproxyctl() -> str:
-    """man/gproxyctl.1: the stats client."""
-    lines = _header("gproxyctl", 1, "User Commands")
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, help, parser) of each subcommand of PARSER, in the order they were added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return [(choice.dest, _help(choice, parser.prog), action.choices[choice.dest])
+                    for choice in action._choices_actions]
+    return []
+
+
+def _options(parser: argparse.ArgumentParser, with_help: bool) -> list[argparse.Action]:
+    """PARSER's options in the order they were added, without hidden ones.
+
+    with_help=False leaves out -h as well: it is documented once, for the whole command.
+    """
+    options = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
+            continue
+        if not action.option_strings:
+            raise ValueError(f"{parser.prog}: positional {action.dest!r}: tools/docs.py "
+                             "renders options and subcommands only")
+        if with_help or not isinstance(action, argparse._HelpAction):
+            options.append(action)
+    return options
+
+
+def _help(action: argparse.Action, prog: str) -> str:
+    """ACTION's help as --help shows it (%(default)s filled in), ending as a sentence."""
+    text = (action.help or "") % {**vars(action), "prog": prog}
+    return text if not text or text.endswith((".", "!", "?")) else text + "."
+
+
+def _metavar(action: argparse.Action) -> str:
+    return action.metavar or action.dest.upper()
+
+
+def _synopsis_item(action: argparse.Action) -> list[str]:
+    flag = roff(action.option_strings[0])
+    if action.nargs == 0:
+        return [f".RB [ {flag} ]"]
+    return [f".RB [ {flag}", f".IR {roff(_metavar(action))} ]"]
+
+
+def _option_item(action: argparse.Action, prog: str) -> list[str]:
+    takes_value = action.nargs != 0
+    spellings = [_bold(flag) + (f" {_italic(_metavar(action))}" if takes_value else "")
+                 for flag in action.option_strings]
+    lines = [".TP", ", ".join(spellings), _text(_help(action, prog))]
+    # A default the help text already states is not repeated.
+    if takes_value and action.default is not None and "default" not in (action.help or ""):
+        lines += [".br", f"Default: {_bold(str(action.default))}"]
+    return lines
+
+
+def render_man1_gproxyctl(parser: argparse.ArgumentParser | None = None) -> str:
+    """man/gproxyctl.1: the stats client; commands and options are PARSER's.
+
+    PARSER is gproxyctl's own (ctl.build_parser()) unless a test passes another.
+    """
+    parser = parser or ctl.build_parser()
+    commands = _subcommands(parser)
+    lines = _header("gproxyctl", 1, "User Commands", "gproxyd/ctl.py and gproxyd/exitcodes.py")
     lines += [
         ".SH NAME",
         "gproxyctl \\- show how production and its shadows compare in a running gproxyd",
         ".SH SYNOPSIS",
-        ".B gproxyctl stats",
-        ".RB [ \\-\\-watch ]",
-        ".RB [ \\-\\-json ]",
-        ".RB [ \\-c",
-        ".IR FILE ]",
-        ".RB [ \\-\\-interval",
-        ".IR SECONDS ]",
-        ".RB [ \\-\\-count",
-        ".IR N ]",
+    ]
+    for number, (name, _, command) in enumerate(commands):
+        if number:
+            lines.append(".br")
+        lines += [f".B {roff(parser.prog)}"]
+        for action in _options(parser, with_help=False):
+            lines += _synopsis_item(action)
+        lines += [f".B {roff(name)}"]
+        for action in _options(command, with_help=False):
+            lines += _synopsis_item(action)
+    lines += [
         ".SH DESCRIPTION",
         _text("gproxyctl reads the admin address from gproxyd's configuration file and "
               "asks the running daemon for GET /stats. It takes two samples --interval "
@@ -531,41 +624,27 @@ def render_man1_gproxyctl() -> str:
               "shadow: req/s over the interval, requests, p50 and p99 latency in "
               "milliseconds, errors and drops; then, per shadow, a verdict in words, such "
               "as \"candidate p99 is 18% slower than production\"."),
-        ".SH OPTIONS",
-        ".TP",
-        f"{_bold('-c')} {_italic('FILE')}, {_bold('--config')} {_italic('FILE')}",
-        _text(f"gproxyd's configuration file (default: {DEFAULT_PATH})."),
-        ".TP",
-        _bold("--watch"),
-        _text("Refresh the table every --interval seconds until interrupted."),
-        ".TP",
-        _bold("--json"),
-        _text("Print the /stats document as JSON and exit."),
-        ".TP",
-        f"{_bold('--interval')} {_italic('SECONDS')}",
-        _text("Seconds between two samples; req/s is measured over it (default 1)."),
-        ".TP",
-        f"{_bold('--count')} {_italic('N')}",
-        _text("With --watch, stop after N refreshes."),
-        ".SH \"EXIT STATUS\"",
-        ".TP",
-        _bold("0"),
-        _text("Success."),
-        ".TP",
-        _bold("64"),
-        _text("Usage error."),
-        ".TP",
-        _bold("69"),
-        _text("gproxyd's admin endpoint could not be reached."),
-        ".TP",
-        _bold("78"),
-        _text("The configuration file is wrong, or has admin = off."),
+        ".SH COMMANDS",
+    ]
+    for name, help_text, _ in commands:
+        lines += [".TP", _bold(name), _text(help_text)]
+    lines += [".SH OPTIONS"]
+    for action in _options(parser, with_help=True):
+        lines += _option_item(action, parser.prog)
+    for _, _, command in commands:
+        lines += [f'.SS "{roff(command.prog)}"']
+        for action in _options(command, with_help=False):
+            lines += _option_item(action, command.prog)
+    lines += [
+        *_exit_status(GPROXYCTL_EXITS),
         ".SH \"SEE ALSO\"",
         ".BR gproxyd (8),",
         ".BR gproxyd.conf (5)",
     ]
     return "\n".join(lines) + "\n"
 
+
+# --- writing ---------------------------------------------------------------------------
 
 OUTPUTS: dict[str, Callable[[], str]] = {
     "man/gproxyctl.1": render_man1_gproxyctl,
@@ -577,8 +656,8 @@ OUTPUTS: dict[str, Callable[[], str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=REGENERATE, description="Rewrite the example config and the man pages from the "
-                                     "option registry.")
+        prog="tools/docs.py", description="Rewrite the example config and the man pages "
+                                          "from the declarations they describe.")
     parser.add_argument("--root", type=Path, default=SOURCE_ROOT,
                         help="the source tree to write into (default: %(default)s)")
     parser.add_argument("--check", action="store_true",
