@@ -66,6 +66,9 @@ _BACKEND_COUNTERS = (
      True),
     ("mismatches", "gproxyd_shadow_mismatches", "Shadow answers that differ from production's",
      True),
+    ("turn_timeouts", "gproxyd_shadow_turn_timeouts",
+     "Client turns given to a shadow that had not answered the turn before in "
+     "shadow-turn-timeout", True),
 )
 
 

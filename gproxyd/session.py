@@ -44,7 +44,8 @@ def _describe(error: BaseException) -> str:
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
                  "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
-                 "_client_writes", "_production_done", "_on_end", "_candidates")
+                 "_client_writes", "_production_done", "_on_end", "_candidates",
+                 "_answered_mark")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn):
@@ -64,6 +65,7 @@ class Session:
         self._production_failed = False
         self._production_done = False
         self._candidates: list[Address] = []
+        self._answered_mark = 0  # production's answer bytes at the client's last chunk
         self._on_end: Callable[["Session"], None] | None = None
         self.dispatch: HookDispatch | None = None
         # With hooks, conn.reply() writes to the client from other greenlets than the
@@ -168,9 +170,20 @@ class Session:
             self._fail(failure)
         self._end()
 
+    def _new_turn(self) -> bool:
+        """Production has answered since the client's last chunk: this one starts a new
+        turn of the conversation (shadows get it once they have answered too)."""
+        answered = self.production.received.bytes
+        if answered == self._answered_mark:
+            return False
+        self._answered_mark = answered
+        return True
+
     def _mirror(self, chunk) -> None:
-        for sink in self.shadows:
-            sink.feed(chunk)
+        if self.shadows:
+            new_turn = self._new_turn()
+            for sink in self.shadows:
+                sink.feed(chunk, new_turn)
         observer = self.production.observer
         if observer.framed:
             observer.sent(chunk)
@@ -237,10 +250,11 @@ class Session:
         routed = self.dispatch.client_data(chunk)
         if not routed:
             return None
+        new_turn = self._new_turn()
         for sink in self.shadows:
             data = routed.get(sink.name)
             if data:
-                sink.feed(data)
+                sink.feed(data, new_turn)
         data = routed.get("production")
         if data and self.production.observer.framed:
             self.production.observer.sent(data)

@@ -314,6 +314,12 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "event loop, else once the loop has served what was waiting (production "
            "first), at the latest 2 ms later. A few ms (e.g. 5ms) always batches: fewer "
            "shadow writes, each request reaches the shadow that much later.", "DURATION"),
+    Option("shadow-turn-timeout", duration, "1s",
+           "A client chunk that production got only after it had answered (a new turn of "
+           "the conversation) goes to a shadow once the shadow has answered the turn "
+           "before, so handshakes reach it as they reached production; this is the "
+           "longest it waits for that answer (counted as a turn timeout, then sent).",
+           "DURATION"),
     Option("shadow-divergence", percentage, "50%",
            "A shadow connection whose answers differ in size from production's by more "
            "than this share (over a connection with at least 64 KiB of answers) ends as "

@@ -14,9 +14,12 @@ per shadow, so a healthy shadow costs little and a dead one nothing.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import socket
+import struct
+import termios
 import weakref
 from collections import deque
 from itertools import islice
@@ -129,11 +132,21 @@ class _Queue:
                 pieces.append(last)
             view = view[last.fill(view):]
 
-    def pieces(self) -> list:
-        """The first waiting pieces, in order (up to _MOST_PER_WRITE of them), to be
-        written with one sendmsg(); use them before the next consume() or clear()."""
-        return [piece if type(piece) is bytes else piece.view()
-                for piece in islice(self._pieces, _MOST_PER_WRITE)]
+    def pieces(self, limit: int | None = None) -> list:
+        """The first waiting pieces, in order (up to _MOST_PER_WRITE of them, and at most
+        `limit` bytes), to be written with one sendmsg(); use them before the next
+        consume() or clear()."""
+        found = [piece if type(piece) is bytes else piece.view()
+                 for piece in islice(self._pieces, _MOST_PER_WRITE)]
+        if limit is not None:
+            kept, left = [], limit
+            for piece in found:
+                if left <= 0:
+                    break
+                kept.append(piece if len(piece) <= left else piece[:left])
+                left -= len(piece)
+            found = kept
+        return found
 
     def consume(self, count: int) -> None:
         """The first `count` waiting bytes were written: forget them."""
@@ -251,6 +264,18 @@ class ShadowSink:
         self._channel: Channel | None = None
         self._ended = Event()
         self.state = "connecting"
+        # Turns: offsets in the client stream where a chunk came that production got only
+        # after it had answered. The shadow gets the bytes from such an offset on only
+        # once it has answered too (or after shadow-turn-timeout): handshakes then reach
+        # it as they reached production (PostgreSQL's SSLRequest, then StartupMessage).
+        self._turns: deque = deque()
+        self._fed = 0               # bytes of the client stream given to feed()
+        self._gate_mark = -1        # answer bytes when the turn's gate was reached
+        self._received_when_written = 0  # answer bytes when all fed bytes were written
+        self._turn_timeout = route.shadow_turn_timeout
+        self._keeps_turns = True
+        self._lazy = False          # SO_RCVLOWAT is raised: answers are read in bulk
+        self._turn_timer = None
         self._on_answer = on_answer
         self._answers: SimpleQueue | None = None
         self._answer_greenlet: gevent.Greenlet | None = None
@@ -266,14 +291,21 @@ class ShadowSink:
 
     # --- what the session calls ----------------------------------------------------------
 
-    def feed(self, chunk) -> None:
+    def feed(self, chunk, new_turn: bool = False) -> None:
         """Write `chunk` to the shadow now if nothing else waits for the event loop,
         else queue a copy of it for spare time (or for the write delay); drop the
-        shadow if its queue would overflow."""
+        shadow if its queue would overflow. `new_turn`: production got this chunk only
+        after it had answered (see _turns)."""
         if not self.alive:
             return
+        if new_turn and self._keeps_turns:
+            self._turns.append(self._fed)
+            if self._fed == self.upstream.sent.bytes:  # all before it written already
+                self._gate_mark = self._received_when_written
+        self._fed += len(chunk)
         if (not self._write_delay and self.state == "open" and not self._queue.size
-                and not self._loop.pendingcnt):
+                and not self._loop.pendingcnt
+                and (not self._turns or self._room() >= len(chunk))):
             # Nothing else waits in this turn of the event loop: no one to go first.
             sent = self._send(chunk)
             if sent is None or sent == len(chunk):
@@ -284,6 +316,9 @@ class ShadowSink:
             return
         if self.state != "open" or self._channel.waiting_to_write:
             return  # written once connected, or by the writer, with the rest
+        if self._turns and not self._room():
+            self._wait_for_turn()  # for the shadow's answer to the turn before
+            return
         if self._queue.size >= _WRITE_NOW:
             self._write_queue()
             return
@@ -407,6 +442,10 @@ class ShadowSink:
             if not counter.bytes:
                 counter.first = monotonic()
             counter.bytes += sent
+            if counter.bytes == self._fed:
+                self._received_when_written = self.upstream.received.bytes
+            if self._turns and counter.bytes == self._turns[0]:
+                self._gate_mark = self.upstream.received.bytes
             observer = self.upstream.observer
             if observer.framed:
                 left = sent
@@ -428,13 +467,18 @@ class ShadowSink:
     def _write_queue(self) -> None:
         """Write what queued up; the writer takes over what the shadow does not take."""
         self._writable()
-        if self._queue.size and self.alive:
+        if self._queue.size and self.alive and (not self._turns or self._room()):
             self._channel.start_writing(self._writable)
 
     def _writable(self) -> None:
         queue = self._queue
         while queue.size:
-            pieces = queue.pieces()
+            room = self._room() if self._turns else None
+            if room == 0:  # the shadow has not answered the turn before yet
+                self._channel.stop_writing()
+                self._wait_for_turn()
+                return
+            pieces = queue.pieces(room)
             sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
             if sent is None:
                 return
@@ -444,6 +488,51 @@ class ShadowSink:
         self._channel.stop_writing()
         if self._eof:
             self._pass_eof()
+
+    # --- turns -----------------------------------------------------------------------------
+
+    def _room(self) -> int:
+        """How many more bytes the shadow may be given now (turns permitting)."""
+        turns = self._turns
+        written = self.upstream.sent.bytes
+        while turns:
+            if written < turns[0]:
+                return turns[0] - written
+            if self.upstream.received.bytes <= self._gate_mark and not self._unread():
+                return 0  # no answer since the turn before was written
+            turns.popleft()  # answered: the next turn may go
+            self._gate_mark = -1
+        return 1 << 62
+
+    def _wait_for_turn(self) -> None:
+        """Wait for the shadow's answer (see _readable), at most shadow-turn-timeout."""
+        if self._lazy:
+            self._read_lazily(1)  # wake at its first byte
+        if self._turn_timer is None:
+            # Armed with again(), stopped when it fires: see _SpareTime.
+            self._turn_timer = self._loop.timer(self._turn_timeout, self._turn_timeout)
+        if not self._turn_timer.active:
+            self._turn_timer.again(self._turn_timed_out)
+
+    def _turn_timed_out(self) -> None:
+        self._turn_timer.stop()
+        if not self.alive or not self._turns or self._room():
+            return
+        # A shadow that does not answer in time does not follow the conversation (it
+        # is not a replica of production, or it is stuck): stop keeping turns for this
+        # connection, so that it gets the rest as a stream instead of one turn a timeout.
+        self._stats.turn_timeouts += 1
+        self._turns.clear()
+        self._keeps_turns = False
+        if self.state == "open" and not self._channel.waiting_to_write:
+            self._write_queue()
+
+    def _answered_turn(self) -> None:
+        """The shadow answered: a turn waiting for it may be written."""
+        if self._turn_timer is not None:
+            self._turn_timer.stop()
+        if self._queue.size and not self._channel.waiting_to_write and self._room():
+            self._write_queue()
 
     def _pass_eof(self) -> None:
         if not self._written_eof:
@@ -470,20 +559,36 @@ class ShadowSink:
         observer = self.upstream.observer
         if not counter.bytes:
             counter.first = monotonic()
-            if not observer.framed and self._answers is None:
+            if not observer.framed and self._answers is None and self._keeps_turns:
                 # Nothing but the first byte's time is measured here: from now on, be
-                # woken once per 32 KiB of answers (or at EOF or an error), not per answer.
-                try:
-                    self._channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
-                                                  _LAZY_READ)
-                except OSError:
-                    pass
+                # woken once per 32 KiB of answers (or at EOF or an error), not per
+                # answer, unless a turn waits for one (_wait_for_turn).
+                self._read_lazily(_LAZY_READ)
         counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
         if observer.framed:
             observer.received(chunk)
         if self._answers is not None:
             self._answers.put(bytes(chunk))
+        if self._turns:
+            self._answered_turn()
+
+    def _read_lazily(self, low_water: int) -> None:
+        try:
+            self._channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+        except OSError:
+            return
+        self._lazy = low_water > 1
+
+    def _unread(self) -> int:
+        """Answer bytes waiting in the kernel below SO_RCVLOWAT (not counted yet)."""
+        if not self._lazy:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self._channel.fd, termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
 
     def _count_unread(self) -> None:
         """Count answers still waiting below SO_RCVLOWAT (bounded: the socket's buffer)."""
@@ -527,9 +632,10 @@ class ShadowSink:
             return
         self.state = state
         self._queue.clear()
-        if self._delay_timer is not None:
-            self._delay_timer.stop()
-            self._delay_timer.close()
+        for timer in (self._delay_timer, self._turn_timer):
+            if timer is not None:
+                timer.stop()
+                timer.close()
         if self._channel is not None:
             self._channel.stop_reading()
             self._channel.stop_writing()

@@ -144,6 +144,7 @@ class ShadowStats(BackendStats):
     mirrored: int = 0          # client connections copied to this shadow
     dropped: int = 0           # shadow-buffer overflowed: that shadow connection was dropped
     mismatches: int = 0        # answers that differ from production's
+    turn_timeouts: int = 0     # turns given to the shadow unanswered (shadow-turn-timeout)
     # How each shadow connection ended: done, dropped, failed, reset, timeout, diverged.
     outcomes: dict = field(default_factory=dict)
 
@@ -152,7 +153,7 @@ class ShadowStats(BackendStats):
 
     def snapshot(self) -> dict:
         return dict(super().snapshot(), mirrored=self.mirrored, dropped=self.dropped,
-                    mismatches=self.mismatches,
+                    mismatches=self.mismatches, turn_timeouts=self.turn_timeouts,
                     outcomes={outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES})
 
 
