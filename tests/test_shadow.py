@@ -27,6 +27,7 @@ from backends import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gproxyd.report import verdict
 from gproxyd.shadow import _Queue
 
 MiB = 1024 * 1024
@@ -466,6 +467,10 @@ def test_shadow_linger_lets_a_slow_answer_in_and_closes_a_silent_shadow(
     assert (silent_stats.requests, silent_stats.timeouts, silent_stats.latency.count) == (0, 1, 0)
     assert silent_stats.outcomes == {"timeout": 1}
     assert proxied.shadow_stats(slow).outcomes == {"done": 1}
+    snapshot = proxied.stats.snapshot()
+    words = verdict(snapshot["production"], snapshot["shadows"][silent.address])
+    assert words == ("no answers from the candidate (1 requests timed out); shadow "
+                     "connections not done: 1 timeout")
     assert peer_closed(silent.conns[0].sock), "the silent shadow was never closed"
 
 
