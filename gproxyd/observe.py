@@ -32,7 +32,8 @@ _MAX_PENDING = 10_000
 
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
-                 "_connected", "_per_connection", "_answered", "answers", "failures")
+                 "_connected", "_per_connection", "_answered", "answers", "failures",
+                 "_by_turn", "_turn_sent", "_last_sent", "_early")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str):
@@ -50,24 +51,42 @@ class Exchanges:
         self._answered = 0.0  # when the latest complete answer arrived
         self.answers = 0      # this connection's answers, and how many were errors
         self.failures = 0
+        self._last_sent = 0.0  # when the latest request bytes were sent
+        self._early = 0        # requests answered before they were complete
+        # After a fallback: one exchange per client turn (see _fall_back).
+        self._by_turn = False
+        self._turn_sent = 0.0  # when the unanswered turn's latest byte was sent
+
+    @property
+    def watching(self) -> bool:
+        """sent() and received() want the bytes: framed, or measuring by turn."""
+        return self._requests is not None or self._by_turn
 
     @property
     def framed(self) -> bool:
         return self._requests is not None
 
     def sent(self, data) -> None:
-        """Bytes written to the backend (the client's requests); only while framed."""
+        """Bytes written to the backend (the client's requests); only while watching."""
+        if self._requests is None:
+            self._turn_sent = monotonic()
+            return
+        self._last_sent = monotonic()
         try:
             done = self._requests.feed(data)
         except ProtocolError as error:
             self._fall_back(f"request: {error}")
+            self._turn_sent = self._last_sent  # this chunk starts a turn
             return
         self._expect(done)
 
     def _expect(self, done) -> None:
         if done:
-            now = monotonic()
+            now = self._last_sent
             for request in done:
+                if self._early:  # answered already (see _complete)
+                    self._early -= 1
+                    continue
                 if len(self._pending) >= _MAX_PENDING:
                     self._fall_back("too many requests without an answer")
                     return
@@ -75,7 +94,12 @@ class Exchanges:
                 self._responses.expect(request)
 
     def received(self, data) -> None:
-        """Bytes read from the backend (its responses); only while framed."""
+        """Bytes read from the backend (its responses); only while watching."""
+        if self._responses is None:
+            if self._turn_sent:
+                self.stats.record(monotonic() - self._turn_sent)
+                self._turn_sent = 0.0
+            return
         try:
             done = self._responses.feed(data)
         except Upgraded as upgrade:
@@ -90,8 +114,10 @@ class Exchanges:
 
     @property
     def unanswered(self) -> int:
-        """Requests sent and not answered (framed; tcp: 1 if nothing came back yet)."""
-        return len(self._pending) if self._pending is not None else 0
+        """Requests sent and not answered (by turn: the turn waiting for an answer)."""
+        if self._pending is not None:
+            return len(self._pending)
+        return int(bool(self._turn_sent))
 
     def closed(self, sent: Counter, received: Counter, error: bool = False,
                owed_answers: bool = False) -> None:
@@ -112,8 +138,10 @@ class Exchanges:
             if owed_answers and self._pending:
                 self.stats.timeouts += len(self._pending)
             return
-        if not self._per_connection:
-            return  # fell back or upgraded mid-way: not comparable with per-request numbers
+        if self._by_turn:
+            if owed_answers and self._turn_sent:
+                self.stats.timeouts += 1
+            return
         if received.first:
             # Time to first byte, from the first request byte, or from the connect when
             # the server speaks first (SMTP, MySQL).
@@ -133,17 +161,28 @@ class Exchanges:
         self._answered = now
         for _status, is_error in done:
             if not pending:
-                self._fall_back("a response nobody asked for")
-                return
+                if not self._requests.in_message:
+                    self._fall_back("a response nobody asked for")
+                    return
+                # An early answer (a 413 before the body was sent, a server that does
+                # not read the body): paired with the request still being sent.
+                self._early += 1
+                pending.append(self._last_sent)
             sent = pending.popleft()
             self.stats.record(now - (sent if sent > answered else answered), is_error)
             self.answers += 1
             self.failures += is_error
 
     def _stop_framing(self) -> None:
+        """From here on, one exchange per client turn: the time from the turn's last
+        byte to the first answer byte after it. What was counted so far stays counted;
+        a request still unanswered opens the first turn."""
+        if self._pending:
+            self._turn_sent = self._pending[-1]
         self._requests = self._responses = self._pending = None
+        self._by_turn = True
 
     def _fall_back(self, why: str) -> None:
         self.route_stats.parser_fallbacks += 1
-        log.debug("%s: cannot follow the protocol (%s); measuring as tcp", self.label, why)
+        log.debug("%s: cannot follow the protocol (%s); measuring by turn", self.label, why)
         self._stop_framing()

@@ -130,10 +130,10 @@ class Session:
             return
         observer = self.production.observer
         up = Direction(self.client, self.production.channel, self.production.sent,
-                       self._mirror if self.shadows or observer.framed else None,
+                       self._mirror if self.shadows or observer.watching else None,
                        self._client_eof)
         down = Direction(self.production.channel, self.client, self.production.received,
-                         self._observe_answer if observer.framed else None)
+                         self._observe_answer if observer.watching else None)
         Relay(up, down).start(self._relayed)
 
     def _end(self) -> None:
@@ -185,12 +185,12 @@ class Session:
             for sink in self.shadows:
                 sink.feed(chunk, new_turn)
         observer = self.production.observer
-        if observer.framed:
+        if observer.watching:
             observer.sent(chunk)
 
     def _observe_answer(self, chunk) -> None:
         observer = self.production.observer
-        if observer.framed:  # not after a fallback to tcp-level measurement
+        if observer.watching:
             observer.received(chunk)
 
     def _client_eof(self) -> None:
@@ -219,7 +219,7 @@ class Session:
                 observer = self.production.observer
                 failure = Relay(Direction(
                     self.client, production, self.production.sent,
-                    self._mirror if self.shadows or observer.framed else None,
+                    self._mirror if self.shadows or observer.watching else None,
                     self._client_eof)).run()
                 if failure is not None:
                     self._fail(failure)
@@ -256,13 +256,13 @@ class Session:
             if data:
                 sink.feed(data, new_turn)
         data = routed.get("production")
-        if data and self.production.observer.framed:
+        if data and self.production.observer.watching:
             self.production.observer.sent(data)
         return data or None
 
     def _downstream_hooked(self, chunk):
         observer = self.production.observer
-        if observer.framed:
+        if observer.watching:
             observer.received(chunk)
         data = self.dispatch.response("production", chunk)
         if data:

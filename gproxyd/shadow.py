@@ -382,7 +382,7 @@ class ShadowSink:
 
     def _unanswered(self) -> int:
         observer = self.upstream.observer
-        if observer.framed:
+        if observer.watching:
             return observer.unanswered
         return int(bool(self.upstream.sent.bytes) and not self.upstream.received.bytes)
 
@@ -447,7 +447,7 @@ class ShadowSink:
             if self._turns and counter.bytes == self._turns[0]:
                 self._gate_mark = self.upstream.received.bytes
             observer = self.upstream.observer
-            if observer.framed:
+            if observer.watching:
                 left = sent
                 for part in data if isinstance(data, list) else (data,):
                     observer.sent(part[:left])
@@ -559,14 +559,14 @@ class ShadowSink:
         observer = self.upstream.observer
         if not counter.bytes:
             counter.first = monotonic()
-            if not observer.framed and self._answers is None and self._keeps_turns:
+            if not observer.watching and self._answers is None and self._keeps_turns:
                 # Nothing but the first byte's time is measured here: from now on, be
                 # woken once per 32 KiB of answers (or at EOF or an error), not per
                 # answer, unless a turn waits for one (_wait_for_turn).
                 self._read_lazily(_LAZY_READ)
         counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
-        if observer.framed:
+        if observer.watching:
             observer.received(chunk)
         if self._answers is not None:
             self._answers.put(bytes(chunk))

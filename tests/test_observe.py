@@ -279,3 +279,78 @@ def test_no_input_breaks_a_session_or_changes_a_byte(proxy, servers, chunks, pro
     assert recv_to_eof(client) == b"".join(chunks)
     client.close()
     proxied.stop()
+
+
+# --- nothing uncounted ------------------------------------------------------------------------
+
+def test_after_a_fallback_what_was_counted_stays_and_the_rest_counts_by_turn(
+        proxy, http_servers):
+    """Two requests followed over keep-alive, then bytes that are not HTTP: the two stay
+    counted, and each later turn (a client chunk, the answer after it) is one more."""
+    backend = http_servers("prod")
+    proxied = proxy(backend.address, protocol="http")
+    client = proxied.connect()
+    for _ in range(2):
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"prodprod" in client.recv(65536)
+    wait_until(lambda: proxied.stats.production.requests == 2, what="two requests counted")
+    client.sendall(b"\x00\x01 not http\r\n\r\n")  # the server answers 400 and closes
+    assert recv_to_eof(client).startswith(b"HTTP/1.1 400")
+    client.close()
+    wait_until(lambda: proxied.stats.active == 0, what="the session ended")
+    assert proxied.stats.parser_fallbacks == 1
+    assert proxied.stats.production.requests == 3
+    assert proxied.stats.production.latency.count == 3
+
+
+NGINX_413 = """\
+daemon off;
+pid {home}/nginx.pid;
+error_log {home}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/body;
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 1m;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def test_an_early_413_is_paired_with_its_upload(proxy, tmp_path):
+    """nginx answers 413 as soon as it has read the headers of a 30 MB upload: the
+    answer comes before the request is complete, and is counted with it."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = unused_port()
+    (tmp_path / "nginx.conf").write_text(NGINX_413.format(home=tmp_path, port=port))
+    server = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                              stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _accepts(port), what="nginx listening")
+        proxied = proxy(f"127.0.0.1:{port}", protocol="http")
+        upload = tmp_path / "upload"
+        upload.write_bytes(b"x" * (30 * 1024 * 1024))
+        done = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
+             f"@{upload}", "-H", "Expect:", url(proxied, "/upload")],
+            capture_output=True, text=True, timeout=60)
+        assert done.stdout == "413", done
+        wait_until(lambda: proxied.stats.active == 0, what="the session ended")
+        production = proxied.stats.production
+        assert (production.requests, production.errors) == (1, 0)
+        assert production.latency.count == 1
+        assert proxied.stats.parser_fallbacks == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -250,6 +250,11 @@ class RequestFramer(_MessageFramer):
                              b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
     _KIND = "request"
 
+    @property
+    def in_message(self) -> bool:
+        """Some of a request has been seen, not all of it (its answer may come early)."""
+        return self._state not in (_START, _FINISHED, _OPAQUE)
+
     def _start_line(self, line: bytes) -> None:
         m = _REQUEST_LINE.fullmatch(line)
         if m is None:

@@ -86,6 +86,11 @@ class RequestFramer(_LineFramer):
         self._name = None  # the start of the current command's first argument
         self._keep = 0     # bytes of the bulk string being read still to add to _name
 
+    @property
+    def in_message(self) -> bool:
+        """Some of a command has been seen, not all of it."""
+        return self._args > 0
+
     def feed(self, data) -> list | None:
         """Follow `data`; return the commands completed in it, or None when there are none."""
         out = None
