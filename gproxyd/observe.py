@@ -93,24 +93,26 @@ class Exchanges:
                 self._pending.append(now)
                 self._responses.expect(request)
 
-    def received(self, data) -> None:
-        """Bytes read from the backend (its responses); only while watching."""
+    def received(self, data, at: float = 0.0) -> None:
+        """Bytes read from the backend (its responses); only while watching. `at`: when
+        they arrived (the kernel's receive time, channel.arrival()), so that reading
+        them late does not add to the backend's latency; 0: now."""
         if self._responses is None:
             if self._turn_sent:
-                self.stats.record(monotonic() - self._turn_sent)
+                self.stats.record((at or monotonic()) - self._turn_sent)
                 self._turn_sent = 0.0
             return
         try:
             done = self._responses.feed(data)
         except Upgraded as upgrade:
-            self._complete(upgrade.completed)  # the 101 itself and what came before it
+            self._complete(upgrade.completed, at)  # the 101 and what came before it
             self._stop_framing()
             return
         except ProtocolError as error:
-            self._complete(error.completed)
+            self._complete(error.completed, at)
             self._fall_back(f"response: {error}")
             return
-        self._complete(done)
+        self._complete(done, at)
 
     @property
     def unanswered(self) -> int:
@@ -152,10 +154,10 @@ class Exchanges:
         else:
             self.stats.requests += 1
 
-    def _complete(self, done) -> None:
+    def _complete(self, done, at: float = 0.0) -> None:
         if not done:
             return
-        now = monotonic()
+        now = at or monotonic()
         pending = self._pending
         answered = self._answered
         self._answered = now

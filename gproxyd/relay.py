@@ -24,7 +24,7 @@ from typing import Callable
 import gevent
 from gevent.hub import Waiter
 
-from .channel import Channel
+from .channel import STAMP_SPACE, Channel, arrival
 
 CHUNK = 256 * 1024
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -105,6 +105,7 @@ class Broken(Exception):
 SMALL = 64 * 1024
 _shared = bytearray(SMALL)
 _shared_view = memoryview(_shared)
+_shared_buffers = [_shared]  # for recvmsg_into
 # Where shadows' answers are read to be counted and dropped (also never held).
 discard_buffer = bytearray(SMALL)
 
@@ -117,13 +118,15 @@ class Direction:
     Such a direction never splices. `on_eof()` runs at src's EOF, before dst's
     half-close.
     """
-    __slots__ = ("src", "dst", "counter", "tap", "on_eof")
+    __slots__ = ("src", "dst", "counter", "tap", "on_eof", "stamped")
 
     def __init__(self, src: Channel, dst: Channel, counter: Counter,
-                 tap: Callable[[memoryview], None] | None = None,
-                 on_eof: Callable[[], None] | None = None):
+                 tap: Callable[..., None] | None = None,
+                 on_eof: Callable[[], None] | None = None, stamped: bool = False):
+        """`stamped`: src stamps arrivals (Channel.stamp_arrivals); the tap is then
+        called as tap(chunk, arrived), with channel.arrival()'s time."""
         self.src, self.dst, self.counter = src, dst, counter
-        self.tap, self.on_eof = tap, on_eof
+        self.tap, self.on_eof, self.stamped = tap, on_eof, stamped
 
 
 class Relay:
@@ -189,12 +192,13 @@ class Relay:
 class _Way:
     """One Direction of a Relay as it runs: what is pending, the pipe when splicing."""
     __slots__ = ("relay", "src", "dst", "counter", "tap", "on_eof", "pending", "pipe",
-                 "piped", "bulk")
+                 "piped", "bulk", "stamped")
 
     def __init__(self, relay: Relay, direction: Direction):
         self.relay = relay
         self.src, self.dst, self.counter = direction.src, direction.dst, direction.counter
         self.tap, self.on_eof = direction.tap, direction.on_eof
+        self.stamped = direction.stamped and direction.tap is not None
         self.pending = None   # bytes read but not yet written (the shared buffer is reused)
         self.pipe = None
         self.piped = 0        # bytes sitting in the pipe
@@ -223,7 +227,11 @@ class _Way:
                     raise Broken(self.src, error) from None
             else:
                 try:
-                    received = self.src.sock.recv_into(_shared)
+                    if self.stamped:
+                        received, ancillary, _, _ = self.src.sock.recvmsg_into(
+                            _shared_buffers, STAMP_SPACE)
+                    else:
+                        received = self.src.sock.recv_into(_shared)
                 except BlockingIOError:
                     return
                 except OSError as error:
@@ -254,7 +262,10 @@ class _Way:
                 if self.tap is not None:
                     # After production has it: a shadow's loopback write (which runs
                     # the shadow's wake-up in our syscall) must not delay production.
-                    self.tap(_shared_view[:received])
+                    if self.stamped:
+                        self.tap(_shared_view[:received], arrival(ancillary))
+                    else:
+                        self.tap(_shared_view[:received])
             self.bulk = received >= SMALL and self.tap is None
             if not self.bulk and self.pipe is not None and not self.piped:
                 _pipes.give(self.pipe)

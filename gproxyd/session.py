@@ -129,11 +129,14 @@ class Session:
             self._spawn(self._relay_hooked)
             return
         observer = self.production.observer
+        if observer.watching:
+            self.production.channel.stamp_arrivals()  # answers timed as they arrived
         up = Direction(self.client, self.production.channel, self.production.sent,
                        self._mirror if self.shadows or observer.watching else None,
                        self._client_eof)
         down = Direction(self.production.channel, self.client, self.production.received,
-                         self._observe_answer if observer.watching else None)
+                         self._observe_answer if observer.watching else None,
+                         stamped=observer.watching)
         Relay(up, down).start(self._relayed)
 
     def _end(self) -> None:
@@ -188,10 +191,10 @@ class Session:
         if observer.watching:
             observer.sent(chunk)
 
-    def _observe_answer(self, chunk) -> None:
+    def _observe_answer(self, chunk, arrived: float) -> None:
         observer = self.production.observer
         if observer.watching:
-            observer.received(chunk)
+            observer.received(chunk, arrived)
 
     def _client_eof(self) -> None:
         for sink in self.shadows:

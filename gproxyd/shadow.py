@@ -30,13 +30,14 @@ import gevent
 from gevent.event import Event
 from gevent.queue import SimpleQueue
 
-from .channel import Channel, is_disconnect
+from .channel import STAMP_SPACE, Channel, arrival, is_disconnect
 from .config import Route
 from .relay import FreeList, discard_buffer
 from .upstream import Upstream
 
 log = logging.getLogger("gproxyd.shadow")
 
+_discard_buffers = [discard_buffer]  # for recvmsg_into
 _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
 # The kernel's send buffer of a shadow socket (it doubles this). Left to autotuning it
 # grows to tcp_wmem's maximum (4 MiB): a stalled shadow would then be fed by a send()
@@ -275,6 +276,7 @@ class ShadowSink:
         self._turn_timeout = route.shadow_turn_timeout
         self._keeps_turns = True
         self._lazy = False          # SO_RCVLOWAT is raised: answers are read in bulk
+        self._stamped = False       # reads carry the kernel's arrival time
         self._turn_timer = None
         self._on_answer = on_answer
         self._answers: SimpleQueue | None = None
@@ -411,6 +413,10 @@ class ShadowSink:
             return
         self.state = "open"
         self._channel = channel = self.upstream.channel
+        # Answers timed as they arrived, not as they were read (the loop may be busy).
+        self._stamped = self.upstream.observer.watching
+        if self._stamped:
+            channel.stamp_arrivals()
         if channel.sock.family != socket.AF_UNIX:
             try:
                 channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
@@ -543,8 +549,14 @@ class ShadowSink:
     # --- reading ---------------------------------------------------------------------------
 
     def _readable(self) -> None:
+        arrived = 0.0
         try:
-            received = self._channel.sock.recv_into(discard_buffer)
+            if self._stamped:
+                received, ancillary, _, _ = self._channel.sock.recvmsg_into(
+                    _discard_buffers, STAMP_SPACE)
+                arrived = arrival(ancillary)
+            else:
+                received = self._channel.sock.recv_into(discard_buffer)
         except BlockingIOError:
             return
         except OSError as error:
@@ -567,7 +579,7 @@ class ShadowSink:
         counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
         if observer.watching:
-            observer.received(chunk)
+            observer.received(chunk, arrived)
         if self._answers is not None:
             self._answers.put(bytes(chunk))
         if self._turns:

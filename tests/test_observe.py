@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import gevent
+import gevent.monkey
 import pytest
 import redis
 import requests
@@ -354,3 +355,40 @@ def _accepts(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- fair clocks --------------------------------------------------------------------------
+
+def test_answers_read_late_are_timed_when_they_arrived(proxy, shadow_redis):
+    """The proxy's event loop is blocked for 300 ms while both redis-servers' answers
+    wait in its sockets: each latency is still the servers' (well under 300 ms), read
+    from the kernel's receive timestamps, not from when the loop got to the answer."""
+    proxied = proxy("127.0.0.1:6379", shadow=[shadow_redis], protocol="redis")
+    client = proxied.connect()
+    client.sendall(b"PING\r\n")
+    assert client.recv(64) == b"+PONG\r\n"  # both connected, one exchange each
+    session, = proxied.listener.sessions
+    shadow, = session.shadows
+    wait_until(lambda: shadow.upstream.received.bytes == 7, what="the shadow's first PONG")
+
+    # A check watcher runs after the loop turn's I/O callbacks: the turn that relays
+    # this PING then blocks the whole loop for 0.3 s while the answers arrive.
+    check = gevent.get_hub().loop.check()
+    blocked = []
+
+    def block():
+        if session.production.sent.bytes < 12:
+            return  # a turn before the PING was relayed
+        check.stop()
+        blocked.append(session.production.received.bytes)
+        gevent.monkey.get_original("time", "sleep")(0.3)
+    client.sendall(b"PING\r\n")
+    check.start(block)
+    assert client.recv(64) == b"+PONG\r\n"
+    assert blocked == [7], "the loop was not blocked before the second PONG was read"
+    wait_until(lambda: shadow.upstream.received.bytes == 14, what="the shadow's second PONG")
+    client.close()
+    wait_until(lambda: proxied.stats.active == 0, what="the session ended")
+    for backend in (proxied.stats.production, proxied.stats.shadows[shadow_redis]):
+        assert backend.requests == 2
+        assert backend.latency.max < 0.15, backend.latency.max  # 0.3 s without stamps
