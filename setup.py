@@ -24,7 +24,8 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5"],
+        "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5",
+                 "mysql-connector-python>=8"],
     },
     entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run",
                                     "gproxyctl = gproxyd.ctl:run"]},
