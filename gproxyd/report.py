@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # Fewer requests than this on either side and a latency comparison is noise.
 MIN_REQUESTS = 20
-# Within this share, latencies are "on par".
+# Within this share, p99s show "no significant difference".
 PAR = 0.05
 
 
@@ -25,7 +25,8 @@ def verdict(production: dict, shadow: dict) -> str:
     else:
         change = (cand - base) / base
         if abs(change) <= PAR:
-            words = f"candidate p99 is on par with production (within {PAR:.0%})"
+            words = (f"no significant difference: candidate p99 within {PAR:.0%} of "
+                     "production's")
         else:
             words = (f"candidate p99 is {abs(change):.0%} "
                      f"{'slower' if change > 0 else 'faster'} than production")
