@@ -183,13 +183,15 @@ class Session:
         return True
 
     def _mirror(self, chunk) -> None:
+        # Production's request clock first: it was written just before this tap, and a
+        # shadow's write (a syscall that may wake the shadow) must not count against it.
+        observer = self.production.observer
+        if observer.watching:
+            observer.sent(chunk)
         if self.shadows:
             new_turn = self._new_turn()
             for sink in self.shadows:
                 sink.feed(chunk, new_turn)
-        observer = self.production.observer
-        if observer.watching:
-            observer.sent(chunk)
 
     def _observe_answer(self, chunk, arrived: float) -> None:
         observer = self.production.observer
