@@ -11,7 +11,7 @@ import gevent.monkey
 import pytest
 import redis
 import requests
-from backends import recv_to_eof, unused_port, wait_until
+from backends import recv_to_eof, unused_port, wait_for_lines, wait_until
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 from hypothesis import HealthCheck, given, settings
@@ -392,3 +392,17 @@ def test_answers_read_late_are_timed_when_they_arrived(proxy, shadow_redis):
     for backend in (proxied.stats.production, proxied.stats.shadows[shadow_redis]):
         assert backend.requests == 2
         assert backend.latency.max < 0.15, backend.latency.max  # 0.3 s without stamps
+
+
+def test_a_shadow_answering_errors_where_production_does_not_is_diverged(
+        proxy, http_servers, caplog):
+    production, candidate = http_servers("prod"), http_servers("cand", status=500)
+    proxied = proxy(production.address, shadow=[candidate.address], protocol="http")
+    with requests.Session() as client:
+        for _ in range(10):
+            assert client.get(url(proxied)).status_code == 200
+    line, = wait_for_lines(caplog, timeout=10)
+    assert line["shadows"] == {candidate.address: "diverged"}
+    assert line["why"] == {candidate.address: "errors-10-production-0"}
+    shadow = proxied.stats.shadows[candidate.address]
+    assert (shadow.requests, shadow.errors, shadow.outcomes) == (10, 10, {"diverged": 1})
