@@ -301,9 +301,12 @@ class ShadowSink:
         if not self.alive:
             return
         if new_turn and self._keeps_turns:
-            self._turns.append(self._fed)
-            if self._fed == self.upstream.sent.bytes:  # all before it written already
+            if self._fed != self.upstream.sent.bytes:
+                self._turns.append(self._fed)  # its gate: once the bytes before are written
+            elif self.upstream.received.bytes <= self._received_when_written:
+                self._turns.append(self._fed)  # all written, no answer since: wait for one
                 self._gate_mark = self._received_when_written
+            # else it has answered since all before was written: nothing to wait for
         self._fed += len(chunk)
         if (not self._write_delay and self.state == "open" and not self._queue.size
                 and not self._loop.pendingcnt
