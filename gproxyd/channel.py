@@ -132,6 +132,16 @@ class Channel:
         except OSError:
             pass
 
+    def reset(self) -> None:
+        """Close with an RST instead of a FIN (SO_LINGER 0): a reset on one side of a
+        session is passed on as a reset, so a truncated answer never looks complete."""
+        if not self.closed:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            except OSError:
+                pass
+            self.close()
+
     def close(self) -> None:
         """Close the socket; a greenlet still waiting on it gets OSError(EBADF)."""
         if not self.closed:
@@ -151,6 +161,7 @@ class Channel:
 # receive time of the latest segment a read returned, as CLOCK_REALTIME seconds and ns.
 _SO_TIMESTAMPNS = 35
 STAMP_SPACE = socket.CMSG_SPACE(16)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 _TIMESPEC = struct.Struct("qq")
 
 

@@ -15,6 +15,7 @@ shadows and logs the connection's line.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Callable
@@ -301,6 +302,12 @@ class Session:
         if production:
             self._production_failed = True
             self.stats.production.resets += 1
+        if broken.error.errno == errno.ECONNRESET:
+            # Pass the reset on: a FIN would make a truncated answer (or request) look
+            # complete to the other side.
+            other = self.client if production else self.production.channel
+            if other is not None:
+                other.reset()
         side = "production" if production else "client"
         if not is_disconnect(broken.error):
             log.warning("route %s client %s: %s: %s", self.route.name, self.peer, side,

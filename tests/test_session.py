@@ -5,6 +5,7 @@ import struct
 import time
 
 import gevent
+import pytest
 from backends import recv_exactly, recv_to_eof, sees_eof, unused_port, wait_for_lines, wait_until
 
 
@@ -151,3 +152,43 @@ def test_a_client_reset_on_a_unix_production_closes_the_session_once(servers, pr
     assert proxied.stats.production.bytes_sent == 4
     assert len([r for r in caplog.records if r.name == "gproxyd.session"
                 and "close=" in r.getMessage()]) == 1
+
+
+def _answer_then_reset(size: int):
+    """Read the request, send `size` bytes of answer, then close with an RST."""
+    def handle(conn) -> None:
+        conn.take(conn.sock.recv(65536))
+        conn.sock.sendall(b"a" * size)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()
+    return handle
+
+
+def test_a_production_reset_reaches_the_client_as_a_reset(serve, proxy, caplog):
+    """Not as a clean EOF: a close-delimited answer cut short must not look complete."""
+    production = serve(_answer_then_reset(4 * 1024 * 1024))
+    proxied = proxy(production)
+    client = proxied.connect()
+    client.sendall(b"GET /big\r\n")
+    received = 0
+    with pytest.raises(ConnectionResetError):
+        while True:
+            data = client.recv(65536)
+            if not data:
+                raise AssertionError(f"a clean EOF after {received} bytes")
+            received += len(data)
+    line, = wait_for_lines(caplog)
+    assert line["close"].startswith("production: ")
+
+
+def test_a_client_reset_reaches_production_as_a_reset(servers, proxy):
+    production = servers.echo()
+    proxied = proxy(production)
+    client = proxied.connect()
+    client.sendall(b"ping")
+    assert recv_exactly(client, 4) == b"ping"
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    conn = production.conns[0]
+    assert conn.done.wait(5)
+    assert isinstance(conn.error, ConnectionResetError), conn.error
