@@ -45,6 +45,12 @@ from .settings import Address, BadValue, HookSpec, address
 
 log = logging.getLogger("gproxyd.hooks")
 
+try:
+    from greenlet import GreenletExit as _GreenletExit
+except ImportError:  # gevent always brings greenlet; this keeps config-only users light
+    class _GreenletExit(BaseException):
+        pass
+
 HOOK_NAMES = ("on_connect", "on_data", "on_response", "on_finish")
 
 
@@ -119,7 +125,10 @@ def load_hooks(text: str) -> HookSet:
             module = importlib.reload(module)  # a reload picks up edits
     except BadValue:
         raise
-    except Exception as error:  # anything the module's own code raised while importing
+    except _GreenletExit:
+        raise  # the greenlet is being killed: not the module's doing
+    except BaseException as error:  # anything the module's own code raised while importing,
+        # sys.exit() and KeyboardInterrupt too: they must not end the daemon on a reload
         where = _where_in_module(error, spec)
         raise BadValue(f"cannot import {spec!r}: {type(error).__name__}: {error}{where} "
                        "(expected a module path or a .py file defining on_connect, on_data, "
@@ -310,7 +319,10 @@ class HookDispatch:
     def _call(self, name: str, hook: Callable, *args):
         try:
             return hook(*args)
-        except Exception as error:  # a user hook: anything may come out of it
+        except _GreenletExit:
+            raise  # the session's greenlet is being killed
+        except BaseException as error:  # a user hook: anything may come out of it, even
+            # SystemExit, KeyboardInterrupt or a gevent.Timeout: only its connection ends
             hook_failure(self.hooks, name, self._route, self._peer, error)
             self._abort(f"hook {name} failed: {type(error).__name__}")
             return _FAILED

@@ -787,3 +787,35 @@ def test_a_hooks_file_with_a_syntax_error_or_a_missing_module_fails_at_load_conf
     with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import "
                                           r"'os.no_such_submodule': ModuleNotFoundError"):
         load_config(config, [], {})
+
+
+# --- a hook cannot stop the daemon ------------------------------------------------------------
+
+class Exits:
+    def __init__(self, error):
+        self.error = error
+
+    def on_data(self, conn, data):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), gevent.Timeout(0.01)])
+def test_a_hook_raising_systemexit_or_a_timeout_closes_its_connection_only(
+        run, serve, caplog, error):
+    proxy = run(serve(recording(reply_each=None)), hooks=Exits(error))
+    failing = connect(proxy)
+    failing.sendall(b"boom")
+    assert sees_eof(failing, timeout=5)
+    assert any(r.name == "gproxyd.hooks" and "failed, closing the connection" in r.getMessage()
+               and type(error).__name__ in r.getMessage() for r in caplog.records)
+    other = socket.create_connection(proxy.address, timeout=5)  # still serving
+    other.close()
+
+
+def test_a_hooks_file_that_calls_sys_exit_is_a_load_error(tmp_path):
+    hooks_file = tmp_path / "exits.py"
+    hooks_file.write_text("import sys\n\nsys.exit(1)\n")
+    config, line = write_config(tmp_path, str(hooks_file))
+    with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import "
+                                          rf".*SystemExit: 1 at {hooks_file}:3 "):
+        load_only_hooks(config)
