@@ -15,8 +15,7 @@ import tempfile  # noqa: E402
 import gevent  # noqa: E402
 import pytest  # noqa: E402
 
-from gproxyd.config import load_config  # noqa: E402
-from gproxyd.hooks import load_route_hooks  # noqa: E402
+import gproxyd  # noqa: E402
 from gproxyd.listener import Listener  # noqa: E402
 
 import backends  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest)
@@ -115,20 +114,16 @@ def servers(sockdir):
 
 # --- gproxyd in-process ------------------------------------------------------------------
 
-def free_port(host: str = "127.0.0.1") -> int:
-    return backends.unused_port(host)
-
-
 class Proxy:
     """A running Listener for one route, and how a client reaches it."""
 
-    def __init__(self, listener: Listener, config_path: str):
+    def __init__(self, listener: Listener):
         self.listener = listener
         self.stopped = False
         self.route = listener.route
-        self.config_path = config_path
-        listen = self.route.listen
-        self.family, self.sockaddr = listen.family, listen.sockaddr
+        self.family = self.route.listen.family
+        bound = listener.bound  # the port the kernel chose, where the route says 0
+        self.sockaddr = bound if self.family == socket.AF_UNIX else bound[:2]
 
     @property
     def stats(self):
@@ -151,35 +146,31 @@ class Proxy:
 
 
 @pytest.fixture
-def proxy(tmp_path, sockdir, caplog):
+def proxy(sockdir, caplog):
     """proxy(production, shadow=(), listen='tcp4'|'tcp6'|'unix'|ADDRESS, **options) -> Proxy.
 
-    `production` and `shadow` are backends or address strings; route options use
-    underscores (idle_timeout='300ms').
+    `production` and `shadow` are backends or address strings; options are route options
+    as gproxyd.Proxy takes them (idle_timeout='300ms', hooks=PATH or an object). tcp4 and
+    tcp6 listen on port 0 of 127.0.0.1 and [::1]: the kernel picks a free port, so no test
+    races another for one. An ADDRESS is used as written ('127.0.0.1:8080', 'unix:/path').
     """
     caplog.set_level(logging.INFO, logger="gproxyd")
     running: list[Proxy] = []
 
     def start(production, shadow=(), listen: str = "tcp4", **options) -> Proxy:
         if listen == "unix":
-            listen_text = f"unix:{os.path.join(sockdir, f'proxy{len(running)}.sock')}"
-        elif listen == "tcp6":
-            listen_text = f"[::1]:{free_port('::1')}"
-        elif listen == "tcp4":
-            listen_text = f"127.0.0.1:{free_port()}"
+            listen = f"unix:{os.path.join(sockdir, f'proxy{len(running)}.sock')}"
         else:
-            listen_text = listen  # as written in a config file
-        lines = ["[gproxyd]", "admin = off", "", "[route test]", f"listen = {listen_text}",
-                 f"production = {_address(production)}"]
+            listen = {"tcp4": "127.0.0.1:0", "tcp6": "[::1]:0"}.get(listen, listen)
         if shadow:
-            lines.append(f"shadow = {', '.join(_address(s) for s in shadow)}")
-        lines += [f"{key.replace('_', '-')} = {value}" for key, value in options.items()]
-        path = tmp_path / f"gproxyd{len(running)}.conf"
-        path.write_text("\n".join(lines) + "\n")
-        route, = load_config(str(path), [], {}).routes
-        listener = Listener(route, hooks=load_route_hooks([route]).get(route.name))
+            options["shadow"] = [_address(backend) for backend in shadow]
+        # gproxyd.Proxy builds the route and imports its hooks as a proxy script's would;
+        # the Listener is the fixture's own, so that tests can reach it (update, drain).
+        built = gproxyd.Proxy(listen=listen, production=_address(production), name="test",
+                              **options)
+        listener = Listener(built.route, hooks=built.hooks)
         listener.start()
-        proxied = Proxy(listener, str(path))
+        proxied = Proxy(listener)
         running.append(proxied)
         return proxied
 
@@ -190,5 +181,3 @@ def proxy(tmp_path, sockdir, caplog):
 
 def _address(backend) -> str:
     return backend if isinstance(backend, str) else backend.address
-
-
