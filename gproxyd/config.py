@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import configargparse
 
 from . import __version__
+from .exitcodes import EX_USAGE
 from .settings import (
     GLOBAL_BY_NAME,
     GLOBAL_OPTIONS,
@@ -113,9 +114,6 @@ def _parse(option, text: str, where: str) -> Any:
         return option.parse(text)
     except BadValue as error:
         raise ConfigError(where, option.name, str(error)) from None
-
-
-EX_USAGE = 64
 
 
 class _Parser(configargparse.ArgumentParser):

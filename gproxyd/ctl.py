@@ -16,9 +16,8 @@ import urllib.error
 import urllib.request
 
 from .config import DEFAULT_PATH, ConfigError, load_config
+from .exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from .report import table
-
-EX_OK, EX_UNAVAILABLE, EX_USAGE, EX_CONFIG = 0, 69, 64, 78
 
 
 class _Parser(argparse.ArgumentParser):
