@@ -1,15 +1,11 @@
-"""Entry points: `gproxyd` (the daemon, --check-config, demo). Owns the exit codes."""
+"""Entry points: `gproxyd` (the daemon, --check-config, demo, and a worker's --worker)."""
 from __future__ import annotations
 
 import os
 import sys
 
 from .config import ConfigError, build_parser, load_config
-
-EX_OK = 0
-EX_FAILURE = 1      # could not start or serve: a bind, privilege or log-file problem
-EX_USAGE = 64
-EX_CONFIG = 78      # sysexits.h EX_CONFIG: the configuration is wrong
+from .exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 
 
 def _fail(message: str, code: int) -> int:
@@ -26,24 +22,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, argv, os.environ)
     except ConfigError as error:
+        if args.worker:  # its arbiter shows the message
+            from .lifecycle.worker import report_start_failure
+            return report_start_failure(args.worker, str(error), EX_CONFIG)
         return _fail(str(error), EX_CONFIG)
     if args.worker:
-        return _serve_worker(config, argv, args.worker)
+        from .lifecycle.worker import serve_worker
+        return serve_worker(config, args.worker)
     if args.check_config:
-        from .master import describe_route
-        print(f"{config.path}: configuration OK, {len(config.routes)} route(s)")
-        for route in config.routes:
-            print(f"  {describe_route(route)}")
-        return EX_OK
+        return _check(config)
     return _serve(config, argv)
+
+
+def _check(config) -> int:
+    """--check-config: the config, and the hooks imported in a child process (this one
+    runs no user code)."""
+    from .hooks import check_hooks_in_child
+    from .lifecycle import describe_route
+    errors = check_hooks_in_child(config.routes)
+    for error in errors:
+        print(f"gproxyd: {error}", file=sys.stderr)
+    if errors:
+        return EX_CONFIG
+    print(f"{config.path}: configuration OK, {len(config.routes)} route(s)")
+    for route in config.routes:
+        print(f"  {describe_route(route)}")
+    return EX_OK
 
 
 def _serve(config, argv: list[str]) -> int:
     """Bind, detach, drop privileges, then start gevent's loop and serve until stopped."""
+    import logging
+
     from . import logs
     from .daemon import PrivilegeError, daemon_context, drop_privileges
+    from .hooks import HookLoadError, load_route_hooks
+    from .lifecycle import StartError, bind_all
     from .listener import ListenError
-    from .master import Master
 
     settings = config.settings
     try:
@@ -51,36 +66,33 @@ def _serve(config, argv: list[str]) -> int:
     except OSError as error:
         return _fail(f"log-file: cannot open {settings.log_file}: {error.strerror}",
                      EX_FAILURE)
-    from .arbiter import Arbiter
-    supervisor = Arbiter if settings.workers > 1 else Master
     try:
-        sockets = (Arbiter.bind_all(config, settings.workers) if settings.workers > 1
-                   else Master.bind_all(config))
+        sockets = bind_all(config.routes, settings.workers, settings.admin)
     except ListenError as error:
         return _fail(str(error), EX_FAILURE)
     context = None
     if settings.daemonize:
         # Detach before gevent creates its loop: libev's fds do not survive the fork.
-        keep = [sock.fileno() for value in sockets.values()
-                for sock in (value if isinstance(value, list) else [value])]
-        keep.append(logs.log_fileno())
+        keep = sockets.filenos() + [logs.log_fileno()]
         context = daemon_context(settings.pid_file, [fd for fd in keep if fd is not None])
         context.open()
     elif settings.pid_file:
         from .daemon import PidFile
         context = PidFile(settings.pid_file)
         context.__enter__()
-    import logging
     log = logging.getLogger("gproxyd")
     from gevent import monkey
     monkey.patch_all()
-    try:  # again, now patched: hooks modules bind the gevent-friendly functions
-        config = load_config(config.path, argv, os.environ)
-    except ConfigError as error:
-        return _fail(str(error), EX_CONFIG)
-    # Build everything (and so import all it needs) while every file is still readable.
-    master = supervisor(config, argv, os.environ, sockets)
     try:
+        # Build everything (and so import all it needs, the hooks too: after the patching,
+        # so they bind gevent's functions) while every file is still readable.
+        if settings.workers > 1:
+            from .lifecycle.arbiter import Arbiter
+            main_process = Arbiter(config, argv, os.environ, sockets)
+        else:
+            from .lifecycle.single import SingleProcess
+            main_process = SingleProcess(config, argv, os.environ, sockets,
+                                         load_route_hooks(config.routes))
         try:
             switched = drop_privileges(settings.user, settings.group)
         except PrivilegeError as error:
@@ -88,25 +100,17 @@ def _serve(config, argv: list[str]) -> int:
             return _fail(str(error), EX_FAILURE)
         if switched:
             log.info("%s", switched)
-        master.start()
-        return master.run()
+        main_process.start()
+        return main_process.run()
+    except HookLoadError as error:
+        log.error("%s", error)
+        return _fail(str(error), EX_CONFIG)
+    except StartError as error:
+        log.error("%s", error)
+        return _fail(str(error), error.status)
     finally:
         if context is not None:
             context.__exit__(None, None, None)
-
-
-def _serve_worker(config, argv: list[str], spec: str) -> int:
-    """A worker process started by the master (workers = N): no daemonizing, no binding."""
-    from . import logs
-    logs.configure(config.settings)
-    from gevent import monkey
-    monkey.patch_all()
-    try:  # again, now patched: hooks modules bind the gevent-friendly functions
-        config = load_config(config.path, argv, os.environ)
-    except ConfigError as error:
-        return _fail(str(error), EX_CONFIG)
-    from .arbiter import run_worker
-    return run_worker(config, argv, os.environ, spec)
 
 
 def run() -> None:

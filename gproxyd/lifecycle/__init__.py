@@ -1,0 +1,320 @@
+"""The daemon's lifecycle: start, signals, reload, drain, stop; one process or N workers.
+
+The shape, for both modes (`workers = 1` and `workers = N`):
+
+    Lifecycle        a process's main loop. Signal handlers only queue the signal; `run()`
+    │                takes them one at a time and calls `handle_hup`, `handle_term`,
+    │                `handle_int`, `handle_usr1` by name, until `halt(status)`.
+    ├── MainProcess  the process systemd and the operator talk to: readiness, watchdog,
+    │   │            the admin endpoint, the summary lines, and the one reload path
+    │   │            (read the config again, stage what can fail, then switch; a bad
+    │   │            reload keeps the running configuration and says why).
+    │   ├── SingleProcess (single.py)  workers = 1: serves its own listeners.
+    │   └── Arbiter       (arbiter.py) workers = N: supervises N worker processes, which
+    │                     serve; it never imports the hooks itself.
+    └── Worker       (worker.py)  one worker process under an Arbiter.
+
+`bind_all()` binds every listen address (once, or once per worker with SO_REUSEPORT)
+before daemonizing and dropping privileges; listeners are reconciled by listen address
+(`listen_key`) on reload in either mode. SIGTERM/SIGINT drain (a second one stops at
+once); SIGUSR1 reopens the log file; SIGHUP reloads. Exit statuses come from exitcodes.
+
+Imports go one way: the lifecycle uses config, listener, admin and hooks; nothing of
+theirs imports the lifecycle.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import gevent
+from gevent.queue import Queue
+
+from .. import logs
+from ..admin import AdminServer
+from ..config import Config, ConfigError, Route, load_config
+from ..hooks import HookLoadError
+from ..listener import ListenError, bind
+from ..report import summary_line
+from ..settings import Address
+from ..systemd import sd_notify, watchdog_interval
+
+log = logging.getLogger("gproxyd")
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StartError(Exception):
+    """The daemon cannot start serving; str() is the one-line message for the user,
+    `status` the exit status (exitcodes)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class ReloadError(Exception):
+    """A reload cannot be applied; str() says why. The running configuration stays."""
+
+
+# --- binding ---------------------------------------------------------------------------------
+
+def listen_key(route: Route) -> tuple:
+    """What identifies a listener across reloads: its listen address."""
+    return route.listen.family, route.listen.sockaddr
+
+
+@dataclass
+class Sockets:
+    """Listening sockets bound before daemonizing and dropping privileges.
+
+    `routes`: listen key -> one socket per worker (SO_REUSEPORT; a unix address has one
+    socket shared by all workers, and one process has one socket per address).
+    """
+    routes: dict[tuple, list[socket.socket]] = field(default_factory=dict)
+    admin: socket.socket | None = None
+
+    def socket_for(self, key: tuple, slot: int = 0) -> socket.socket:
+        group = self.routes[key]
+        return group[slot % len(group)]
+
+    def filenos(self) -> list[int]:
+        owned = [sock for group in self.routes.values() for sock in group]
+        return [sock.fileno() for sock in owned + ([self.admin] if self.admin else [])]
+
+    def close(self) -> None:
+        for group in self.routes.values():
+            for sock in group:
+                sock.close()
+        if self.admin is not None:
+            self.admin.close()
+
+
+def bind_all(routes: tuple[Route, ...] | list[Route], copies: int = 1,
+             admin: Address | None = None) -> Sockets:
+    """Bind each route's listen address `copies` times (more than one: SO_REUSEPORT, one
+    socket per worker; a unix address once) and the admin address if given.
+
+    Raises ListenError naming the first address that fails; then nothing stays bound.
+    """
+    bound = Sockets()
+    try:
+        if admin is not None:
+            try:
+                bound.admin = bind(admin)
+            except ListenError as error:
+                raise ListenError(f"admin: {error}") from None
+        for route in routes:
+            if copies == 1 or route.listen.family == socket.AF_UNIX:
+                bound.routes[listen_key(route)] = [bind(route.listen)]
+            else:
+                bound.routes[listen_key(route)] = [bind(route.listen, reuse_port=True)
+                                                   for _ in range(copies)]
+    except ListenError:
+        bound.close()
+        raise
+    return bound
+
+
+def describe_route(route: Route) -> str:
+    shadows = ", ".join(a.text for a in route.shadow) or "none"
+    return (f"route {route.name}: {route.listen} -> production {route.production}, "
+            f"shadows {shadows}, protocol {route.protocol}")
+
+
+# --- the main loop ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Halt:
+    status: int
+
+
+class Lifecycle:
+    """A process's main loop: queued signals dispatched to `handle_<name>` methods.
+
+    A subclass implements `begin_stop(name)` (the first SIGTERM/SIGINT) and
+    `stop_now(name)` (the second), and calls `halt(status)` when it is done.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._queue: Queue = Queue()  # also creates gevent's hub, before any privilege drop
+        self.stopping = False
+
+    def install_signal_handlers(self) -> None:
+        for signum in HANDLED_SIGNALS:
+            gevent.signal_handler(signum, self._queue.put, signum)
+
+    def run(self) -> int:
+        """Dispatch signals until halted; returns the exit status."""
+        while True:
+            event = self._queue.get()
+            if isinstance(event, _Halt):
+                return event.status
+            name = signal.Signals(event).name  # "SIGHUP" -> handle_hup
+            getattr(self, "handle_" + name[3:].lower())()
+
+    def halt(self, status: int) -> None:
+        """End `run()` with `status` once the signals queued before are handled."""
+        self._queue.put(_Halt(status))
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        log.info("log file reopened")
+
+    def handle_term(self) -> None:
+        self._stop_signal("SIGTERM")
+
+    def handle_int(self) -> None:
+        self._stop_signal("SIGINT")
+
+    def _stop_signal(self, name: str) -> None:
+        if self.stopping:
+            self.stop_now(name)
+        else:
+            self.stopping = True
+            self.begin_stop(name)
+
+    def begin_stop(self, name: str) -> None:
+        raise NotImplementedError
+
+    def stop_now(self, name: str) -> None:
+        raise NotImplementedError
+
+
+@contextmanager
+def reloading():
+    """Tell systemd a reload is under way, and when it is over (however it went)."""
+    sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % int(time.monotonic() * 1e6))
+    try:
+        yield
+    finally:
+        sd_notify("READY=1\nSTATUS=serving")
+
+
+class MainProcess(Lifecycle):
+    """The process systemd and the operator talk to (SingleProcess or Arbiter).
+
+    It owns the admin endpoint, notifies readiness, pings the watchdog, logs the summary
+    lines, and reloads on SIGHUP: the config is read again, `stage(new)` prepares
+    everything that can fail without changing what serves, then the settings and
+    `switch(new, staged)` apply it. A subclass implements `start_serving()`, `stage()`,
+    `switch()` and `stats()`.
+    """
+
+    def __init__(self, config: Config, argv: list[str], env: Mapping[str, str],
+                 sockets: Sockets):
+        super().__init__(config)
+        self._argv, self._env = argv, env
+        self.sockets = sockets
+        self._admin: AdminServer | None = None
+
+    def start(self) -> None:
+        """Start the admin endpoint and serving; raises StartError if serving cannot start."""
+        if self.sockets.admin is not None:
+            self._start_admin(self.config.settings.admin, self.sockets.admin)
+            self.sockets.admin = None  # the admin server owns it now
+        for route in self.config.routes:
+            log.info("%s", describe_route(route))
+        # Before serving starts, so a SIGTERM while workers start is queued, not fatal.
+        self.install_signal_handlers()
+        ready = self.start_serving()
+        interval = watchdog_interval()
+        if interval:
+            gevent.spawn(self._watchdog, interval)
+        gevent.spawn(self._log_summaries)
+        log.info("gproxyd ready: %s", ready)
+        sd_notify("READY=1\nSTATUS=serving")
+
+    def start_serving(self) -> str:
+        """Start serving the config; returns what is serving, for the ready line."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """{route name: RouteStats}, for the admin endpoint and the summary lines."""
+        raise NotImplementedError
+
+    def begin_stop(self, name: str) -> None:
+        sd_notify("STOPPING=1")
+        self._stop_admin()
+        self.drain(name)
+
+    def drain(self, reason: str) -> None:
+        """Stop accepting, let live connections finish (drain-timeout), then `halt()`."""
+        raise NotImplementedError
+
+    # --- reload --------------------------------------------------------------------------
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            log.info("SIGHUP: ignored while stopping")
+            return
+        with reloading():
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read the config; apply it if it is good, keep the running one if not."""
+        try:
+            new = load_config(self.config.path, self._argv, self._env)
+            staged = self.stage(new)
+        except (ConfigError, HookLoadError, ListenError, ReloadError) as error:
+            log.error("reload failed: %s; keeping the running configuration", error)
+            return
+        self._apply_settings(new)
+        self.switch(new, staged)
+        self.config = new
+
+    def stage(self, new: Config):
+        """Prepare `new` (import, bind, start) without changing what serves; raise
+        ConfigError, HookLoadError, ListenError or ReloadError if it cannot be applied."""
+        raise NotImplementedError
+
+    def switch(self, new: Config, staged) -> None:
+        """Serve `new` from now on (what `stage` prepared); nothing here may fail."""
+        raise NotImplementedError
+
+    def _apply_settings(self, new: Config) -> None:
+        if new.settings.admin != self.config.settings.admin:
+            self._stop_admin()
+            if new.settings.admin is not None:
+                try:
+                    self._start_admin(new.settings.admin)
+                except ListenError as error:
+                    log.error("reload: admin: %s; the admin endpoint is off", error)
+        if new.settings != self.config.settings:
+            try:
+                logs.configure(new.settings)
+            except OSError as error:
+                log.error("reload: cannot open log file %s: %s; keeping the old log",
+                          new.settings.log_file, error.strerror)
+
+    # --- what runs beside the loop -------------------------------------------------------
+
+    def _start_admin(self, address: Address, sock: socket.socket | None = None) -> None:
+        self._admin = AdminServer(address, self.stats, sock)
+        self._admin.start()
+        log.info("admin endpoint on http://%s/ (/stats, /metrics)", address)
+
+    def _stop_admin(self) -> None:
+        if self._admin is not None:
+            self._admin.stop()
+            self._admin = None
+
+    def _watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            gevent.sleep(interval)
+
+    def _log_summaries(self) -> None:
+        """Forever: every stats-interval, one summary line per route (0: none)."""
+        while True:
+            interval = self.config.settings.stats_interval
+            gevent.sleep(interval or 60)
+            if interval:
+                for name, stats in self.stats().items():
+                    log.info("%s", summary_line(name, stats.snapshot()))
