@@ -1,4 +1,4 @@
-"""workers = N: SO_REUSEPORT workers under one master; reload, restart, stats, stop."""
+"""workers = N: SO_REUSEPORT workers under an arbiter; reload, restart, stats, stop."""
 from __future__ import annotations
 
 import os
@@ -6,20 +6,16 @@ import signal
 
 import gevent
 import requests
-from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return sorted(found)
+from service import (
+    GLOBAL,
+    Daemon,
+    TaggedEcho,
+    children,
+    exchange,
+    free_port,
+    route_section,
+    wait_until,
+)
 
 
 def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
@@ -29,7 +25,7 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
     daemon = Daemon(tmp_path, head + route_section("web", port, a.address))
     try:
         daemon.start()
-        workers = _children(daemon.pid)
+        workers = children(daemon.pid)
         assert len(workers) == 2
         for number in range(50):
             assert exchange(port, b"%d" % number) == b"a:%d" % number
@@ -52,8 +48,8 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
         loader.join(timeout=60)
         assert loader.dead and failures == []
         assert exchange(port, b"new") == b"b:new"
-        wait_until(lambda: len(_children(daemon.pid)) == 2, what="old workers gone")
-        assert set(_children(daemon.pid)).isdisjoint(workers)
+        wait_until(lambda: len(children(daemon.pid)) == 2, what="old workers gone")
+        assert set(children(daemon.pid)).isdisjoint(workers)
 
         # Workers report twice a second and once more as they exit; a SIGKILLed worker
         # takes its last half second of counts with it, so let them report first.
@@ -63,10 +59,10 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
         wait_until(lambda: total() >= 50 + 300 + 1, timeout=5, what="totals add up")
 
         # A worker that dies is replaced.
-        victim = _children(daemon.pid)[0]
+        victim = children(daemon.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(_children(daemon.pid)) == 2 and
-                   victim not in _children(daemon.pid), timeout=15, what="worker restarted")
+        wait_until(lambda: len(children(daemon.pid)) == 2 and
+                   victim not in children(daemon.pid), timeout=15, what="worker restarted")
         daemon.wait_log("exited with status -9; starting another")
         for _ in range(20):
             assert exchange(port, b"y") == b"b:y"
@@ -75,7 +71,7 @@ def test_workers_share_the_load_reload_without_refusing_and_restart(tmp_path):
 
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
-        assert _children(daemon.pid) == []
+        assert children(daemon.pid) == []
     finally:
         daemon.stop()
         a.stop()
