@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
         return demo(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.worker:
+        # A worker never daemonizes: patch before anything imports the modules that run
+        # (and before its hooks are imported, so that they bind gevent's functions).
+        from gevent import monkey
+        monkey.patch_all()
     try:
         config = load_config(args.config, argv, os.environ)
     except ConfigError as error:

@@ -278,7 +278,7 @@ class Arbiter(MainProcess):
             self.begin_stop(reason)
 
     def drain(self, reason: str) -> None:
-        log.info("%s: stopping; workers drain their connections for up to %.0fs "
+        log.info("%s: stopping; workers drain their connections for up to %gs "
                  "(send it again to stop at once)", reason,
                  self.config.settings.drain_timeout)
         for worker in list(self.workers):

@@ -51,7 +51,7 @@ class SingleProcess(MainProcess):
 
     def drain(self, reason: str) -> None:
         timeout = self.config.settings.drain_timeout
-        log.info("%s: stopping; draining %d live connection(s) for up to %.0fs "
+        log.info("%s: stopping; draining %d live connection(s) for up to %gs "
                  "(send it again to stop at once)", reason,
                  self.listeners.live_connections(), timeout)
         self.listeners.close()

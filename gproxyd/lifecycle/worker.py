@@ -1,7 +1,7 @@
 """Worker: one worker process under an Arbiter (workers = N), and the pipe it reports on.
 
 The arbiter starts `gproxyd -c FILE --worker SPEC` with the listening sockets and the
-write end of a pipe inherited. The worker reads the config, monkey-patches, imports the
+write end of a pipe inherited. The worker monkey-patches, reads the config, imports the
 hooks, serves its sockets and writes one JSON line on the pipe every REPORT_INTERVAL:
 `{"stats": ...}` (its numbers; also the arbiter's heartbeat). A worker that cannot start
 writes `{"failed": "one-line message"}` instead and exits (EX_CONFIG for a configuration
@@ -58,17 +58,15 @@ def report_start_failure(spec: str, message: str, status: int) -> int:
 
 
 def serve_worker(config: Config, spec_text: str) -> int:
-    """The `--worker SPEC` side: serve the inherited sockets until told to stop.
-
-    Every start failure goes to the arbiter as one line (report_start_failure)."""
+    """The `--worker SPEC` side, after gevent's monkey-patching: serve the inherited
+    sockets until told to stop. Every start failure goes to the arbiter as one line
+    (report_start_failure)."""
     spec = WorkerSpec.decode(spec_text)
     try:
         logs.configure(config.settings)
     except OSError as error:
         return report_start_failure(spec_text, f"log-file: cannot open "
                                     f"{config.settings.log_file}: {error.strerror}", EX_FAILURE)
-    from gevent import monkey
-    monkey.patch_all()
     sockets = {}
     for route in config.routes:
         fd = spec.fds.get(route.listen.text)
