@@ -240,7 +240,11 @@ class Arbiter(MainProcess):
                     self._kill(worker)
 
     def _tell_to_stop(self, worker: WorkerProcess) -> None:
-        """SIGTERM: drain and exit; SIGKILL if it is still running at the deadline."""
+        """SIGTERM: drain and exit; SIGKILL if it is still running at the deadline.
+
+        Once only: a second SIGTERM would make the worker close its connections at once."""
+        if worker.told_to_stop:
+            return
         worker.told_to_stop = True
         self._signal(worker, signal.SIGTERM)
         gevent.spawn(self._kill_at_deadline, worker)

@@ -17,6 +17,7 @@ from service import (
     children,
     exchange,
     free_port,
+    live_connection,
     route_section,
     running,
     wait_until,
@@ -156,6 +157,21 @@ def test_a_restarted_worker_that_cannot_load_the_config_stops_the_arbiter(tmp_pa
             "stopping") in daemon.log()
     assert daemon.log().count("starting another") == 1
     assert not any(running(pid) for pid in workers)
+
+
+def test_a_second_reload_lets_the_first_ones_old_workers_drain(tmp_path, backend, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, worker_config(port, backend.address))
+    daemon.start()
+    first = children(daemon.pid)
+    live = live_connection(port)
+    daemon.reload()
+    daemon.reload()
+    wait_until(lambda: len(set(children(daemon.pid)) - set(first)) == 2, what="new workers")
+    live.sendall(b"2")
+    assert live.recv(10) == b"a:2"  # its worker, told to drain once, still serves it
+    live.close()
+    wait_until(lambda: not set(first) & set(children(daemon.pid)), what="old workers gone")
 
 
 # --- supervision ------------------------------------------------------------------------------
