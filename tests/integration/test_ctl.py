@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section
+import requests
+from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
 
 
 def gproxyctl() -> list[str]:
@@ -27,6 +28,12 @@ def running(tmp_path):
     daemon = Daemon(tmp_path, config).start()
     for number in range(25):
         assert exchange(port, b"%d" % number) == b"p:%d" % number
+
+    def settled():  # the client has production's answers; the shadow's may still be coming
+        route = requests.get(f"http://127.0.0.1:{admin}/stats", timeout=5).json()["routes"]["web"]
+        return (route["connections"]["active"] == 0
+                and route["shadows"][candidate.address]["requests"] == 25)
+    wait_until(settled, what="every connection and shadow answer counted")
     yield daemon, candidate.address
     daemon.stop()
     production.stop()
