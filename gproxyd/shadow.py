@@ -14,12 +14,9 @@ per shadow, so a healthy shadow costs little and a dead one nothing.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
 import socket
-import struct
-import termios
 import weakref
 from collections import deque
 from itertools import islice
@@ -275,7 +272,8 @@ class ShadowSink:
         self._received_when_written = 0  # answer bytes when all fed bytes were written
         self._turn_timeout = route.shadow_turn_timeout
         self._keeps_turns = True
-        self._lazy = False          # SO_RCVLOWAT is raised: answers are read in bulk
+        self._lazy = False          # answers are read in bulk (SO_RCVLOWAT raised)...
+        self._woken = False         # ...except while a turn waits for one
         self._stamped = False       # reads carry the kernel's arrival time
         self._turn_timer = None
         self._on_answer = on_answer
@@ -507,16 +505,20 @@ class ShadowSink:
         while turns:
             if written < turns[0]:
                 return turns[0] - written
-            if self.upstream.received.bytes <= self._gate_mark and not self._unread():
+            if self.upstream.received.bytes <= self._gate_mark and not self._read_now():
                 return 0  # no answer since the turn before was written
             turns.popleft()  # answered: the next turn may go
             self._gate_mark = -1
+            if self._woken:  # back to reading answers in bulk
+                self._woken = False
+                self._set_low_water(_LAZY_READ)
         return 1 << 62
 
     def _wait_for_turn(self) -> None:
         """Wait for the shadow's answer (see _readable), at most shadow-turn-timeout."""
-        if self._lazy:
-            self._read_lazily(1)  # wake at its first byte
+        if self._lazy and not self._woken:
+            self._woken = True
+            self._set_low_water(1)  # wake at the answer's first byte
         if self._turn_timer is None:
             # Armed with again(), stopped when it fires: see _SpareTime.
             self._turn_timer = self._loop.timer(self._turn_timeout, self._turn_timeout)
@@ -578,7 +580,8 @@ class ShadowSink:
                 # Nothing but the first byte's time is measured here: from now on, be
                 # woken once per 32 KiB of answers (or at EOF or an error), not per
                 # answer, unless a turn waits for one (_wait_for_turn).
-                self._read_lazily(_LAZY_READ)
+                self._lazy = True
+                self._set_low_water(_LAZY_READ)
         counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
         if observer.watching:
@@ -588,22 +591,25 @@ class ShadowSink:
         if self._turns:
             self._answered_turn()
 
-    def _read_lazily(self, low_water: int) -> None:
+    def _set_low_water(self, low_water: int) -> None:
         try:
             self._channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
         except OSError:
-            return
-        self._lazy = low_water > 1
+            pass
 
-    def _unread(self) -> int:
-        """Answer bytes waiting in the kernel below SO_RCVLOWAT (not counted yet)."""
+    def _read_now(self) -> int:
+        """Read (and count) answers waiting below SO_RCVLOWAT: a turn asks whether the
+        shadow has answered, and a non-blocking read takes what is there, however
+        little. The count read, 0 when nothing was waiting (or when not reading lazily:
+        then every answer has been read and counted already)."""
         if not self._lazy:
             return 0
         try:
-            return struct.unpack("i", fcntl.ioctl(self._channel.fd, termios.FIONREAD,
-                                                  b"\0\0\0\0"))[0]
+            received = self._channel.sock.recv_into(discard_buffer)
         except OSError:
-            return 0
+            return 0  # nothing there, or an error its reader will see
+        self.upstream.received.bytes += received
+        return received
 
     def _count_unread(self) -> None:
         """Count answers still waiting below SO_RCVLOWAT (bounded: the socket's buffer)."""
