@@ -1,10 +1,11 @@
 #!/bin/sh
-# Install what bench/run.py drives: haproxy, nginx, wrk and iperf3 (Debian/Ubuntu, as root).
+# Install what bench/run.py drives: haproxy, nginx, wrk, iperf3, and redis-server and
+# redis-benchmark for the aa section (Debian/Ubuntu, as root).
 # Does nothing when they are all on PATH already.
 set -eu
 PATH="$PATH:/usr/sbin:/sbin"
 missing=""
-for tool in haproxy nginx wrk iperf3; do
+for tool in haproxy nginx wrk iperf3 redis-server redis-benchmark; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 [ -z "$missing" ] && exit 0
@@ -18,4 +19,5 @@ apt-get update -q
 # nginx-light is enough (return, static files); iperf3's package asks whether to start a
 # daemon, which the noninteractive front end answers with its default (no). The system
 # services the packages may start are left alone: the benchmark runs its own instances.
-apt-get install -y -q --no-install-recommends haproxy nginx-light wrk iperf3
+apt-get install -y -q --no-install-recommends haproxy nginx-light wrk iperf3 redis-server \
+    redis-tools

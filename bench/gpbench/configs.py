@@ -54,7 +54,7 @@ listen {name}
 
 GPROXYD_GLOBAL = """\
 [gproxyd]
-admin = off
+admin = {admin}
 log-level = warning
 """
 
@@ -85,9 +85,12 @@ def haproxy_conf(maxconn: int, maxpipes: int, splice: bool, listens: list[Listen
 
 
 def gproxyd_conf(global_lines: tuple[str, ...],
-                 routes: list[tuple[str, int, int, tuple[str, ...]]]) -> str:
-    """ROUTES are (name, listen port, production port, extra route lines)."""
-    text = [GPROXYD_GLOBAL + "".join(line + "\n" for line in global_lines)]
+                 routes: list[tuple[str, int, int, tuple[str, ...]]],
+                 admin: str = "off") -> str:
+    """ROUTES are (name, listen port, production port, extra route lines); ADMIN is the
+    admin endpoint (host:port), off unless a section reads /stats."""
+    text = [GPROXYD_GLOBAL.format(admin=admin)
+            + "".join(line + "\n" for line in global_lines)]
     for name, listen, production, lines in routes:
         text.append(GPROXYD_ROUTE.format(name=name, listen=listen, production=production))
         text.extend(line + "\n" for line in lines)

@@ -3,7 +3,7 @@ a module of this package that defines SECTION; adding one is adding its line her
 from __future__ import annotations
 
 from ..section import Section
-from . import bulk, connect, large, memory, observer, shadow, shadow_matrix, small, workers
+from . import aa, bulk, connect, large, memory, observer, shadow, shadow_matrix, small, workers
 
 SECTIONS: tuple[Section, ...] = (
     small.SECTION,
@@ -15,6 +15,7 @@ SECTIONS: tuple[Section, ...] = (
     observer.SECTION,
     shadow_matrix.SECTION,
     workers.SECTION,
+    aa.SECTION,
 )
 NAMES = tuple(section.name for section in SECTIONS)
 
