@@ -272,8 +272,7 @@ class ShadowSink:
         self._received_when_written = 0  # answer bytes when all fed bytes were written
         self._turn_timeout = route.shadow_turn_timeout
         self._keeps_turns = True
-        self._lazy = False          # answers are read in bulk (SO_RCVLOWAT raised)...
-        self._woken = False         # ...except while a turn waits for one
+        self._lazy = False          # answers are read in bulk (SO_RCVLOWAT raised)
         self._stamped = False       # reads carry the kernel's arrival time
         self._turn_timer = None
         self._on_answer = on_answer
@@ -509,16 +508,15 @@ class ShadowSink:
                 return 0  # no answer since the turn before was written
             turns.popleft()  # answered: the next turn may go
             self._gate_mark = -1
-            if self._woken:  # back to reading answers in bulk
-                self._woken = False
-                self._set_low_water(_LAZY_READ)
         return 1 << 62
 
     def _wait_for_turn(self) -> None:
         """Wait for the shadow's answer (see _readable), at most shadow-turn-timeout."""
-        if self._lazy and not self._woken:
-            self._woken = True
-            self._set_low_water(1)  # wake at the answer's first byte
+        if self._lazy:
+            # Turns need to see each answer: read them as they come from now on (one
+            # syscall, once; switching back and forth per turn cost more than it saved).
+            self._lazy = False
+            self._set_low_water(1)
         if self._turn_timer is None:
             # Armed with again(), stopped when it fires: see _SpareTime.
             self._turn_timer = self._loop.timer(self._turn_timeout, self._turn_timeout)
