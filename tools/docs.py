@@ -350,14 +350,20 @@ def render_man8() -> str:
               "SIGHUP starts new workers on the same sockets before the old ones drain, so "
               "a reload refuses no connection. Signals go to the master."),
         ".PP",
-        _text("The master supervises its workers. A worker that dies is restarted after a "
-              "back-off delay, which grows while the worker keeps crashing; after repeated "
-              "crashes the master gives up restarting it and logs why. A worker that is "
-              "still draining when drain-timeout and a short grace period have passed, on a "
-              "stop or after a reload, is killed with SIGKILL. Each worker reports to the "
-              "master at a regular interval, which doubles as its heartbeat: a worker whose "
-              "reports stop for 3 report intervals is taken to be hung, killed and "
-              "restarted."),
+        _text("Every worker reports to the master process twice a second; a worker that "
+              "has sent no report for 1.5 seconds (three reports) is considered hung: the "
+              "master kills it with SIGKILL, logs it and starts another. A worker that exits "
+              "without being asked is restarted after a delay that starts at 0.25 seconds "
+              "and doubles with each crash in the last 60 seconds (0.25, 0.5, 1, 2 s); at "
+              "the fifth crash within 60 seconds the master logs that it gives up, stops "
+              "the other workers and exits with status 1. A worker that cannot start "
+              "because of its configuration or its hooks is not restarted: at start-up "
+              "gproxyd exits with status 78 and prints the worker's one-line error; on "
+              "SIGHUP the reload fails and the running workers keep serving; for a worker "
+              "restarted after a crash, the master stops and exits with status 78. On "
+              "SIGTERM or SIGINT, and for the old workers after a reload, a worker still "
+              "running drain-timeout plus 5 seconds after it was told to stop is killed "
+              "with SIGKILL, and the kill is logged."),
         ".SH SIGNALS",
         ".TP",
         _bold("SIGHUP"),
