@@ -1,6 +1,6 @@
 """Listener: one route's listening socket, gevent server and pool; owns its sessions.
 
-The master creates a Listener per listen address, may swap its route on reload
+The lifecycle (lifecycle/serving.py) creates a Listener per listen address, may swap its route on reload
 (`update()`: new connections use the new route, live ones keep theirs), and ends it
 with `close()` (stop accepting) followed by `drain()` (let live sessions finish).
 """
