@@ -1,8 +1,9 @@
 """Listener: one route's listening socket, gevent server and pool; owns its sessions.
 
-The lifecycle (lifecycle/serving.py) creates a Listener per listen address, may swap its route on reload
-(`update()`: new connections use the new route, live ones keep theirs), and ends it
-with `close()` (stop accepting) followed by `drain()` (let live sessions finish).
+The lifecycle (lifecycle/serving.py) creates a Listener per listen address, may swap
+its route and hooks on reload (`update()`: new connections use the new route, live ones
+keep theirs), and ends it with `close()` (stop accepting) followed by `drain()` (let
+live sessions finish).
 """
 from __future__ import annotations
 
