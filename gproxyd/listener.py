@@ -22,9 +22,9 @@ from gevent.monkey import get_original
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from .channel import Channel
 from .config import Route
 from .hooks import HookSet
-from .channel import Channel
 from .session import Session
 from .settings import Address
 from .stats import RouteStats

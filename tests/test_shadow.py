@@ -286,8 +286,9 @@ def test_the_write_delay_holds_every_batch_not_only_the_first(servers, proxy):
         connected = wait_until(lambda: shadow.conns and shadow.conns[0])
         gevent.sleep(0.1)  # well within the delay: nothing may have been written yet
         assert connected.received == before, f"batch {number} was not held back"
-        wait_until(lambda: connected.received == before + len(request), timeout=5,
-                   what=f"batch {number} after the delay")
+        expected = before + len(request)
+        wait_until(lambda conn=connected, expected=expected: conn.received == expected,
+                   timeout=5, what=f"batch {number} after the delay")
     client.close()
 
 

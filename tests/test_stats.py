@@ -156,7 +156,7 @@ def test_values_below_64_microseconds_are_exact():
 
 def _split(values: list, cuts: list[int]) -> list[list]:
     edges = [0] + sorted(cut % (len(values) + 1) for cut in cuts) + [len(values)]
-    return [values[start:end] for start, end in zip(edges, edges[1:])]
+    return [values[start:end] for start, end in zip(edges, edges[1:], strict=False)]
 
 
 @EXAMPLES

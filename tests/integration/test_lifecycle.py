@@ -186,7 +186,7 @@ def test_crashing_workers_are_restarted_with_back_off_until_the_arbiter_gives_up
         victim = children(daemon.pid)[0]
         os.kill(victim, signal.SIGKILL)
         if crash < GIVE_UP_AFTER:
-            wait_until(lambda: len(children(daemon.pid)) == 2
+            wait_until(lambda victim=victim: len(children(daemon.pid)) == 2
                        and victim not in children(daemon.pid), timeout=15,
                        what=f"restart after crash {crash}")
             assert exchange(port, b"%d" % crash) == b"a:%d" % crash
