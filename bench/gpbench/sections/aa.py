@@ -32,7 +32,11 @@ SATURATION_CONNECTIONS = 50
 P50_TOLERANCE = 0.05          # shadow/production within these counts as "the same"
 P99_TOLERANCE = 0.10
 PIPELINES = (1, 16)           # redis-benchmark -P
-PROBE_SECONDS = 1.5           # each redis-benchmark run while searching for the 80% -c
+PROBE_SECONDS = 2             # each short run while searching for the 80% -c (wrk: whole s)
+# Stock wrk's fixed rate (a Lua delay() in whole ms, a closed loop) is set by the number
+# of connections each waiting this long before each request: fine-grained, unlike the ms.
+HTTP_DELAY_MS = 5
+HTTP_MAX_CONNECTIONS = 400
 SETTLE_SECONDS = 15.0         # shadow-linger (5 s) and then some
 REDIS_TOOLS = ("redis-server", "redis-benchmark")
 OUTCOMES = ("done", "dropped", "failed", "reset", "timeout", "diverged")
@@ -151,7 +155,21 @@ class AA(Section):
 
     def start_gproxyd(self, rig: Rig, target: Target, protocol: str) -> int:
         """A gproxyd of its own for TARGET (target.proc, until the caller stops it): one
-        route, production and the identical shadow; returns its admin port."""
+        route, production and the identical shadow; returns its admin port. Other jobs
+        on the machine take ports too: a port taken between free_port() and the bind
+        costs another try."""
+        for attempt in range(3):
+            try:
+                return self._start_gproxyd(rig, target, protocol)
+            except BenchError as error:
+                if target.proc:
+                    rig.procs.stop(target.proc)
+                    target.proc = None
+                if "in use" not in str(error) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_gproxyd(self, rig: Rig, target: Target, protocol: str) -> int:
         production, shadow = ((rig.nginx_port, rig.shadow_nginx_port) if protocol == "http"
                               else self.redis_ports)
         target.http_port, admin = free_port(), free_port()
@@ -181,7 +199,8 @@ class AA(Section):
             values = (self.load_http(rig, case, target) if case.protocol == "http"
                       else self.load_redis(rig, case, target))
             route = settled_route(admin, target)
-            if case.protocol == "redis" and case.load == "saturation":
+            if case.load == "saturation" and not (case.protocol == "http"
+                                                  and rig.wrk_rate_flag):
                 # Its /stats are read: the search for the 80% -c may use this proxy.
                 self.clients[case.group] = self.choose_clients(rig, case, target)
         finally:
@@ -201,16 +220,16 @@ class AA(Section):
             self.saturation[case.group] = result.rps
             return {"rps": result.rps, "errors": result.errors}
         saturation = self.this_run_saturation(case)
-        offered = round(SHARE * saturation)
-        connections = rig.args.rate_connections
         if rig.wrk_rate_flag:
-            script, rate = rig.wrk.script(), offered
-        else:
-            # As the shadow matrix does: each connection waits delay() ms before each
-            # request (a closed loop, so the achieved rate is a little lower).
-            script, rate = rig.wrk.script("GET", 0, _delay_ms(connections, offered)), 0
-        result = rig.wrk.run(target, "/small", connections, seconds, script, rate=rate)
-        return {"rps": result.rps, "errors": result.errors, "offered": offered,
+            offered = round(SHARE * saturation)
+            result = rig.wrk.run(target, "/small", rig.args.rate_connections, seconds,
+                                 rig.wrk.script(), rate=offered)
+            return {"rps": result.rps, "errors": result.errors, "offered": offered,
+                    "share": result.rps / saturation}
+        clients = self.chosen_clients(case)
+        result = rig.wrk.run(target, "/small", clients, seconds,
+                             rig.wrk.script("GET", 0, HTTP_DELAY_MS))
+        return {"rps": result.rps, "errors": result.errors, "connections": clients,
                 "share": result.rps / saturation}
 
     def load_redis(self, rig: Rig, case: Case, target: Target) -> dict[str, Any]:
@@ -220,9 +239,7 @@ class AA(Section):
         elif case.load == "saturation":
             clients = SATURATION_CONNECTIONS
         else:
-            if case.group not in self.clients:
-                raise BenchError("no -c chosen in this run (its saturation run failed)")
-            clients = self.clients[case.group]
+            clients = self.chosen_clients(case)
         result = self.timed_benchmark(rig, target, pipeline, clients, rig.args.duration)
         values = {"rps": result["rps"], "connections": clients}
         if case.load == "saturation":
@@ -231,25 +248,41 @@ class AA(Section):
             values["share"] = result["rps"] / self.this_run_saturation(case)
         return values
 
+    def chosen_clients(self, case: Case) -> int:
+        if case.group not in self.clients:
+            raise BenchError("no -c chosen in this run (its saturation run failed)")
+        return self.clients[case.group]
+
     def this_run_saturation(self, case: Case) -> float:
         if case.group not in self.saturation:
             raise BenchError("no saturation figure in this run (its saturation run failed)")
         return self.saturation[case.group]
 
     def choose_clients(self, rig: Rig, case: Case, target: Target) -> int:
-        """The -c whose req/s is nearest SHARE of this run's saturation: a bisection
-        over 1..50 with short runs (req/s grows with -c until the proxy saturates)."""
+        """The -c whose req/s is nearest SHARE of this run's saturation, by bisection
+        with short runs (req/s grows with -c until the proxy saturates): redis-benchmark
+        over 1..50, wrk with HTTP_DELAY_MS before each request over 1..400."""
         goal = SHARE * self.saturation[case.group]
         seconds = min(PROBE_SECONDS, rig.args.duration)
 
         def probe(clients: int) -> float:
+            if case.protocol == "http":
+                return rig.wrk.run(target, "/small", clients, seconds,
+                                   rig.wrk.script("GET", 0, HTTP_DELAY_MS)).rps
             return self.timed_benchmark(rig, target, case.pipeline, clients, seconds,
                                         retry=True)["rps"]
 
-        low, high = 1, SATURATION_CONNECTIONS
-        rps = {low: probe(low), high: self.saturation[case.group]}
+        low = 1
+        if case.protocol == "http":
+            high = HTTP_MAX_CONNECTIONS
+            rps = {low: probe(low), high: probe(high)}
+        else:
+            high = SATURATION_CONNECTIONS
+            rps = {low: probe(low), high: self.saturation[case.group]}
         if rps[low] >= goal:
             return low
+        if rps[high] <= goal:
+            return high
         while high - low > 1:
             middle = min(high - 1, max(low + 1, round(math.sqrt(low * high))))
             rps[middle] = probe(middle)
@@ -322,10 +355,13 @@ class AA(Section):
         return rows
 
     def chapter(self, rig: Rig) -> list[str]:
-        rate = ("wrk -R" if rig.wrk_rate_flag else
-                f"stock wrk with the shadow matrix's Lua delay(): {rig.args.rate_connections} "
-                "connections, each waiting connections x 1000 / rate ms before each request "
-                "(a closed loop: the achieved rate is a little lower, and shown)")
+        rate = (f"wrk -R over {rig.args.rate_connections} connections" if rig.wrk_rate_flag
+                else f"stock wrk with the shadow matrix's Lua delay(): each connection waits "
+                f"{HTTP_DELAY_MS} ms before each request, and short runs "
+                f"({PROBE_SECONDS:g} s) bisect the number of connections over "
+                f"1..{HTTP_MAX_CONNECTIONS} for the req/s nearest {SHARE:.0%} of that run's "
+                "saturation (delay() takes whole ms, so the connection count is the fine "
+                "setting; a closed loop: the achieved share is shown)")
         return ["", "## A/A: identical production and shadow", "",
                 "Production and shadow are the same program with the same configuration: "
                 "two nginx instances (`/small`, a 100-byte answer, keep-alive) behind a "
@@ -355,10 +391,6 @@ class AA(Section):
 
     def console(self, rig: Rig) -> list[str]:
         return ["", text_table(self.table(rig))]
-
-
-def _delay_ms(connections: int, rate: int) -> int:
-    return max(1, round(connections * 1000 / rate))
 
 
 def redis_benchmark(port: int, pipeline: int, clients: int, requests: int,
@@ -459,10 +491,13 @@ def load_words(rig: Rig, case: Case) -> str:
         return f"{tool} -c1: {rps} req/s"
     if case.load == "saturation":
         return f"{tool} -c{SATURATION_CONNECTIONS}: {rps} req/s"
-    if case.protocol == "http":
-        return (f"wrk fixed rate, {fmt(rig.median(case.name, 'aa.offered'), 0)} offered: "
+    if case.protocol == "http" and rig.wrk_rate_flag:
+        return (f"wrk -R {fmt(rig.median(case.name, 'aa.offered'), 0)}: "
                 f"{rps} req/s{of_saturation}")
     clients = "/".join(str(values["connections"]) for values in runs_of(rig, case))
+    if case.protocol == "http":
+        return (f"wrk -c {clients}, {HTTP_DELAY_MS} ms delay(): "
+                f"{rps} req/s{of_saturation}")
     return f"redis-benchmark -c {clients}: {rps} req/s{of_saturation}"
 
 
