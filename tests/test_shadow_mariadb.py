@@ -1,7 +1,10 @@
 """A MariaDB shadow under server-side prepared statements is reported `diverged`.
 
-Prepared-statement ids are server-wide: the id production hands the client means
-nothing to the shadow, which answers each EXECUTE with an error. Production is the
+Prepared-statement ids are numbered by the server (per connection thread, and threads are
+reused): the id production hands the client means nothing to the shadow, which answers
+each EXECUTE with an error. The test makes the numbering differ for sure: the shadow
+starts every connection on a fresh thread (--thread-cache-size=0: its first id is 1),
+and the connection's first statement can be prepared on production only. Production is the
 machine's MariaDB (root, no password, database `test`); the shadow is a second mariadbd
 this module starts (with --skip-grant-tables: it takes the mirrored login as it is).
 """
@@ -44,17 +47,13 @@ def shadow_mariadb():
     process = subprocess.Popen(
         [server, "--no-defaults", f"--datadir={home}/data", f"--socket={home}/sock",
          f"--port={port}", "--bind-address=127.0.0.1", "--user=root",
-         "--skip-grant-tables", "--skip-log-bin", "--innodb-buffer-pool-size=16M"],
+         "--skip-grant-tables", "--skip-log-bin", "--innodb-buffer-pool-size=16M",
+         "--thread-cache-size=0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: _answers(port), timeout=60, what="the shadow mariadbd up")
         setup = _connect("127.0.0.1", port)
         setup.cursor().execute("CREATE DATABASE IF NOT EXISTS test")
-        # Its statement ids are far from production's whatever production did before.
-        cursor = setup.cursor(prepared=True)
-        for number in range(50):
-            cursor.execute("SELECT %s", (number,))
-            cursor.fetchall()
         setup.close()
         yield f"127.0.0.1:{port}"
     finally:
@@ -64,8 +63,16 @@ def shadow_mariadb():
 
 
 def test_prepared_statements_make_a_mariadb_shadow_diverged(proxy, caplog, shadow_mariadb):
+    direct = _connect(*PRODUCTION, database="test")
+    direct.cursor().execute("CREATE TABLE IF NOT EXISTS gproxyd_production_only (id INT)")
+    direct.close()
     proxied = proxy("%s:%d" % PRODUCTION, shadow=[shadow_mariadb])
     client = _connect(*proxied.sockaddr[:2], database="test")
+    # Prepared on production only (the shadow has no such table): from here on the two
+    # servers number this connection's statements differently, whatever they started at.
+    first = client.cursor(prepared=True)
+    first.execute("SELECT COUNT(*) FROM gproxyd_production_only WHERE id > %s", (0,))
+    first.fetchall()
     cursor = client.cursor(prepared=True)
     rows = 0
     for number in range(40):
