@@ -110,25 +110,6 @@ _shared_buffers = [_shared]  # for recvmsg_into
 discard_buffer = bytearray(SMALL)
 
 
-class Direction:
-    """What one way of a Relay moves: src -> dst, counted in `counter`.
-
-    `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) right after
-    it was written to dst; it runs inside a libev callback, so it must never block.
-    Such a direction never splices. `on_eof()` runs at src's EOF, before dst's
-    half-close.
-    """
-    __slots__ = ("src", "dst", "counter", "tap", "on_eof", "stamped")
-
-    def __init__(self, src: Channel, dst: Channel, counter: Counter,
-                 tap: Callable[..., None] | None = None,
-                 on_eof: Callable[[], None] | None = None, stamped: bool = False):
-        """`stamped`: src stamps arrivals (Channel.stamp_arrivals); the tap is then
-        called as tap(chunk, arrived), with channel.arrival()'s time."""
-        self.src, self.dst, self.counter = src, dst, counter
-        self.tap, self.on_eof, self.stamped = tap, on_eof, stamped
-
-
 class Relay:
     """One or both directions of a connection, driven by libev callbacks.
 
@@ -146,7 +127,9 @@ class Relay:
     __slots__ = ("_ways", "_on_done", "failure", "_open")
 
     def __init__(self, *directions: Direction):
-        self._ways = [_Way(self, direction) for direction in directions]
+        for direction in directions:
+            direction.relay = self
+        self._ways = directions
         self._on_done = None
         self.failure: Broken | None = None
         self._open = len(self._ways)
@@ -170,7 +153,7 @@ class Relay:
         for way in self._ways:
             way.stop()
 
-    def reached_eof(self, way: "_Way") -> None:
+    def reached_eof(self, way: "Direction") -> None:
         """`way`'s source has ended (its own reading has stopped)."""
         if self._open == 2 or len(self._ways) == 1:
             # Pass the half-close on. (When the other way is done too, the close()
@@ -189,16 +172,27 @@ class Relay:
             self._on_done(broken)
 
 
-class _Way:
-    """One Direction of a Relay as it runs: what is pending, the pipe when splicing."""
+class Direction:
+    """One way of a Relay: src -> dst, counted in `counter`, and its state as it runs
+    (what is pending, the pipe when splicing). One object per way: a connection is
+    made of two, so nothing more is allocated per connection.
+
+    `tap(chunk)`, if given, sees each chunk (a memoryview it must not keep) right after
+    it was written to dst; it runs inside a libev callback, so it must never block.
+    Such a direction never splices. `on_eof()` runs at src's EOF, before dst's
+    half-close. `stamped`: src stamps arrivals (Channel.stamp_arrivals); the tap is then
+    called as tap(chunk, arrived), with channel.arrival()'s time.
+    """
     __slots__ = ("relay", "src", "dst", "counter", "tap", "on_eof", "pending", "pipe",
                  "piped", "bulk", "stamped")
 
-    def __init__(self, relay: Relay, direction: Direction):
-        self.relay = relay
-        self.src, self.dst, self.counter = direction.src, direction.dst, direction.counter
-        self.tap, self.on_eof = direction.tap, direction.on_eof
-        self.stamped = direction.stamped and direction.tap is not None
+    def __init__(self, src: Channel, dst: Channel, counter: Counter,
+                 tap: Callable[..., None] | None = None,
+                 on_eof: Callable[[], None] | None = None, stamped: bool = False):
+        self.relay: Relay | None = None  # set by the Relay it joins
+        self.src, self.dst, self.counter = src, dst, counter
+        self.tap, self.on_eof = tap, on_eof
+        self.stamped = stamped and tap is not None
         self.pending = None   # bytes read but not yet written (the shared buffer is reused)
         self.pipe = None
         self.piped = 0        # bytes sitting in the pipe
