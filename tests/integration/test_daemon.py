@@ -31,19 +31,6 @@ def backends():
         server.stop()
 
 
-@pytest.fixture
-def daemons():
-    started = []
-
-    def make(directory, config, **kwargs):
-        daemon = Daemon(directory, config, **kwargs)
-        started.append(daemon)
-        return daemon
-    yield make
-    for daemon in started:
-        daemon.stop()
-
-
 def test_check_config_good_and_bad(tmp_path):
     good = tmp_path / "good.conf"
     good.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))

@@ -39,19 +39,6 @@ def backend():
     server.stop()
 
 
-@pytest.fixture
-def daemons():
-    started = []
-
-    def make(directory, config, **kwargs):
-        daemon = Daemon(directory, config, **kwargs)
-        started.append(daemon)
-        return daemon
-    yield make
-    for daemon in started:
-        daemon.stop()
-
-
 def hooked_config(port: int, production: str, hooks_file, workers: int = 1,
                   drain_timeout: str = "10s") -> tuple[str, int]:
     """A config with one hooked route; returns (text, the line of its `hooks` key)."""
