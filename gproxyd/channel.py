@@ -10,7 +10,7 @@ asyncio's flow-control transports:
   `stop_writing()` (the "writable" notification: called while the socket has room, for
   the rest of a write it did not take at once), `waiting_to_write`;
 - waits, for code that runs in a greenlet and may block (hooked sessions):
-  `wait_readable()`, `recv_into()`, `flush(data)`;
+  `wait_readable()`, `flush(data)`;
 - both: `half_close()`, `abort()`, `close()`.
 
 The bytes themselves are read and written on `sock` (and `fd`, for splice) directly:
@@ -95,14 +95,6 @@ class Channel:
 
     def wait_readable(self) -> None:
         self._hub.wait(self._reader)
-
-    def recv_into(self, buffer) -> int:
-        """Read what is available into `buffer`, waiting for at least one byte or EOF."""
-        while True:
-            try:
-                return self.sock.recv_into(buffer)
-            except BlockingIOError:
-                self.wait_readable()
 
     def flush(self, data) -> None:
         """Write all of `data`, waiting (cooperatively) while the peer is slow to read."""

@@ -32,7 +32,7 @@ _MAX_PENDING = 10_000
 
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
-                 "_connected", "_per_connection", "_answered", "answers", "failures",
+                 "_connected", "_answered", "answers", "failures",
                  "_by_turn", "_turn_sent", "_last_sent", "_early")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
@@ -43,7 +43,6 @@ class Exchanges:
         framers = FRAMERS.get(protocol)
         self._requests = framers[0]() if framers else None
         self._responses = framers[1]() if framers else None
-        self._per_connection = framers is None  # tcp: one connection is one request
         # Send times of requests not answered yet; only framed protocols pair them (an
         # idle tcp connection should not carry an empty deque).
         self._pending: deque[float] | None = deque() if framers else None
@@ -61,10 +60,6 @@ class Exchanges:
     def watching(self) -> bool:
         """sent() and received() want the bytes: framed, or measuring by turn."""
         return self._requests is not None or self._by_turn
-
-    @property
-    def framed(self) -> bool:
-        return self._requests is not None
 
     def sent(self, data) -> None:
         """Bytes written to the backend (the client's requests); only while watching."""
@@ -144,6 +139,7 @@ class Exchanges:
             if owed_answers and self._turn_sent:
                 self.stats.timeouts += 1
             return
+        # tcp: one connection is one request.
         if received.first:
             # Time to first byte, from the first request byte, or from the connect when
             # the server speaks first (SMTP, MySQL).
