@@ -40,16 +40,12 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from greenlet import GreenletExit
+
 from .config import ConfigError
 from .settings import Address, BadValue, HookSpec, address
 
 log = logging.getLogger("gproxyd.hooks")
-
-try:
-    from greenlet import GreenletExit as _GreenletExit
-except ImportError:  # gevent always brings greenlet; this keeps config-only users light
-    class _GreenletExit(BaseException):
-        pass
 
 HOOK_NAMES = ("on_connect", "on_data", "on_response", "on_finish")
 
@@ -125,7 +121,7 @@ def load_hooks(text: str) -> HookSet:
             module = importlib.reload(module)  # a reload picks up edits
     except BadValue:
         raise
-    except _GreenletExit:
+    except GreenletExit:
         raise  # the greenlet is being killed: not the module's doing
     except BaseException as error:  # anything the module's own code raised while importing,
         # sys.exit() and KeyboardInterrupt too: they must not end the daemon on a reload
@@ -319,7 +315,7 @@ class HookDispatch:
     def _call(self, name: str, hook: Callable, *args):
         try:
             return hook(*args)
-        except _GreenletExit:
+        except GreenletExit:
             raise  # the session's greenlet is being killed
         except BaseException as error:  # a user hook: anything may come out of it, even
             # SystemExit, KeyboardInterrupt or a gevent.Timeout: only its connection ends
