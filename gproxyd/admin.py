@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint: GET /stats (JSON), /metrics (Prometheus), /healthz.
+"""The admin HTTP endpoint: GET /stats (JSON), /mismatches (JSON), /metrics (Prometheus), /healthz.
 
 It only reads: a `source()` callable returns {route name: RouteStats} at request time.
 Metrics are rendered from those snapshots on each scrape by a custom prometheus_client
@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from typing import Callable
+from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, generate_latest
@@ -42,6 +43,25 @@ def stats_document(source: StatsSource) -> dict:
             "routes": {name: stats.snapshot() for name, stats in source().items()}}
 
 
+def mismatches_document(source: StatsSource, query: str = "") -> dict:
+    """The /mismatches JSON: the most recent differing exchanges, newest first.
+
+    `query`: route=NAME, shadow=ADDRESS and limit=N (default: all kept) narrow it.
+    """
+    asked = {key: values[-1] for key, values in parse_qs(query).items()}
+    try:
+        limit = int(asked.get("limit", "0"))
+    except ValueError:
+        raise ValueError(f"bad limit {asked['limit']!r} (expected a whole number)") from None
+    samples = [sample for name, stats in source().items()
+               if asked.get("route", name) == name
+               for sample in stats.samples
+               if asked.get("shadow", sample["shadow"]) == sample["shadow"]]
+    samples.sort(key=lambda sample: sample["time"], reverse=True)
+    return {"version": __version__, "time": round(time.time(), 3),
+            "mismatches": samples[:limit] if limit > 0 else samples}
+
+
 # (RouteStats attribute, metric name, help): one gauge, then counters, per route.
 _ROUTE_METRICS = (
     ("active", "gproxyd_connections_active", "Client connections open"),
@@ -50,6 +70,7 @@ _ROUTE_METRICS = (
      "Client connections closed over max-connections"),
     ("parser_fallbacks", "gproxyd_parser_fallbacks",
      "Connections measured as tcp because the protocol could not be followed"),
+    ("filtered", "gproxyd_shadow_filtered", "Requests kept from the shadows by shadow-filter"),
 )
 # (BackendStats attribute, metric name, help, shadows only): counters per route and backend.
 _BACKEND_COUNTERS = (
@@ -64,7 +85,14 @@ _BACKEND_COUNTERS = (
      "Requests never answered (shadows: by the end of shadow-linger)", False),
     ("dropped", "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
      True),
+    ("compared", "gproxyd_shadow_compared",
+     "Shadow answers compared with production's answer to the same request", True),
     ("mismatches", "gproxyd_shadow_mismatches", "Shadow answers that differ from production's",
+     True),
+    ("noise", "gproxyd_shadow_noise",
+     "Shadow answers that differ from production's only where the baseline's do", True),
+    ("uncompared", "gproxyd_shadow_uncompared",
+     "Shadow answers that could not be paired with production's (bounds, lost framing)",
      True),
     ("turn_timeouts", "gproxyd_shadow_turn_timeouts",
      "Client turns given to a shadow that had not answered the turn before in "
@@ -150,6 +178,13 @@ class AdminServer:
         if path == "/stats":
             body = json.dumps(stats_document(self._source), indent=1).encode() + b"\n"
             return _respond(start_response, "200 OK", body, "application/json")
+        if path == "/mismatches":
+            try:
+                document = mismatches_document(self._source, environ.get("QUERY_STRING", ""))
+            except ValueError as error:
+                return _respond(start_response, "400 Bad Request", f"{error}\n".encode())
+            body = json.dumps(document, indent=1).encode() + b"\n"
+            return _respond(start_response, "200 OK", body, "application/json")
         if path == "/metrics":
             body = generate_latest(self._registry)
             return _respond(start_response, "200 OK", body,
@@ -157,7 +192,7 @@ class AdminServer:
         if path == "/healthz":
             return _respond(start_response, "200 OK", b"ok\n")
         return _respond(start_response, "404 Not Found",
-                        b"not found: try /stats, /metrics or /healthz\n")
+                        b"not found: try /stats, /mismatches, /metrics or /healthz\n")
 
 
 def _respond(start_response, status: str, body: bytes, kind: str = "text/plain"):

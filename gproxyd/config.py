@@ -198,7 +198,42 @@ def _route(path: str, section: _Section, name: str) -> Route:
                               f"{option.metavar.lower()})")
         else:
             values[option.attr] = option.parse(option.default)
-    return Route(name=name, where=f"{path}:{section.line}", **values)
+    route = Route(name=name, where=f"{path}:{section.line}", **values)
+    for key, problem in _conflicts(route):
+        line = section.values[key][1] if key in section.values else section.line
+        raise ConfigError(f"{path}:{line}", key, problem)
+    return route
+
+
+def _conflicts(route: Route):
+    """(key, problem) for each option the route's other options make meaningless."""
+    protocol = route.protocol
+    if route.compare == "status" and protocol != "http":
+        yield "compare", f"status compares HTTP status codes (expected body or off on a " \
+                         f"{protocol} route)"
+    if route.compare_headers and protocol != "http":
+        yield "compare-headers", f"headers are HTTP's (expected no compare-headers on a " \
+                                 f"{protocol} route)"
+    if route.shadow_filter:
+        if protocol == "redis" and route.shadow_filter != ("readonly",):
+            yield "shadow-filter", f"bad filter {' '.join(route.shadow_filter)!r} (expected " \
+                                   "readonly on a redis route)"
+        elif protocol == "http" and not all(name.isupper() for name in route.shadow_filter):
+            yield "shadow-filter", f"bad filter {' '.join(route.shadow_filter)!r} (expected " \
+                                   "HTTP methods in capitals, e.g. GET HEAD OPTIONS)"
+        elif protocol not in ("http", "redis"):
+            yield "shadow-filter", "requests are told apart only on http and redis routes " \
+                                   "(expected protocol = http or redis)"
+    if route.baseline is not None:
+        if protocol not in ("http", "redis") or route.compare == "off":
+            yield "baseline", "a baseline only serves answer comparison (expected protocol = " \
+                              "http or redis, and compare not off)"
+        elif route.baseline.sockaddr in {shadow.sockaddr for shadow in route.shadow}:
+            yield "baseline", f"{route.baseline} is also a shadow (expected the baseline " \
+                              "apart from the shadows compared with it)"
+        elif route.baseline.sockaddr == route.production.sockaddr:
+            yield "baseline", f"{route.baseline} is production itself (expected a second " \
+                              "instance of production's build)"
 
 
 def make_route(name: str = "proxy", **values: Any) -> Route:
@@ -229,7 +264,10 @@ def make_route(name: str = "proxy", **values: Any) -> Route:
     if values:
         raise ConfigError("Proxy()", ", ".join(values), "unknown option (expected one of: "
                           f"{', '.join(o.attr for o in ROUTE_OPTIONS)})")
-    return Route(name=name, where="Proxy()", **parsed)
+    route = Route(name=name, where="Proxy()", **parsed)
+    for key, problem in _conflicts(route):
+        raise ConfigError("Proxy()", key.replace("-", "_"), problem)
+    return route
 
 
 def load_config(path: str = DEFAULT_PATH, argv: list[str] | None = None,

@@ -1,9 +1,11 @@
 """`gproxyctl`: ask a running gproxyd how production and its shadows compare.
 
-    gproxyctl stats [--watch] [--json] [-c FILE]
+    gproxyctl stats [--watch] [--json] [-c FILE | --admin ADDRESS]
+    gproxyctl diff [--route NAME] [--shadow ADDRESS] [--limit N] [--json]
+                   [-c FILE | --admin ADDRESS]
 
-It reads the admin address from the same config file gproxyd uses and talks to its
-admin endpoint (GET /stats).
+It reads the admin address from the same config file gproxyd uses (or --admin) and
+talks to its admin endpoint (GET /stats, GET /mismatches).
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlencode
 
 from .config import DEFAULT_PATH, ConfigError, load_config
 from .exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
-from .report import table
+from .report import differences, table
+from .settings import BadValue, address
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gproxyctl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     stats = commands.add_parser("stats", help="production vs shadows, per route")
-    stats.add_argument("-c", "--config", default=DEFAULT_PATH, metavar="FILE",
-                       help=f"gproxyd's config file, for the admin address (default: "
-                            f"{DEFAULT_PATH})")
+    _where(stats)
     stats.add_argument("--json", action="store_true", help="print /stats as JSON and exit")
     stats.add_argument("--watch", action="store_true",
                        help="refresh the table every --interval seconds until Ctrl-C")
@@ -40,7 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between two samples (req/s is measured over it)")
     stats.add_argument("--count", type=int, default=0, metavar="N",
                        help="with --watch: stop after N refreshes (0: never)")
+    diff = commands.add_parser("diff", help="recent answers where a shadow differed from "
+                                            "production")
+    _where(diff)
+    diff.add_argument("--route", metavar="NAME", help="only this route's")
+    diff.add_argument("--shadow", metavar="ADDRESS", help="only this shadow's (as in shadow =)")
+    diff.add_argument("--limit", type=int, default=10, metavar="N",
+                      help="at most N exchanges, newest first (default: 10; 0: all kept)")
+    diff.add_argument("--json", action="store_true", help="print /mismatches as JSON")
     return parser
+
+
+def _where(command: argparse.ArgumentParser) -> None:
+    """-c FILE or --admin ADDRESS: where the admin endpoint is."""
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("-c", "--config", default=DEFAULT_PATH, metavar="FILE",
+                       help=f"gproxyd's config file, for the admin address (default: "
+                            f"{DEFAULT_PATH})")
+    group.add_argument("--admin", metavar="ADDRESS",
+                       help="the admin endpoint's host:port or unix:/path (instead of "
+                            "reading the config file)")
 
 
 def fetch(address, path: str = "/stats", timeout: float = 5.0) -> dict:
@@ -67,19 +88,42 @@ def _get_unix(sock_path: str, path: str, timeout: float) -> bytes:
     return body
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _admin_address(args):
+    """The admin endpoint's address from --admin or the config file; exits on errors."""
+    if args.admin:
+        try:
+            return address(args.admin)
+        except BadValue as error:
+            print(f"gproxyctl: --admin: {error}", file=sys.stderr)
+            sys.exit(EX_USAGE)
     try:
         config = load_config(args.config, [], {})
     except ConfigError as error:
         print(f"gproxyctl: {error}", file=sys.stderr)
-        return EX_CONFIG
-    address = config.settings.admin
-    if address is None:
+        sys.exit(EX_CONFIG)
+    if config.settings.admin is None:
         print(f"gproxyctl: {args.config}: admin is off (expected admin = host:port to read "
               "stats)", file=sys.stderr)
-        return EX_CONFIG
+        sys.exit(EX_CONFIG)
+    return config.settings.admin
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    address = _admin_address(args)
+    path = "/stats"
     try:
+        if args.command == "diff":
+            query = {key: value for key, value in (("route", args.route),
+                                                    ("shadow", args.shadow),
+                                                    ("limit", args.limit)) if value}
+            path = "/mismatches" + (f"?{urlencode(query)}" if query else "")
+            document = fetch(address, path)
+            if args.json:
+                print(json.dumps(document, indent=1))
+            else:
+                sys.stdout.write(differences(document["mismatches"]))
+            return EX_OK
         if args.json:
             print(json.dumps(fetch(address), indent=1))
             return EX_OK
@@ -99,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             previous, taken = document, now
     except (OSError, urllib.error.URLError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        print(f"gproxyctl: cannot read stats from http://{address}/stats: {reason} "
+        print(f"gproxyctl: cannot read {path.split('?')[0][1:]} from http://{address}{path}: "
+              f"{reason} "
               "(is gproxyd running with this config?)", file=sys.stderr)
         return EX_UNAVAILABLE
     except KeyboardInterrupt:

@@ -166,6 +166,9 @@ class Listener:
         self.route = route
         self.hooks = hooks
         self.stats = stats or RouteStats()
+        # What the route's numbers are read with (kept by the stats: they outlive reloads).
+        self.stats.baseline = route.baseline.text if route.baseline is not None else ""
+        self.stats.verdict_threshold = route.verdict_threshold
         self.sessions: set[Session] = set()
         self._no_sessions = Event()
         self._no_sessions.set()

@@ -19,6 +19,7 @@ import logging
 from collections import deque
 from time import monotonic
 
+from .compare import Capture, Comparison
 from .protocols import FRAMERS, ProtocolError, Upgraded
 from .relay import Counter
 from .stats import BackendStats, RouteStats
@@ -33,7 +34,8 @@ _MAX_PENDING = 10_000
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
                  "_connected", "_answered", "answers", "failures",
-                 "_by_turn", "_turn_sent", "_last_sent", "_early")
+                 "_by_turn", "_turn_sent", "_last_sent", "_early", "_comparison", "_name",
+                 "_capture", "_request_capture", "_kept")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str):
@@ -55,38 +57,69 @@ class Exchanges:
         # After a fallback: one exchange per client turn (see _fall_back).
         self._by_turn = False
         self._turn_sent = 0.0  # when the unanswered turn's latest byte was sent
+        # With compare_in(): where each answer goes, as whom, and what is kept of it.
+        self._comparison: Comparison | None = None
+        self._name = ""
+        self._capture: Capture | None = None
+        self._request_capture: Capture | None = None
+        self._kept: deque[bytes] | None = None  # first bytes of requests not answered yet
+
+    def compare_in(self, comparison: Comparison, name: str, capture: Capture | None,
+                   request_capture: Capture | None = None) -> None:
+        """Hand every complete answer to `comparison` as backend `name`, with its
+        latency, the answer itself when there is a `capture`, and the first bytes of
+        the request it answers when there is a `request_capture` (production's). Only
+        framed protocols pair answers; on tcp routes this does nothing."""
+        if self._requests is None:
+            return
+        self._comparison = comparison
+        self._name = name
+        self._capture = capture
+        if capture is not None:
+            self._responses.ends = []
+        if request_capture is not None:
+            self._request_capture = request_capture
+            self._requests.ends = []
+            self._kept = deque()
 
     @property
     def watching(self) -> bool:
         """sent() and received() want the bytes: framed, or measuring by turn."""
         return self._requests is not None or self._by_turn
 
-    def sent(self, data) -> None:
-        """Bytes written to the backend (the client's requests); only while watching."""
+    def sent(self, data, at: float = 0.0) -> None:
+        """Bytes written to the backend (the client's requests); only while watching.
+        `at`: when the write began (0: now)."""
         if self._requests is None:
-            self._turn_sent = monotonic()
+            self._turn_sent = at or monotonic()
             return
-        self._last_sent = monotonic()
+        self._last_sent = at or monotonic()
         try:
             done = self._requests.feed(data)
         except ProtocolError as error:
             self._fall_back(f"request: {error}")
             self._turn_sent = self._last_sent  # this chunk starts a turn
             return
-        self._expect(done)
+        if self._request_capture is not None:
+            kept = self._request_capture.feed(data, self._requests.ends)
+            if done:
+                self._expect(done, kept)
+        elif done:
+            self._expect(done)
 
-    def _expect(self, done) -> None:
-        if done:
-            now = self._last_sent
-            for request in done:
-                if self._early:  # answered already (see _complete)
-                    self._early -= 1
-                    continue
-                if len(self._pending) >= _MAX_PENDING:
-                    self._fall_back("too many requests without an answer")
-                    return
-                self._pending.append(now)
-                self._responses.expect(request)
+    def _expect(self, done, kept: list | None = None) -> None:
+        now = self._last_sent
+        for index, request in enumerate(done):
+            if self._early:  # answered already (see _complete)
+                self._early -= 1
+                continue
+            if len(self._pending) >= _MAX_PENDING:
+                self._fall_back("too many requests without an answer")
+                return
+            self._pending.append(now)
+            self._responses.expect(request)
+            if kept is not None:
+                self._kept.append(kept[index].raw)
 
     def received(self, data, at: float = 0.0) -> None:
         """Bytes read from the backend (its responses); only while watching. `at`: when
@@ -97,17 +130,24 @@ class Exchanges:
                 self.stats.record((at or monotonic()) - self._turn_sent)
                 self._turn_sent = 0.0
             return
+        capture = self._capture
         try:
             done = self._responses.feed(data)
         except Upgraded as upgrade:
-            self._complete(upgrade.completed, at)  # the 101 and what came before it
+            # the 101 and what came before it
+            self._complete(upgrade.completed, at,
+                           capture.feed(data, self._responses.ends) if capture else None)
             self._stop_framing()
             return
         except ProtocolError as error:
-            self._complete(error.completed, at)
+            self._complete(error.completed, at,
+                           capture.feed(data, self._responses.ends) if capture else None)
             self._fall_back(f"response: {error}")
             return
-        self._complete(done, at)
+        if capture is not None:
+            self._complete(done, at, capture.feed(data, self._responses.ends))
+        elif done:
+            self._complete(done, at)
 
     @property
     def unanswered(self) -> int:
@@ -131,9 +171,11 @@ class Exchanges:
             except ProtocolError:
                 done = None
                 self.stats.errors += 1  # an answer cut short
-            self._complete(done)
+            if done:  # an answer delimited by the close
+                self._complete(done, 0.0, [self._capture.take()] if self._capture else None)
             if owed_answers and self._pending:
                 self.stats.timeouts += len(self._pending)
+            self._stop_comparing()
             return
         if self._by_turn:
             if owed_answers and self._turn_sent:
@@ -150,15 +192,17 @@ class Exchanges:
         else:
             self.stats.requests += 1
 
-    def _complete(self, done, at: float = 0.0) -> None:
+    def _complete(self, done, at: float = 0.0, answers: list | None = None) -> None:
+        """Account for the answers `done` completed; `answers`: the same, captured."""
         if not done:
             return
         now = at or monotonic()
         pending = self._pending
         answered = self._answered
         self._answered = now
-        for _status, is_error in done:
-            if not pending:
+        for index, (_status, is_error) in enumerate(done):
+            early = not pending
+            if early:
                 if not self._requests.in_message:
                     self._fall_back("a response nobody asked for")
                     return
@@ -167,9 +211,21 @@ class Exchanges:
                 self._early += 1
                 pending.append(self._last_sent)
             sent = pending.popleft()
-            self.stats.record(now - (sent if sent > answered else answered), is_error)
+            latency = now - (sent if sent > answered else answered)
+            self.stats.record(latency, is_error)
             self.answers += 1
             self.failures += is_error
+            if self._comparison is not None:
+                request = b""
+                if self._kept is not None:
+                    request = self._request_capture.peek() if early else self._kept.popleft()
+                self._comparison.answered(self._name, answers[index] if answers else None,
+                                          latency, request)
+
+    def _stop_comparing(self) -> None:
+        if self._comparison is not None:
+            self._comparison.ended(self._name)
+            self._comparison = self._capture = self._request_capture = self._kept = None
 
     def _stop_framing(self) -> None:
         """From here on, one exchange per client turn: the time from the turn's last
@@ -177,6 +233,7 @@ class Exchanges:
         a request still unanswered opens the first turn."""
         if self._pending:
             self._turn_sent = self._pending[-1]
+        self._stop_comparing()
         self._requests = self._responses = self._pending = None
         self._by_turn = True
 

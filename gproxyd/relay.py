@@ -181,18 +181,23 @@ class Direction:
     it was written to dst; it runs inside a libev callback, so it must never block.
     Such a direction never splices. `on_eof()` runs at src's EOF, before dst's
     half-close. `stamped`: src stamps arrivals (Channel.stamp_arrivals); the tap is then
-    called as tap(chunk, arrived), with channel.arrival()'s time.
+    called as tap(chunk, arrived), with channel.arrival()'s time. `clocked`: the tap is
+    called as tap(chunk, sending), with the time just before the chunk was written (a
+    request's clock starts there: on loopback the answer may arrive before the write
+    returns).
     """
     __slots__ = ("relay", "src", "dst", "counter", "tap", "on_eof", "pending", "pipe",
-                 "piped", "bulk", "stamped")
+                 "piped", "bulk", "stamped", "clocked")
 
     def __init__(self, src: Channel, dst: Channel, counter: Counter,
                  tap: Callable[..., None] | None = None,
-                 on_eof: Callable[[], None] | None = None, stamped: bool = False):
+                 on_eof: Callable[[], None] | None = None, stamped: bool = False,
+                 clocked: bool = False):
         self.relay: Relay | None = None  # set by the Relay it joins
         self.src, self.dst, self.counter = src, dst, counter
         self.tap, self.on_eof = tap, on_eof
         self.stamped = stamped and tap is not None
+        self.clocked = clocked and tap is not None
         self.pending = None   # bytes read but not yet written (the shared buffer is reused)
         self.pipe = None
         self.piped = 0        # bytes sitting in the pipe
@@ -244,6 +249,7 @@ class Direction:
                 self.piped = received
                 self._flush_pipe()
             else:
+                sending = monotonic() if self.clocked else 0.0
                 try:
                     sent = self.dst.sock.send(_shared_view[:received])
                 except BlockingIOError:
@@ -258,6 +264,8 @@ class Direction:
                     # the shadow's wake-up in our syscall) must not delay production.
                     if self.stamped:
                         self.tap(_shared_view[:received], arrival(ancillary))
+                    elif self.clocked:
+                        self.tap(_shared_view[:received], sending)
                     else:
                         self.tap(_shared_view[:received])
             self.bulk = received >= SMALL and self.tap is None

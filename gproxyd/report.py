@@ -5,36 +5,65 @@ the demo and gproxyctl all say the same thing the same way.
 """
 from __future__ import annotations
 
+import time
+
+from .verdict import words as latency_words
+
 # Fewer requests than this on either side and a latency comparison is noise.
 MIN_REQUESTS = 20
 # Within this share, p99s show "no significant difference".
 PAR = 0.05
 
 
-def verdict(production: dict, shadow: dict) -> str:
-    """One sentence comparing a shadow ("candidate") with production on p99 and errors."""
+def verdict(production: dict, shadow: dict, threshold_ms: float | None = None) -> str:
+    """One sentence comparing a shadow ("candidate") with production: latency (the
+    paired difference with its confidence interval when there are enough pairs, else
+    p99 against p99), errors, differing answers, and how its connections ended."""
     if shadow["requests"] == 0 and (shadow.get("timeouts") or production["requests"]):
         words = "no answers from the candidate"
         return words + (f" ({shadow['timeouts']} requests timed out)"
                         if shadow.get("timeouts") else "") + _outcome_words(shadow)
     if production["requests"] < MIN_REQUESTS or shadow["requests"] < MIN_REQUESTS:
-        return "not enough requests yet to compare" + _outcome_words(shadow)
-    base, cand = production["latency_ms"]["p99"], shadow["latency_ms"]["p99"]
-    if base <= 0:
-        words = "candidate p99 cannot be compared (production p99 is 0)"
+        return ("not enough requests yet to compare" + _answer_words(shadow)
+                + _outcome_words(shadow))
+    paired = shadow.get("latency_diff_ms") or {}
+    if paired.get("pairs", 0) >= MIN_REQUESTS and paired.get("p50") is not None:
+        words = latency_words(paired, threshold_ms)
     else:
-        change = (cand - base) / base
-        if abs(change) <= PAR:
-            words = (f"no significant difference: candidate p99 within {PAR:.0%} of "
-                     "production's")
-        else:
-            words = (f"candidate p99 is {abs(change):.0%} "
-                     f"{'slower' if change > 0 else 'faster'} than production")
+        words = _p99_words(production, shadow)
+    if shadow.get("role") == "baseline":
+        words = "baseline (production's build): " + words
     if shadow["errors"] != production["errors"]:
         words += f"; errors: candidate {shadow['errors']}, production {production['errors']}"
     if shadow.get("timeouts"):
         words += f"; {shadow['timeouts']} candidate request(s) timed out"
-    return words + _outcome_words(shadow)
+    return words + _answer_words(shadow) + _outcome_words(shadow)
+
+
+def _p99_words(production: dict, shadow: dict) -> str:
+    base, cand = production["latency_ms"]["p99"], shadow["latency_ms"]["p99"]
+    if base <= 0:
+        return "candidate p99 cannot be compared (production p99 is 0)"
+    change = (cand - base) / base
+    if abs(change) <= PAR:
+        return f"no significant difference: candidate p99 within {PAR:.0%} of production's"
+    return f"candidate p99 is {abs(change):.0%} {'slower' if change > 0 else 'faster'} " \
+           "than production"
+
+
+def _answer_words(shadow: dict) -> str:
+    """How many compared answers differ, and where mostly."""
+    compared = shadow.get("compared", 0)
+    if not compared:
+        return ""
+    mismatches = shadow.get("mismatches", 0)
+    noise = shadow.get("noise", 0)
+    quiet = f" ({noise} differ only in the baseline's noise)" if noise else ""
+    if not mismatches:
+        return f"; all {compared} compared answers match{quiet}"
+    top = next(iter(shadow.get("mismatch_paths") or {}), None)
+    return (f"; {mismatches / compared:.1%} of answers differ"
+            + (f", mostly {top}" if top else "") + quiet)
 
 
 def _outcome_words(shadow: dict) -> str:
@@ -53,7 +82,8 @@ def summary_line(route: str, snapshot: dict) -> str:
              f"production: {_backend_words(production)}"]
     for name, shadow in snapshot["shadows"].items():
         parts.append(f"shadow {name}: {_backend_words(shadow)} dropped={shadow['dropped']} "
-                     f"({verdict(production, shadow)})")
+                     f"mismatches={shadow.get('mismatches', 0)} "
+                     f"({verdict(production, shadow, snapshot.get('verdict_threshold_ms'))})")
     return "; ".join(parts)
 
 
@@ -92,7 +122,30 @@ def table(document: dict, previous: dict | None = None, elapsed: float = 0.0) ->
             lines.append(f"  {name:<28} {_rate(numbers, old, elapsed):>9} "
                          f"{numbers['requests']:>9} {latency['p50']:>9.2f} "
                          f"{latency['p99']:>9.2f} {numbers['errors']:>7} {drops:>6}")
+        threshold = snapshot.get("verdict_threshold_ms")
         for name, shadow in snapshot["shadows"].items():
-            lines.append(f"  {name}: {verdict(snapshot['production'], shadow)}")
+            lines.append(f"  {name}: {verdict(snapshot['production'], shadow, threshold)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def differences(samples: list[dict]) -> str:
+    """gproxyctl diff's view of /mismatches samples, one block each."""
+    if not samples:
+        return "no differing answers kept (none yet, or compare = off)\n"
+    lines = []
+    for sample in samples:
+        when = time.strftime("%H:%M:%S", time.localtime(sample["time"]))
+        lines.append(f"{when} route {sample['route']} shadow {sample['shadow']}: "
+                     f"{sample['request']}")
+        where = ", ".join(sample["paths"])
+        if "offset" in sample:
+            where += f" (first difference at byte {sample['offset']})"
+        lines.append(f"  differs at: {where}")
+        for side in ("production", "candidate"):
+            answer = sample[side]
+            status = answer["status"] if answer.get("status") is not None else ""
+            shown = answer["body"] if "body" in answer else f"hash {answer['hash']}"
+            lines.append(f"  {side + ':':<12} {status} {shown}".rstrip())
+        lines.append("")
+    return "\n".join(lines)

@@ -24,10 +24,12 @@ import gevent
 from gevent.lock import Semaphore
 
 from .channel import Channel, is_disconnect
+from .compare import HEAD_ROOM, PRODUCTION, REQUEST_KEPT, Capture, Comparison
 from .config import Route
 from .hooks import HookDispatch, HookSet
 from .observe import Exchanges
 from .relay import EOF, Broken, Direction, Relay, copy_pump
+from .request_filter import RequestFilter
 from .settings import Address
 from .shadow import ShadowSink
 from .stats import RouteStats
@@ -46,7 +48,7 @@ class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
                  "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
                  "_client_writes", "_production_done", "_on_end", "_candidates",
-                 "_answered_mark")
+                 "_answered_mark", "_filter")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn):
@@ -73,6 +75,8 @@ class Session:
         # relay's: all client writes then go through this lock, one at a time.
         self._client_writes: Semaphore | None = None
         shadows = route.shadow if mirror else ()
+        if route.baseline is not None and mirror:
+            shadows = (*shadows, route.baseline)
         if hooks is not None:
             self.dispatch = HookDispatch(hooks, route.name, peer, route.production.text,
                                          [address.text for address in shadows],
@@ -85,6 +89,27 @@ class Session:
                                           f"{label} shadow {address}")),
                        route, label, spawn, self.production, on_answer)
             for address in shadows]
+        self._filter: RequestFilter | None = None
+        if self.shadows and self.production.observer.watching:
+            comparison = self._pair_answers()
+            if route.shadow_filter:
+                self._filter = RequestFilter(route.protocol, route.shadow_filter,
+                                             comparison.decided)
+
+    def _pair_answers(self) -> Comparison:
+        """Hand production's answers and each shadow's to one Comparison (compare.py)."""
+        route = self.route
+        comparison = Comparison(route, self.stats, [sink.name for sink in self.shadows])
+        protocol = route.protocol
+        compares = comparison.rules is not None
+        limit = route.compare_max_body + HEAD_ROOM
+        self.production.observer.compare_in(
+            comparison, PRODUCTION, Capture(protocol, limit) if compares else None,
+            Capture(protocol, REQUEST_KEPT, digest=False) if compares else None)
+        for sink in self.shadows:
+            sink.upstream.observer.compare_in(
+                comparison, sink.name, Capture(protocol, limit) if compares else None)
+        return comparison
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -134,7 +159,7 @@ class Session:
             self.production.channel.stamp_arrivals()  # answers timed as they arrived
         up = Direction(self.client, self.production.channel, self.production.sent,
                        self._mirror if self.shadows or observer.watching else None,
-                       self._client_eof)
+                       self._client_eof, clocked=observer.watching)
         down = Direction(self.production.channel, self.client, self.production.received,
                          self._observe_answer if observer.watching else None,
                          stamped=observer.watching)
@@ -183,16 +208,33 @@ class Session:
         self._answered_mark = answered
         return True
 
-    def _mirror(self, chunk) -> None:
-        # Production's request clock first: it was written just before this tap, and a
-        # shadow's write (a syscall that may wake the shadow) must not count against it.
+    def _mirror(self, chunk, sending: float = 0.0) -> None:
+        # Production's request clock first (`sending`: when it was written, just before
+        # this tap); a shadow's write (a syscall that may wake the shadow) must not count
+        # against it.
         observer = self.production.observer
         if observer.watching:
-            observer.sent(chunk)
+            observer.sent(chunk, sending)
         if self.shadows:
             new_turn = self._new_turn()
+            if self._filter is not None:
+                self._feed_filtered(chunk, new_turn)
+                return
             for sink in self.shadows:
                 sink.feed(chunk, new_turn)
+
+    def _feed_filtered(self, chunk, new_turn: bool) -> None:
+        """Mirror what the shadow-filter lets through; end the shadows' streams if it
+        had to stop."""
+        request_filter = self._filter
+        if request_filter.stopped:
+            return
+        data = request_filter.feed(chunk)
+        for sink in self.shadows:
+            if data:
+                sink.feed(data, new_turn)
+            if request_filter.stopped:
+                sink.finish()
 
     def _observe_answer(self, chunk, arrived: float) -> None:
         observer = self.production.observer

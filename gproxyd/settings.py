@@ -239,6 +239,38 @@ def _module_source(name: str) -> str | None:
     return found.origin if found.has_location else None
 
 
+def name_list(text: str) -> tuple[str, ...]:
+    """Comma- or space-separated names (header names, methods); empty means none."""
+    names = tuple(part for part in re.split(r"[\s,]+", text.strip()) if part)
+    for name in names:
+        if not re.fullmatch(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+", name):
+            raise BadValue(f"bad name {name!r} (expected names such as Content-Type, "
+                           "separated by commas)")
+    return names
+
+
+_JSON_PATH = re.compile(r"\$(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\*)|\[(?:[0-9]+|\*|\"[^\"]*\")\])*")
+
+
+def json_paths(text: str) -> tuple[str, ...]:
+    """Comma-separated JSON paths such as $.timestamp, $.items[*].updated_at."""
+    paths = tuple(part.strip() for part in text.split(",") if part.strip())
+    for path in paths:
+        if not _JSON_PATH.fullmatch(path):
+            raise BadValue(f"bad JSON path {path!r} (expected $ then .key, [index], "
+                           "[\"key\"] or * for any one, e.g. $.items[*].updated_at)")
+    return paths
+
+
+def optional_address(text: str) -> Address | None:
+    return address(text) if text.strip() else None
+
+
+def threshold(text: str) -> float | None:
+    """'' (automatic) or a duration, for verdict-threshold."""
+    return duration(text) if text.strip() else None
+
+
 # --- the registry ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -342,6 +374,37 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "Python hooks that see and may change the traffic: a dotted module name or a "
            "path to a .py file defining on_connect, on_data, on_response or on_finish "
            "(see Writing hooks). Re-imported on reload.", "MODULE"),
+    Option("compare", choice("body", "status", "off"), "body",
+           "On http and redis routes, compare each shadow answer with production's answer "
+           "to the same request: body (http: status and body; redis: the whole reply), "
+           "status (http only) or off. Counted as mismatches, sampled at /mismatches. "
+           "Ignored on tcp routes.", "WHAT"),
+    Option("compare-headers", name_list, "",
+           "HTTP header fields compared too (by default no header is compared), e.g. "
+           "Content-Type, Cache-Control.", "NAMES"),
+    Option("compare-ignore-fields", json_paths, "",
+           "JSON paths never counted as differences, e.g. $.timestamp, "
+           "$.items[*].updated_at (* for any one index or key; a path covers what is "
+           "below it).", "PATHS"),
+    Option("compare-max-body", size, "1MiB",
+           "Answers up to this size are compared in full (JSON structurally); longer ones "
+           "by length and hash only.", "SIZE"),
+    Option("compare-samples", positive_int, "100",
+           "How many recent differing exchanges per route /mismatches keeps.", "NUMBER"),
+    Option("compare-sample-bodies", boolean, "yes",
+           "Keep the first bytes of both answers in /mismatches samples; no keeps only the "
+           "differing paths and hashes (answers may hold personal data).", "yes|no"),
+    Option("baseline", optional_address, "",
+           "An extra shadow running production's own build: it gets the same mirrored "
+           "traffic, and where its answers differ from production's (timestamps, random "
+           "ids) is noise, not counted against the other shadows.", "ADDRESS"),
+    Option("shadow-filter", name_list, "",
+           "Mirror only these requests: HTTP methods (e.g. GET HEAD OPTIONS) on http "
+           "routes, or readonly on redis routes (read-only commands; MULTI/EXEC blocks "
+           "and pub/sub are not mirrored). Empty: every request.", "FILTER"),
+    Option("verdict-threshold", threshold, "",
+           "Smallest latency difference the verdict calls slower or faster (empty: 5% of "
+           "production's value at that percentile, at least 0.1 ms).", "DURATION"),
     Option("protocol", choice("tcp", "http", "redis"), "tcp",
            "How the route's traffic is understood for measurement: tcp (a connection is a "
            "request), http (HTTP/1.x requests and responses) or redis (RESP2/RESP3 "

@@ -240,7 +240,8 @@ class ShadowSink:
         self.upstream = upstream
         self._reference = reference
         self._reference_sent = 0    # what the client had sent production when this ended
-        self._divergence_share = route.shadow_divergence
+        # A filtered shadow answers fewer requests than production: sizes don't compare.
+        self._divergence_share = None if route.shadow_filter else route.shadow_divergence
         self.why = ""
         self.address = upstream.address
         self.name = upstream.address.text
@@ -395,7 +396,8 @@ class ShadowSink:
             return "closed-while-production-carried-on"
         mine, theirs = self.upstream.received.bytes, reference.received.bytes
         larger = max(mine, theirs)
-        if larger >= _DIVERGENCE_FLOOR and abs(mine - theirs) > self._divergence_share * larger:
+        if (self._divergence_share is not None and larger >= _DIVERGENCE_FLOOR
+                and abs(mine - theirs) > self._divergence_share * larger):
             return f"answered-{mine}-bytes-production-{theirs}"
         own, base = self.upstream.observer, reference.observer
         if (own.failures >= _ERRORS_FLOOR and own.failures > 2 * base.failures
@@ -433,6 +435,7 @@ class ShadowSink:
     def _send(self, data) -> int | None:
         """One non-blocking write of a bytes-like object or of a list of them; the count
         sent, or None if the shadow broke."""
+        sending = monotonic()  # the requests' clock starts before the write (see Direction)
         try:
             if isinstance(data, list):
                 sent = self._channel.sock.sendmsg(data)
@@ -456,7 +459,7 @@ class ShadowSink:
             if observer.watching:
                 left = sent
                 for part in data if isinstance(data, list) else (data,):
-                    observer.sent(part[:left])
+                    observer.sent(part[:left], sending)
                     left -= len(part)
                     if left <= 0:
                         break

@@ -5,7 +5,10 @@ line read `RouteStats.snapshot()`. Nothing here grows per request.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+
+from .verdict import PairedLatency
 
 _SUB_BITS = 5                       # 32 sub-buckets per power of two: <= ~3% error
 _SUB = 1 << _SUB_BITS
@@ -138,23 +141,60 @@ class BackendStats:
 OUTCOMES = ("done", "dropped", "failed", "reset", "timeout", "diverged")
 
 
+# Most distinct differing paths counted per shadow (and noise paths per route); the
+# rest are counted under OTHER_PATHS, so that a field with random names cannot grow memory.
+MAX_PATHS = 100
+OTHER_PATHS = "(other)"
+TOP_PATHS = 10  # paths shown per shadow in /stats
+
+
+def count_path(paths: dict, path: str, limit: int = MAX_PATHS) -> None:
+    if path not in paths and len(paths) >= limit:
+        path = OTHER_PATHS
+    paths[path] = paths.get(path, 0) + 1
+
+
+def _top(paths: dict, count: int = TOP_PATHS) -> dict:
+    return dict(sorted(paths.items(), key=lambda item: (-item[1], item[0]))[:count])
+
+
 @dataclass
 class ShadowStats(BackendStats):
     """A shadow backend: also how often it was mirrored to, dropped, and disagreed."""
     mirrored: int = 0          # client connections copied to this shadow
     dropped: int = 0           # shadow-buffer overflowed: that shadow connection was dropped
-    mismatches: int = 0        # answers that differ from production's
+    compared: int = 0          # answers compared with production's answer to the same request
+    mismatches: int = 0        # compared answers that differ from production's
+    noise: int = 0             # differing answers whose every difference the baseline makes too
+    uncompared: int = 0        # answers paired with no production answer (see compare.py)
     turn_timeouts: int = 0     # turns given to the shadow unanswered (shadow-turn-timeout)
     # How each shadow connection ended: done, dropped, failed, reset, timeout, diverged.
     outcomes: dict = field(default_factory=dict)
+    mismatch_paths: dict = field(default_factory=dict)  # generalised path -> mismatches
+    paired: PairedLatency = field(default_factory=PairedLatency)  # (production, shadow) latencies
 
     def ended(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
+    def export(self) -> dict:
+        numbers = super().export()
+        numbers["paired"] = self.paired.export()
+        return numbers
+
+    def add(self, exported: dict) -> None:
+        exported = dict(exported)
+        self.paired.add_exported(exported.pop("paired"))
+        super().add(exported)
+
     def snapshot(self) -> dict:
-        return dict(super().snapshot(), mirrored=self.mirrored, dropped=self.dropped,
-                    mismatches=self.mismatches, turn_timeouts=self.turn_timeouts,
-                    outcomes={outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES})
+        numbers = super().snapshot()
+        numbers.update(
+            mirrored=self.mirrored, dropped=self.dropped, compared=self.compared,
+            mismatches=self.mismatches, noise=self.noise, uncompared=self.uncompared,
+            mismatch_paths=_top(self.mismatch_paths), turn_timeouts=self.turn_timeouts,
+            outcomes={outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES},
+            latency_diff_ms=self.paired.summary())
+        return numbers
 
 
 @dataclass
@@ -164,8 +204,15 @@ class RouteStats:
     total: int = 0
     rejected: int = 0          # over max-connections
     parser_fallbacks: int = 0  # connections whose protocol could not be followed
+    filtered: int = 0          # requests kept from the shadows by shadow-filter
     production: BackendStats = field(default_factory=BackendStats)
     shadows: dict[str, ShadowStats] = field(default_factory=dict)
+    baseline: str = ""  # which of the shadows is the baseline (see compare.py), if any
+    verdict_threshold: float | None = None  # seconds; None: automatic (see verdict.judge)
+    # Where the baseline's answers differed from production's: generalised path -> count.
+    noise_paths: dict = field(default_factory=dict)
+    # The most recent differing exchanges (dicts, see compare.py), newest last.
+    samples: deque = field(default_factory=lambda: deque(maxlen=100))
 
     def shadow(self, name: str) -> ShadowStats:
         stats = self.shadows.get(name)
@@ -176,21 +223,45 @@ class RouteStats:
     def export(self) -> dict:
         """Everything, raw: what a worker process sends its master."""
         return {"active": self.active, "total": self.total, "rejected": self.rejected,
-                "parser_fallbacks": self.parser_fallbacks,
+                "parser_fallbacks": self.parser_fallbacks, "filtered": self.filtered,
                 "production": self.production.export(),
-                "shadows": {name: stats.export() for name, stats in self.shadows.items()}}
+                "shadows": {name: stats.export() for name, stats in self.shadows.items()},
+                "baseline": self.baseline, "verdict_threshold": self.verdict_threshold,
+                "noise_paths": self.noise_paths,
+                "samples": list(self.samples)}
 
     def add(self, exported: dict) -> None:
         """Add another process's export() of the same route into this one."""
-        for key in ("active", "total", "rejected", "parser_fallbacks"):
+        for key in ("active", "total", "rejected", "parser_fallbacks", "filtered"):
             setattr(self, key, getattr(self, key) + exported[key])
         self.production.add(exported["production"])
         for name, numbers in exported["shadows"].items():
             self.shadow(name).add(numbers)
+        self.baseline = self.baseline or exported["baseline"]
+        if self.verdict_threshold is None:
+            self.verdict_threshold = exported["verdict_threshold"]
+        for path, count in exported["noise_paths"].items():
+            self.noise_paths[path] = self.noise_paths.get(path, 0) + count
+        merged = sorted([*self.samples, *exported["samples"]], key=lambda sample: sample["time"])
+        self.samples.clear()
+        self.samples.extend(merged)  # the deque keeps the newest
+
+    def noise_rates(self) -> dict:
+        """Each noise path with the share of the baseline's compared answers it differed in."""
+        baseline = self.shadows.get(self.baseline)
+        compared = baseline.compared if baseline is not None else 0
+        return {path: round(count / compared, 4) if compared else 0.0
+                for path, count in _top(self.noise_paths, MAX_PATHS).items()}
 
     def snapshot(self) -> dict:
         return {"connections": {"active": self.active, "total": self.total,
                                 "rejected": self.rejected},
                 "parser_fallbacks": self.parser_fallbacks,
+                "filtered": self.filtered,
                 "production": self.production.snapshot(),
-                "shadows": {name: stats.snapshot() for name, stats in self.shadows.items()}}
+                "shadows": {name: dict(stats.snapshot(),
+                                       role="baseline" if name == self.baseline else "candidate")
+                            for name, stats in self.shadows.items()},
+                "noise_paths": self.noise_rates(),
+                "verdict_threshold_ms": None if self.verdict_threshold is None
+                else round(self.verdict_threshold * 1e3, 3)}

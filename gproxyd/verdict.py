@@ -78,7 +78,7 @@ class PairedLatency:
         kept = self._kept()
         return {"pairs": self.pairs,
                 "sample": [[production, shadow] for production, shadow
-                           in zip(self._production[:kept], self._shadow[:kept])]}
+                           in zip(self._production[:kept], self._shadow[:kept], strict=True)]}
 
     def add_exported(self, exported: dict) -> None:
         """Merge another process's export() into this sample.
@@ -129,7 +129,7 @@ class PairedLatency:
             return result
         production = self._production[:kept]
         shadow = self._shadow[:kept]
-        differences = sorted(s - p for p, s in zip(production, shadow))
+        differences = sorted(s - p for p, s in zip(production, shadow, strict=True))
         production.sort()
         shadow.sort()
         low, high = interval(differences, 0.5, confidence)

@@ -27,6 +27,7 @@ import struct
 import time
 
 import gevent
+import redis
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -365,3 +366,11 @@ def connection_lines(caplog) -> list[dict]:
 def wait_for_lines(caplog, count: int = 1, timeout: float = 5.0) -> list[dict]:
     return wait_until(lambda: len(connection_lines(caplog)) >= count and connection_lines(caplog),
                       timeout, what=f"{count} connection log line(s)")
+
+
+def redis_pings(client) -> bool:
+    """Whether a redis-py client's server answers PING."""
+    try:
+        return client.ping()
+    except redis.exceptions.ConnectionError:
+        return False

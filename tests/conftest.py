@@ -8,12 +8,14 @@ backends, the clients and the proxy under test are all greenlets of one process.
 
 import logging  # noqa: E402
 import os  # noqa: E402
+import subprocess  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
+import redis  # noqa: E402
 
 import gproxyd  # noqa: E402
 from gproxyd.listener import Listener  # noqa: E402
@@ -181,3 +183,22 @@ def proxy(sockdir, caplog):
 
 def _address(backend) -> str:
     return backend if isinstance(backend, str) else backend.address
+
+
+# --- a throw-away redis-server ------------------------------------------------------------
+
+@pytest.fixture
+def shadow_redis(tmp_path):
+    """A second, throw-away redis-server the test starts (the machine's one is production)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (.ci/install-system-deps installs it)"
+    port = backends.unused_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                                "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    backends.wait_until(lambda: backends.redis_pings(client), timeout=10,
+                        what="shadow redis-server up")
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)

@@ -11,8 +11,7 @@ import random
 
 import pytest
 
-from gproxyd.verdict import (MIN_PAIRS, RESERVOIR, PairedLatency, interval, judge,
-                             words)
+from gproxyd.verdict import MIN_PAIRS, RESERVOIR, PairedLatency, interval, judge, words
 
 MS = 1e-3
 MEDIAN = 2 * MS   # production latencies: lognormal around 2 ms

@@ -37,7 +37,11 @@ EXAMPLE_ROUTE_COMMENTED = {"shadow": "127.0.0.1:8082, 127.0.0.1:8083"}
 # Illustrations for options whose default is empty, by metavar (the kind of value).
 # test_docs.py checks that every such option gets one and that it parses.
 SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxyd/gproxyd.pid",
-                     "NUMBER": "42", "MODULE": "gproxyd.trace"}
+                     "NUMBER": "42", "MODULE": "gproxyd.trace",
+                     "NAMES": "Content-Type, Cache-Control",
+                     "PATHS": "$.timestamp, $.items[*].updated_at",
+                     "ADDRESS": "127.0.0.1:8084", "FILTER": "GET HEAD OPTIONS",
+                     "DURATION": "2ms"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -324,11 +328,60 @@ def render_man8() -> str:
         _text("The admin endpoint (the admin option, by default 127.0.0.1:9901) serves "
               "GET /stats (JSON: per route, connections, and for production and each "
               "shadow requests, errors, dropped, mismatches and latency_ms p50, p90, p99, "
-              "p999, max), GET /metrics (Prometheus text, metric names prefixed gproxyd_, "
+              "p999, max), GET /mismatches (see COMPARING ANSWERS), GET /metrics "
+              "(Prometheus text, metric names prefixed gproxyd_, "
               "labels route and backend) and GET /healthz. Every stats-interval a summary "
               "line per route is logged."),
         ".BR gproxyctl (1)",
         _text("prints production against each shadow from the same config file."),
+        ".SH \"COMPARING ANSWERS\"",
+        _text("On http and redis routes every shadow answer is paired with production's "
+              "answer to the same request (the n-th answer of each backend on a connection "
+              "answers the same request) and compared after production's answer has "
+              "reached the client (compare = body: status and body, or the whole RESP "
+              "reply; compare = status: the status code; compare-headers adds named "
+              "header fields). JSON bodies (Content-Type application/json or +json) and "
+              "RESP replies are compared structurally: a difference is named by its path, "
+              "$.items[3].price in JSON, [2] or [name] inside a RESP array or map, reply "
+              "for a whole scalar reply. Other bodies are equal or not, with the first "
+              "differing byte. Content-Encoding gzip and deflate are undone (at most 8 MiB "
+              "decoded), chunked bodies are compared as their payload. Answers over "
+              "compare-max-body are compared by length and BLAKE2b hash of the body as "
+              "transferred. compare-ignore-fields names JSON paths never counted."),
+        ".PP",
+        _text("A baseline (a second instance of production's build) gets the same traffic; "
+              "the paths where its answers differ from production's are noise: a "
+              "candidate answer that differs only there counts as noise, not as a "
+              "mismatch. The baseline is judged first for each request, so noise seen in "
+              "that very exchange is already known. shadow-filter keeps requests away "
+              "from the shadows (HTTP methods, or Redis read-only commands): whole "
+              "requests are mirrored or not, decided as soon as the method or command "
+              "name is read, and pairing skips the requests the shadows did not get. "
+              "Memory is bounded per connection: at most 1000 exchanges and max(4 MiB, "
+              "2 x compare-max-body) of answers wait for their pair; beyond that the "
+              "oldest is given up and counted as uncompared."),
+        ".PP",
+        _text("GET /stats adds, per shadow, compared, mismatches, noise, uncompared, the "
+              "top mismatch_paths, role (candidate or baseline) and latency_diff_ms; per "
+              "route noise_paths (the baseline's differing paths with the share of its "
+              "answers they differed in) and filtered. GET /mismatches returns the most "
+              "recent differing exchanges (compare-samples per route), newest first, "
+              "narrowed by ?route=NAME&shadow=ADDRESS&limit=N: request line or command, "
+              "differing paths, both statuses and the first 200 characters of both "
+              "bodies, or only their hashes with compare-sample-bodies = no."),
+        ".PP",
+        _text("Latency verdict: every compared request gives a pair (production's latency, "
+              "the shadow's). A uniform sample of 4096 pairs per shadow is kept (reservoir "
+              "sampling). latency_diff_ms.p50 is the median of the paired differences "
+              "(shadow minus production, request by request); p99 is the difference of "
+              "the two 99th percentiles. Each has a 95% distribution-free confidence "
+              "interval (p50_low..p50_high, p99_low..p99_high): order statistics at the "
+              "ranks the binomial distribution gives (normal approximation); the p99's "
+              "combines the two sides' own 97.5% intervals, so it is conservative. The "
+              "verdict says slower or faster only when the interval excludes 0 and the "
+              "difference exceeds verdict-threshold (default: 5% of production's value "
+              "at that percentile, at least 0.1 ms); otherwise no significant difference. "
+              "With fewer than 20 pairs it compares the p99s of the two histograms."),
         ".SH HOOKS",
         _text("A route's hooks option names a Python module (a dotted name, or a .py file) "
               "that may define on_connect(conn), on_data(conn, data), on_response(conn, "
@@ -495,11 +548,23 @@ def render_man5() -> str:
         _italic("yes|no"),
         _text("Either yes or no; true, on and 1 also mean yes; false, off and 0 also mean no."),
         ".TP",
-        f"{_italic('LEVEL')}, {_italic('FORMAT')}, {_italic('PROTOCOL')}",
+        f"{_italic('LEVEL')}, {_italic('FORMAT')}, {_italic('PROTOCOL')}, {_italic('WHAT')}",
         _text("One of the words listed in the key's description."),
         ".TP",
         f"{_italic('PATH')}, {_italic('USER')}, {_italic('GROUP')}",
         _text("A file path; a user or group name."),
+        ".TP",
+        _italic("NAMES"),
+        _text("Names separated by commas or spaces, e.g. Content-Type, Cache-Control."),
+        ".TP",
+        _italic("PATHS"),
+        _text("JSON paths separated by commas: $ is the whole document, .key or [\"key\"] "
+              "a member, [3] an array element, * any one key or element; a path covers "
+              "everything below it, e.g. $.timestamp, $.items[*].updated_at."),
+        ".TP",
+        _italic("FILTER"),
+        _text("HTTP methods in capitals separated by spaces or commas (e.g. GET HEAD "
+              "OPTIONS), or the word readonly on a redis route."),
         ".TP",
         _italic("MODULE"),
         _text("A Python module: a dotted name importable by gproxyd (gproxyd.trace logs "
@@ -629,7 +694,14 @@ def render_man1_gproxyctl(parser: argparse.ArgumentParser | None = None) -> str:
               "seconds apart and prints, per route, a row for production and one for each "
               "shadow: req/s over the interval, requests, p50 and p99 latency in "
               "milliseconds, errors and drops; then, per shadow, a verdict in words, such "
-              "as \"candidate p99 is 18% slower than production\"."),
+              "as \"candidate is slower: p99 +3.02 ms (95% CI +2.95..+3.10, 5000 pairs); "
+              "0.4% of answers differ, mostly $.price\"."),
+        ".PP",
+        _text("gproxyctl diff asks for GET /mismatches and prints the most recent exchanges "
+              "where a shadow answered differently from production: when, route, shadow, "
+              "the request line or command, the differing paths, and both answers' status "
+              "and first bytes (or hashes). --admin ADDRESS reaches the admin endpoint "
+              "without reading a config file."),
         ".SH COMMANDS",
     ]
     for name, help_text, _ in commands:

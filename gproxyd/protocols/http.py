@@ -61,7 +61,7 @@ _TO_CLOSE = -2
 class _MessageFramer:
     """The state machine shared by both directions; subclasses parse the start-line."""
 
-    __slots__ = ("_state", "_buf", "_limit", "_left", "_item")
+    __slots__ = ("_state", "_buf", "_limit", "_left", "_item", "ends")
 
     _FIRST_BYTES: frozenset  # the bytes a start-line can begin with
     _KIND: str               # "request" or "status", for error messages
@@ -72,6 +72,9 @@ class _MessageFramer:
         self._limit = MAX_HEAD  # the most the block being buffered may take
         self._left = 0          # body or chunk bytes still to come
         self._item = None       # the message being framed, returned once its body ends
+        # A list to track where messages end: feed() appends the offset, in the chunk
+        # fed, just past each message it completes (for capturing whole answers).
+        self.ends: list[int] | None = None
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the messages completed in it, or None when there are none."""
@@ -91,7 +94,7 @@ class _MessageFramer:
                     if state == _DATA:
                         self._state = _DATA_CR
                     else:
-                        out = self._complete(out)
+                        out = self._complete(out, pos)
                 elif state == _START:
                     pos = _BLANKS.match(data, pos).end()
                     if pos < n:
@@ -117,7 +120,7 @@ class _MessageFramer:
                     pos, block = self._take(data, pos, n, _HEAD_END)
                     if block is None:
                         break
-                    out = self._fields(block, out)
+                    out = self._fields(block, out, pos)
                 elif state == _SIZE:
                     pos, line = self._take(data, pos, n, _LF)
                     if line is None:
@@ -147,7 +150,7 @@ class _MessageFramer:
                     if block is None:
                         break
                     _check_fields(block)
-                    out = self._complete(out)
+                    out = self._complete(out, pos)
                 elif state == _FINISHED:
                     raise ProtocolError("framer used after it stopped")
                 else:  # _UNTIL_CLOSE, _OPAQUE: nothing to frame until the end
@@ -191,15 +194,19 @@ class _MessageFramer:
         self._limit = MAX_HEAD
         return stop, block
 
-    def _complete(self, out: list | None) -> list:
+    def _complete(self, out: list | None, end: int) -> list:
+        """The message in _item ended at `end` in the chunk being fed."""
         self._state = _START
+        if self.ends is not None:
+            self.ends.append(end)
         if out is None:
             return [self._item]
         out.append(self._item)
         return out
 
-    def _start_body(self, framing: int | None, out: list | None) -> list | None:
-        """Enter the body state `framing` calls for; a message without a body completes."""
+    def _start_body(self, framing: int | None, out: list | None, end: int) -> list | None:
+        """Enter the body state `framing` calls for; a message without a body completes
+        (at `end`, where its head ended)."""
         if framing == _CHUNKED:
             self._state = _SIZE
         elif framing == _TO_CLOSE:
@@ -208,7 +215,7 @@ class _MessageFramer:
             self._left = framing
             self._state = _BODY
         else:
-            return self._complete(out)
+            return self._complete(out, end)
         return out
 
     def _start_line(self, line: bytes) -> None:
@@ -232,8 +239,8 @@ class _MessageFramer:
         m = _FAST_LENGTH.search(head)
         return int(m.group(1)) if m is not None else False
 
-    def _fields(self, block: bytes, out: list | None) -> list | None:
-        """Act on a whole field section: LF, field lines, blank line."""
+    def _fields(self, block: bytes, out: list | None, end: int) -> list | None:
+        """Act on a whole field section: LF, field lines, blank line (ending at `end`)."""
         raise NotImplementedError
 
 
@@ -255,6 +262,11 @@ class RequestFramer(_MessageFramer):
         """Some of a request has been seen, not all of it (its answer may come early)."""
         return self._state not in (_START, _FINISHED, _OPAQUE)
 
+    @property
+    def current(self) -> str | None:
+        """The method of the request being framed once its request line is read, else None."""
+        return None if self._state in (_START, _LINE, _OPAQUE, _FINISHED) else self._item
+
     def _start_line(self, line: bytes) -> None:
         m = _REQUEST_LINE.fullmatch(line)
         if m is None:
@@ -271,17 +283,17 @@ class RequestFramer(_MessageFramer):
         if length is False or method == b"CONNECT":
             return None
         self._item = method.decode("ascii")
-        return m.end(), self._start_body(length or 0, out)
+        return m.end(), self._start_body(length or 0, out, m.end())
 
-    def _fields(self, block: bytes, out: list | None) -> list | None:
+    def _fields(self, block: bytes, out: list | None, end: int) -> list | None:
         framing = _body_framing(block, request=True)
         method = self._item
         if method == "CONNECT":
-            out = self._complete(out)
+            out = self._complete(out, end)
             self._state = _OPAQUE
             return out
         # RFC 9112 section 6.3: a request without Content-Length or chunked has no body.
-        return self._start_body(0 if framing is None else framing, out)
+        return self._start_body(0 if framing is None else framing, out, end)
 
 
 class ResponseFramer(_MessageFramer):
@@ -338,10 +350,11 @@ class ResponseFramer(_MessageFramer):
             self._pending.popleft()
         self._item = (status, status >= 500)
         if request == "HEAD" or status == 204 or status == 304:
-            return m.end(), self._complete(out)
-        return m.end(), self._start_body(_TO_CLOSE if length is None else length, out)
+            return m.end(), self._complete(out, m.end())
+        return m.end(), self._start_body(_TO_CLOSE if length is None else length, out,
+                                         m.end())
 
-    def _fields(self, block: bytes, out: list | None) -> list | None:
+    def _fields(self, block: bytes, out: list | None, end: int) -> list | None:
         framing = _body_framing(block, request=False)
         status = self._item[0]
         if status < 200 and status != 101:
@@ -349,12 +362,12 @@ class ResponseFramer(_MessageFramer):
             return out
         request = self._pending.popleft() if self._pending else None
         if status == 101:
-            raise Upgraded("101 Switching Protocols", self._complete(out))
+            raise Upgraded("101 Switching Protocols", self._complete(out, end))
         if request == "CONNECT" and status < 300:
-            raise Upgraded(f"CONNECT answered {status}", self._complete(out))
+            raise Upgraded(f"CONNECT answered {status}", self._complete(out, end))
         if request == "HEAD" or status == 204 or status == 304:
-            return self._complete(out)
-        return self._start_body(_TO_CLOSE if framing is None else framing, out)
+            return self._complete(out, end)
+        return self._start_body(_TO_CLOSE if framing is None else framing, out, end)
 
 
 def _strip_cr(line: bytes) -> bytes:

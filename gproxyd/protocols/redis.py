@@ -40,12 +40,21 @@ _LEAVES_REQUEST_REPLY = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MON
 class _LineFramer:
     """What both directions share: the state, and a line buffer bounded by MAX_LINE."""
 
-    __slots__ = ("_state", "_buf", "_left")
+    __slots__ = ("_state", "_buf", "_left", "ends")
 
     def __init__(self) -> None:
         self._state = _LINE
         self._buf = bytearray()
         self._left = 0  # bulk string bytes still to come
+        # A list to track where messages end: feed() appends the offset, in the chunk
+        # fed, just past each message it completes (for capturing whole answers).
+        self.ends: list[int] | None = None
+
+    def _done(self, out: list | None, item, end: int) -> list:
+        """A message ended at `end` in the chunk being fed: add it to `out`."""
+        if self.ends is not None:
+            self.ends.append(end)
+        return _append(out, item)
 
     def _line(self, data, pos: int, n: int) -> tuple[int, bytes | None]:
         """Read one line from `data` at `pos`, without its CRLF (or bare LF).
@@ -91,6 +100,13 @@ class RequestFramer(_LineFramer):
         """Some of a command has been seen, not all of it."""
         return self._args > 0
 
+    @property
+    def current(self) -> str | None:
+        """The name of the command being framed once its first argument is read, else None."""
+        if self._args and self._name is not None and not self._keep:
+            return _command(self._name)
+        return None
+
     def feed(self, data) -> list | None:
         """Follow `data`; return the commands completed in it, or None when there are none."""
         out = None
@@ -112,7 +128,7 @@ class RequestFramer(_LineFramer):
                         break
                     if n - pos >= 2 and data[pos] == 13 and data[pos + 1] == 10:
                         pos += 2  # the common case, without buffering an empty line
-                        out = self._argument_done(out)
+                        out = self._argument_done(out, pos)
                     else:
                         self._state = _BULK_END
                 elif state == _LINE:
@@ -138,14 +154,14 @@ class RequestFramer(_LineFramer):
                     else:
                         words = line.split(None, 1)
                         if words:
-                            out = _append(out, _command(words[0][:NAME_MAX]))
+                            out = self._done(out, _command(words[0][:NAME_MAX]), pos)
                 elif state == _BULK_END:
                     pos, line = self._line(data, pos, n)
                     if line is None:
                         break
                     if line:
                         raise ProtocolError("bulk string not followed by CRLF")
-                    out = self._argument_done(out)
+                    out = self._argument_done(out, pos)
                 else:
                     raise ProtocolError("framer used after it stopped")
         except (ProtocolError, Upgraded) as exc:
@@ -155,12 +171,12 @@ class RequestFramer(_LineFramer):
             raise
         return out
 
-    def _argument_done(self, out: list | None) -> list | None:
+    def _argument_done(self, out: list | None, end: int) -> list | None:
         self._state = _LINE
         self._args -= 1
         if self._args:
             return out
-        return _append(out, _command(self._name))
+        return self._done(out, _command(self._name), end)
 
 
 class ResponseFramer(_LineFramer):
@@ -213,14 +229,14 @@ class ResponseFramer(_LineFramer):
                     if n - pos >= 2 and data[pos] == 13 and data[pos + 1] == 10:
                         pos += 2  # the common case, without buffering an empty line
                         self._state = _LINE
-                        out = self._element_done(out)
+                        out = self._element_done(out, pos)
                     else:
                         self._state = _BULK_END
                 elif state == _LINE:
                     pos, line = self._line(data, pos, n)
                     if line is None:
                         break
-                    out = self._type_line(line, out)
+                    out = self._type_line(line, out, pos)
                 elif state == _BULK_END:
                     pos, line = self._line(data, pos, n)
                     if line is None:
@@ -228,7 +244,7 @@ class ResponseFramer(_LineFramer):
                     if line:
                         raise ProtocolError("bulk string not followed by CRLF")
                     self._state = _LINE
-                    out = self._element_done(out)
+                    out = self._element_done(out, pos)
                 else:
                     raise ProtocolError("framer used after it stopped")
         except (ProtocolError, Upgraded) as exc:
@@ -238,7 +254,7 @@ class ResponseFramer(_LineFramer):
             raise
         return out
 
-    def _type_line(self, line: bytes, out: list | None) -> list | None:
+    def _type_line(self, line: bytes, out: list | None, end: int) -> list | None:
         kind = line[0] if line else -1
         name = _TYPES.get(kind)
         if name is None:
@@ -247,14 +263,14 @@ class ResponseFramer(_LineFramer):
             self._top = name
         if kind in _SIMPLE:
             _check_simple(kind, line)
-            return self._element_done(out)
+            return self._element_done(out, end)
         size = _length(line)
         if kind in _BLOBS:
             if size >= 0:
                 self._left = size
                 self._state = _BULK
             elif size == -1 and kind in _NULLABLE:
-                return self._element_done(out)
+                return self._element_done(out, end)
             else:
                 raise ProtocolError(f"bad length {line[:30]!r}")
             return out
@@ -264,11 +280,11 @@ class ResponseFramer(_LineFramer):
             return out
         if size == 0 or (size == -1 and kind in _NULLABLE):
             # An empty attribute annotates nothing; any other empty aggregate is an element.
-            return out if kind == _ATTRIBUTE else self._element_done(out)
+            return out if kind == _ATTRIBUTE else self._element_done(out, end)
         raise ProtocolError(f"bad length {line[:30]!r}")
 
-    def _element_done(self, out: list | None) -> list | None:
-        """One value ended: close the aggregates it completes; maybe a whole reply."""
+    def _element_done(self, out: list | None, end: int) -> list | None:
+        """One value ended (at `end`): close the aggregates it completes; maybe a whole reply."""
         counts = self._counts
         while counts:
             counts[-1] -= 1
@@ -284,11 +300,11 @@ class ResponseFramer(_LineFramer):
             # RESP3 confirms subscriptions with pushes, not replies: the push answers.
             if pending and pending[0] in _LEAVES_REQUEST_REPLY:
                 raise Upgraded(f"{pending[0]}: replies no longer answer requests",
-                               _append(out, (top, False)))
+                               self._done(out, (top, False), end))
             return out
         request = pending.popleft() if pending else None
         is_error = top in _ERRORS
-        out = _append(out, (top, is_error))
+        out = self._done(out, (top, is_error), end)
         if request in _LEAVES_REQUEST_REPLY and not is_error:
             raise Upgraded(f"{request}: replies no longer answer requests", out)
         return out
