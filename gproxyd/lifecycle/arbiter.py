@@ -51,6 +51,7 @@ from .worker import REPORT_INTERVAL, WorkerSpec
 log = logging.getLogger("gproxyd")
 
 HUNG_AFTER = 3            # reports a worker may miss before it is taken for hung
+_KEPT_SAMPLES = 10_000    # mismatch samples kept of exited workers, per route
 READY_TIMEOUT = 30.0      # seconds a new worker may take to report in
 RESTART_DELAY = 0.25      # seconds before the first restart; doubled for each recent crash
 CRASH_WINDOW = 60.0       # seconds over which crashes are counted
@@ -181,7 +182,10 @@ class Arbiter(MainProcess):
         reader.join(timeout=5)  # its last report may still be in the pipe
         self.workers.remove(worker)
         for name, numbers in worker.stats.items():
-            self._retired.setdefault(name, RouteStats()).add(dict(numbers, active=0))
+            # Samples of exited workers: as many as any route may show (stats() trims).
+            retired = self._retired.setdefault(
+                name, RouteStats(samples=deque(maxlen=_KEPT_SAMPLES)))
+            retired.add(dict(numbers, active=0))
         if not worker.failure:
             worker.failure = f"{worker} exited with status {worker.status}" + (
                 "" if worker.ready else " before it reported in")
@@ -338,7 +342,8 @@ class Arbiter(MainProcess):
         """Every route's stats, summed over live workers and those that have exited."""
         merged: dict[str, RouteStats] = {}
         for route in self.config.routes:
-            merged[route.name] = RouteStats()
+            # The route's own cap on mismatch samples, not each worker's times N.
+            merged[route.name] = RouteStats(samples=deque(maxlen=route.compare_samples))
             if route.name in self._retired:
                 merged[route.name].add(self._retired[route.name].export())
         for worker in list(self.workers):

@@ -240,16 +240,7 @@ def test_two_workers_merge_counts_samples_and_verdict(tmp_path, daemons, json_se
     assert metrics[("gproxyd_shadow_filtered_total", (("route", "web"),))] == 0
 
 
-MERGED_CAP = ("the master merges the workers' samples into a RouteStats() whose deque keeps "
-              "100 (its default), not compare-samples: each worker keeps compare-samples of "
-              "its own, so /mismatches shows up to workers x compare-samples, or at most 100")
-
-
-@pytest.mark.parametrize("workers, cap", [
-    (1, 4), (1, 120),
-    pytest.param(2, 4, marks=pytest.mark.xfail(strict=True, reason=MERGED_CAP)),
-    pytest.param(2, 120, marks=pytest.mark.xfail(strict=True, reason=MERGED_CAP)),
-])
+@pytest.mark.parametrize("workers, cap", [(1, 4), (1, 120), (2, 4), (2, 120)])
 def test_mismatches_keep_compare_samples_per_route(tmp_path, daemons, json_servers,
                                                    workers, cap):
     """128 differing answers over 16 connections: /mismatches keeps the newest
