@@ -1,0 +1,1 @@
+"""Active protocol features: interceptors that answer or change traffic."""
