@@ -22,10 +22,13 @@ setup(
         "configargparse>=1.7",
         "python-daemon>=3.0",
         "prometheus_client>=0.17",
+        # The beanstalkd archive on MySQL/MariaDB: pure Python, so gevent's monkey-patching
+        # makes it cooperative (a C driver would block the event loop on every query).
+        "PyMySQL>=1.0",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5",
-                 "mysql-connector-python>=8"],
+                 "mysql-connector-python>=8", "greenstalk>=2"],
     },
     entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run",
                                     "gproxyctl = gproxyd.ctl:run"]},

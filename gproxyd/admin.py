@@ -71,7 +71,17 @@ _ROUTE_METRICS = (
     ("parser_fallbacks", "gproxyd_parser_fallbacks",
      "Connections measured as tcp because the protocol could not be followed"),
     ("filtered", "gproxyd_shadow_filtered", "Requests kept from the shadows by shadow-filter"),
+    ("archived", "gproxyd_archive_jobs", "Jobs in the beanstalkd archive now"),
+    ("archived_total", "gproxyd_archive_archived", "Puts kept in the beanstalkd archive"),
+    ("injected_total", "gproxyd_archive_injected", "Archived jobs moved into beanstalkd"),
+    ("inject_failures", "gproxyd_archive_inject_failures",
+     "Tries to move a due archived job into beanstalkd that failed (it stays archived)"),
+    ("overdue_seconds", "gproxyd_archive_overdue_seconds",
+     "How late the oldest due job still in the archive is"),
 )
+_GAUGES = ("active", "archived", "overdue_seconds")
+_ARCHIVE = ("archived", "archived_total", "injected_total", "inject_failures",
+            "overdue_seconds")  # only on routes with an archive
 # (BackendStats attribute, metric name, help, shadows only): counters per route and backend.
 _BACKEND_COUNTERS = (
     ("requests", "gproxyd_requests", "Requests answered (for tcp routes: connections)", False),
@@ -105,7 +115,7 @@ class _Collector:
         self._source = source
 
     def collect(self):
-        routes = [(GaugeMetricFamily if attr == "active" else CounterMetricFamily)(
+        routes = [(GaugeMetricFamily if attr in _GAUGES else CounterMetricFamily)(
             name, doc, labels=["route"]) for attr, name, doc in _ROUTE_METRICS]
         counters = [CounterMetricFamily(name, doc, labels=["route", "backend"])
                     for _, name, doc, _ in _BACKEND_COUNTERS]
@@ -119,7 +129,8 @@ class _Collector:
             labels=["route", "backend", "outcome"])
         for name, stats in self._source().items():
             for family, (attr, _, _) in zip(routes, _ROUTE_METRICS, strict=True):
-                family.add_metric([name], getattr(stats, attr))
+                if stats.archive or attr not in _ARCHIVE:
+                    family.add_metric([name], getattr(stats, attr))
             backends = [("production", stats.production)] + list(stats.shadows.items())
             for backend, numbers in backends:
                 for family, (attr, _, _, shadow_only) in zip(counters, _BACKEND_COUNTERS,

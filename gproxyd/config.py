@@ -224,6 +224,17 @@ def _conflicts(route: Route):
         elif protocol not in ("http", "redis"):
             yield "shadow-filter", "requests are told apart only on http and redis routes " \
                                    "(expected protocol = http or redis)"
+    if route.archive:
+        if protocol != "beanstalkd":
+            yield "archive", "jobs are archived from beanstalkd traffic (expected protocol = " \
+                             "beanstalkd)"
+        elif route.shadow or route.baseline is not None:
+            yield "archive", "a route with an archive answers some commands itself, so " \
+                             "shadows would not see what production sees (expected no " \
+                             "shadow or baseline with archive)"
+        elif route.hooks is not None:
+            yield "archive", "hooks and an archive both rewrite the traffic (expected one " \
+                             "of them on a route)"
     if route.baseline is not None:
         if protocol not in ("http", "redis") or route.compare == "off":
             yield "baseline", "a baseline only serves answer comparison (expected protocol = " \

@@ -25,6 +25,8 @@ from gevent.server import StreamServer
 from .channel import Channel
 from .config import Route
 from .hooks import HookSet
+from .interceptors.archive import ArchiveError
+from .interceptors.beanstalkd import Archive
 from .session import Session
 from .settings import Address
 from .stats import RouteStats
@@ -169,6 +171,8 @@ class Listener:
         # What the route's numbers are read with (kept by the stats: they outlive reloads).
         self.stats.baseline = route.baseline.text if route.baseline is not None else ""
         self.stats.verdict_threshold = route.verdict_threshold
+        self.archive = Archive(route, self.stats) if route.archive else None
+        self.stats.archive = self.archive.url if self.archive is not None else ""
         self.sessions: set[Session] = set()
         self._no_sessions = Event()
         self._no_sessions.set()
@@ -190,7 +194,19 @@ class Listener:
         """The address actually bound (with the port the kernel chose for port 0)."""
         return self._listening.getsockname()
 
-    def start(self) -> None:
+    def start(self, archive_required: bool = True) -> None:
+        """Start accepting. If the route's archive cannot be opened: raise ArchiveError,
+        or, unless `archive_required`, say so and relay puts to beanstalkd as they are."""
+        if self.archive is not None:
+            try:
+                self.archive.start()
+            except ArchiveError as error:
+                if archive_required:
+                    raise
+                log.error("route %s: archive: %s; puts are relayed to beanstalkd as they "
+                          "are", self.route.name, error)
+                self.archive = None
+                self.stats.archive = ""
         self._server.start()
         self._reaper = gevent.spawn(self._reap_idle)
 
@@ -198,7 +214,29 @@ class Listener:
         """Use `route` and `hooks` for connections accepted from now on."""
         if route.shadow_seed != self.route.shadow_seed:
             self._sampler = random.Random(route.shadow_seed)
+        self._update_archive(route)
         self.route, self.hooks = route, hooks
+
+    def _update_archive(self, route: Route) -> None:
+        """A changed archive URL opens the new store; one that cannot be opened leaves
+        the route on the old one (and says so). Live sessions keep the store they use."""
+        old = self.archive
+        if old is not None and route.archive == old.route.archive:
+            old.route = route
+            return
+        new = Archive(route, self.stats) if route.archive else None
+        if new is not None:
+            try:
+                new.start()
+            except ArchiveError as error:
+                log.error("route %s: archive: %s; %s", route.name, error,
+                          f"keeping {old.url}" if old is not None else "puts are relayed "
+                          "to beanstalkd as they are")
+                return
+        if old is not None:
+            old.stop()
+        self.archive = new
+        self.stats.archive = new.url if new is not None else ""
 
     def close(self) -> None:
         """Stop accepting; live sessions go on (see drain())."""
@@ -224,6 +262,8 @@ class Listener:
         self._greenlets.join(timeout=self.route.shadow_linger + 1)
         if self._reaper is not None:
             self._reaper.kill(block=False)
+        if self.archive is not None:
+            self.archive.stop()
         return len(leftover)
 
     # --- per connection ------------------------------------------------------------------
@@ -244,7 +284,8 @@ class Listener:
                                          self._sampler.random() < route.shadow_sample)
         try:
             session = Session(route, Channel(sock), _peer_name(sock.family, address),
-                              self.stats, mirror, self.hooks, self._greenlets.spawn)
+                              self.stats, mirror, self.hooks, self._greenlets.spawn,
+                              self.archive if route.archive else None)
         except BaseException:
             sock.close()  # do_close() leaves it to the session, and there is none
             raise

@@ -27,6 +27,7 @@ from .channel import Channel, is_disconnect
 from .compare import HEAD_ROOM, PRODUCTION, REQUEST_KEPT, Capture, Comparison
 from .config import Route
 from .hooks import HookDispatch, HookSet
+from .interceptors.beanstalkd import Archive, Interception
 from .observe import Exchanges
 from .relay import EOF, Broken, Direction, Relay, copy_pump
 from .request_filter import RequestFilter
@@ -48,12 +49,14 @@ class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
                  "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
                  "_client_writes", "_production_done", "_on_end", "_candidates",
-                 "_answered_mark", "_filter")
+                 "_answered_mark", "_filter", "_archive")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
-                 mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn):
+                 mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn,
+                 archive: Archive | None = None):
         """`hooks`: the route's, loaded; `spawn` starts the session's greenlets (the
-        listener's pool, so that draining waits for them)."""
+        listener's pool, so that draining waits for them); `archive`: the route's
+        beanstalkd archive, which then answers some commands itself (Interception)."""
         self.route = route  # the route as it was when accepted; reloads don't change it
         self.client = client
         self.peer = peer
@@ -70,6 +73,7 @@ class Session:
         self._candidates: list[Address] = []
         self._answered_mark = 0  # production's answer bytes at the client's last chunk
         self._on_end: Callable[["Session"], None] | None = None
+        self._archive = archive
         self.dispatch: HookDispatch | None = None
         # With hooks, conn.reply() writes to the client from other greenlets than the
         # relay's: all client writes then go through this lock, one at a time.
@@ -153,6 +157,9 @@ class Session:
         if self.dispatch is not None:
             self.dispatch.conn.production = self.production.address.text  # hooks see it
             self._spawn(self._relay_hooked)
+            return
+        if self._archive is not None:
+            self._spawn(self._relay_intercepted)
             return
         observer = self.production.observer
         if observer.watching:
@@ -244,6 +251,41 @@ class Session:
     def _client_eof(self) -> None:
         for sink in self.shadows:
             sink.finish()
+
+    # --- with an archive: greenlets -----------------------------------------------------
+
+    def _relay_intercepted(self) -> None:
+        """Both directions as copy_pumps through an Interception, which may answer the
+        client itself (store calls block only these greenlets)."""
+        interception = Interception(self._archive, self._write_intercepted)
+        observer = self.production.observer
+
+        def upstream(chunk):
+            data = interception.from_client(chunk)
+            if data and observer.watching:
+                observer.sent(data)
+            return data
+
+        def downstream(chunk):
+            if observer.watching:
+                observer.received(chunk)
+            interception.from_production(chunk)
+
+        production = self.production.channel
+        try:
+            replies = self._spawn(self._pump, production, self.client, self.production.received,
+                                  downstream, _nothing)
+            self._pump(self.client, production, self.production.sent, upstream,
+                       self._client_eof)
+            replies.join()
+        finally:
+            self._end()
+
+    def _write_intercepted(self, data: bytes) -> None:
+        try:
+            self.client.flush(data)
+        except OSError as error:
+            raise Broken(self.client, error) from None
 
     # --- with hooks: greenlets ---------------------------------------------------------
 
@@ -372,3 +414,7 @@ class Session:
                      "close=%s", self.route.name, self.peer, self.route.production,
                      time.monotonic() - self.started, self.production.sent.bytes,
                      self.production.received.bytes, shadows, self.reason or EOF)
+
+
+def _nothing() -> None:
+    """An on_eof with nothing to do."""

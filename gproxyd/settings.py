@@ -262,6 +262,32 @@ def json_paths(text: str) -> tuple[str, ...]:
     return paths
 
 
+def archive_url(text: str) -> str:
+    """'' (no archive), sqlite:///relative.db, sqlite:////absolute.db or
+    mysql://user:password@host:port/database; checked for its form only (the store is
+    opened when the route starts)."""
+    value = text.strip()
+    if not value:
+        return ""
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    if re.fullmatch(r"mysql://.+@[^/:@]+(?::[0-9]+)?/[A-Za-z0-9_$]+", value):
+        return value
+    raise BadValue(f"bad archive {hide_password(value)!r} (expected sqlite:////path/jobs.db "
+                   "or mysql://user:password@host:3306/database)")
+
+
+def hide_password(url: str) -> str:
+    """A store URL fit for logs: its password replaced by ***. The credentials end at
+    the last '@' (a password may hold '/' or '@' unescaped)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, place = rest.rpartition("@")
+    user, colon, _password = credentials.partition(":")
+    if not sep or not at or not colon:
+        return url
+    return f"{scheme}://{user}:***@{place}"
+
+
 def optional_address(text: str) -> Address | None:
     return address(text) if text.strip() else None
 
@@ -405,10 +431,22 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("verdict-threshold", threshold, "",
            "Smallest latency difference the verdict calls slower or faster (empty: 5% of "
            "production's value at that percentile, at least 0.1 ms).", "DURATION"),
-    Option("protocol", choice("tcp", "http", "redis"), "tcp",
+    Option("protocol", choice("tcp", "http", "redis", "beanstalkd"), "tcp",
            "How the route's traffic is understood for measurement: tcp (a connection is a "
-           "request), http (HTTP/1.x requests and responses) or redis (RESP2/RESP3 "
-           "commands and replies). Bytes are never changed by it.", "PROTOCOL"),
+           "request), http (HTTP/1.x requests and responses), redis (RESP2/RESP3 "
+           "commands and replies) or beanstalkd (commands and replies). Bytes are never "
+           "changed by it (see archive for what a beanstalkd route can do).", "PROTOCOL"),
+    Option("archive", archive_url, "",
+           "On a beanstalkd route: keep jobs put with a delay longer than archive-after in "
+           "this database instead of beanstalkd, and move them into beanstalkd when they "
+           "are due: sqlite:////var/lib/gproxyd/jobs.db (embedded) or "
+           "mysql://user:password@host:3306/database (shared by a fleet). Empty: off.",
+           "URL"),
+    Option("archive-after", duration, "10m",
+           "Puts delayed longer than this are archived.", "DURATION"),
+    Option("archive-lead", duration, "30s",
+           "Archived jobs are moved into beanstalkd this long before they are due.",
+           "DURATION"),
 )
 
 GLOBAL_BY_NAME = {option.name: option for option in GLOBAL_OPTIONS}

@@ -213,6 +213,14 @@ class RouteStats:
     noise_paths: dict = field(default_factory=dict)
     # The most recent differing exchanges (dicts, see compare.py), newest last.
     samples: deque = field(default_factory=lambda: deque(maxlen=100))
+    # The beanstalkd archive (interceptors/beanstalkd.py), on routes with one: counters,
+    # then what the store held at the last look (the same for every process sharing it).
+    archive: str = ""          # the store's URL without its password; "" without an archive
+    archived_total: int = 0    # puts kept in the archive
+    injected_total: int = 0    # archived jobs moved into beanstalkd
+    inject_failures: int = 0   # tries to move a due job that failed (it stays archived)
+    archived: int = 0          # jobs in the archive now
+    overdue_seconds: float = 0.0  # how late the oldest due job still in the archive is
 
     def shadow(self, name: str) -> ShadowStats:
         stats = self.shadows.get(name)
@@ -224,6 +232,10 @@ class RouteStats:
         """Everything, raw: what a worker process sends its master."""
         return {"active": self.active, "total": self.total, "rejected": self.rejected,
                 "parser_fallbacks": self.parser_fallbacks, "filtered": self.filtered,
+                "archive": self.archive, "archived_total": self.archived_total,
+                "injected_total": self.injected_total,
+                "inject_failures": self.inject_failures, "archived": self.archived,
+                "overdue_seconds": self.overdue_seconds,
                 "production": self.production.export(),
                 "shadows": {name: stats.export() for name, stats in self.shadows.items()},
                 "baseline": self.baseline, "verdict_threshold": self.verdict_threshold,
@@ -232,12 +244,17 @@ class RouteStats:
 
     def add(self, exported: dict) -> None:
         """Add another process's export() of the same route into this one."""
-        for key in ("active", "total", "rejected", "parser_fallbacks", "filtered"):
+        for key in ("active", "total", "rejected", "parser_fallbacks", "filtered",
+                    "archived_total", "injected_total", "inject_failures"):
             setattr(self, key, getattr(self, key) + exported[key])
         self.production.add(exported["production"])
         for name, numbers in exported["shadows"].items():
             self.shadow(name).add(numbers)
         self.baseline = self.baseline or exported["baseline"]
+        self.archive = self.archive or exported["archive"]
+        # Every process sees the same store: its gauges are not added up.
+        self.archived = max(self.archived, exported["archived"])
+        self.overdue_seconds = max(self.overdue_seconds, exported["overdue_seconds"])
         if self.verdict_threshold is None:
             self.verdict_threshold = exported["verdict_threshold"]
         for path, count in exported["noise_paths"].items():
@@ -264,4 +281,10 @@ class RouteStats:
                             for name, stats in self.shadows.items()},
                 "noise_paths": self.noise_rates(),
                 "verdict_threshold_ms": None if self.verdict_threshold is None
-                else round(self.verdict_threshold * 1e3, 3)}
+                else round(self.verdict_threshold * 1e3, 3),
+                **({"archive": {"store": self.archive, "archived": self.archived,
+                                "archived_total": self.archived_total,
+                                "injected_total": self.injected_total,
+                                "inject_failures": self.inject_failures,
+                                "overdue_seconds": round(self.overdue_seconds, 3)}}
+                   if self.archive else {})}

@@ -163,7 +163,7 @@ def test_put_and_get_keep_every_field(stores):
             ("big", 5, NOW, 60, BODIES[3])]
     ids = [store.put(*values) for values in puts]
     after = time.time()
-    for job_id, (tube, pri, due, ttr, body) in zip(ids, puts):
+    for job_id, (tube, pri, due, ttr, body) in zip(ids, puts, strict=False):
         job = store.get(job_id)
         assert (job.id, job.tube, job.pri, job.ttr, job.body) == (job_id, tube, pri, ttr, body)
         assert job.due == pytest.approx(due, abs=1e-6)
@@ -346,7 +346,7 @@ def test_injected_moves_a_job_out_and_keeps_its_mapping(stores):
 def test_forget_mappings_drops_the_old_ones(stores):
     store = stores()
     ids = [_put(store) for _ in range(3)]
-    for job_id, when in zip(ids, (NOW - 300, NOW - 200, NOW - 100)):
+    for job_id, when in zip(ids, (NOW - 300, NOW - 200, NOW - 100), strict=False):
         store.injected(job_id, job_id - ARCHIVE_BASE + 1000, when)
     assert store.forget_mappings(NOW - 150) == 2
     assert [store.mapped(job_id) for job_id in ids] == [None, None, ids[2] - ARCHIVE_BASE + 1000]

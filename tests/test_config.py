@@ -218,7 +218,17 @@ BAD = [
     ("bad-number", ROUTE + "max-connections = 0\n", [], {},
      "{path}:4: max-connections: bad number '0' (expected a whole number >= 1)"),
     ("bad-choice", ROUTE + "protocol = mysql\n", [], {},
-     "{path}:4: protocol: bad value 'mysql' (expected one of: tcp, http, redis)"),
+     "{path}:4: protocol: bad value 'mysql' (expected one of: tcp, http, redis, beanstalkd)"),
+    ("archive-bad-url", ROUTE + "protocol = beanstalkd\narchive = mysql://root:s3cret@db\n",
+     [], {}, "{path}:5: archive: bad archive 'mysql://root:***@db' (expected "
+             "sqlite:////path/jobs.db or mysql://user:password@host:3306/database)"),
+    ("archive-on-http", ROUTE + "protocol = http\narchive = sqlite:////tmp/jobs.db\n", [], {},
+     "{path}:5: archive: jobs are archived from beanstalkd traffic (expected protocol = "
+     "beanstalkd)"),
+    ("archive-with-shadow", ROUTE + "protocol = beanstalkd\nshadow = 127.0.0.1:11302\n"
+     "archive = sqlite:////tmp/jobs.db\n", [], {},
+     "{path}:6: archive: a route with an archive answers some commands itself, so shadows "
+     "would not see what production sees (expected no shadow or baseline with archive)"),
     ("bad-boolean", "[gproxyd]\ndaemonize = maybe\n" + ROUTE, [], {},
      "{path}:2: daemonize: bad boolean 'maybe' (expected yes or no)"),
     ("bad-global-value-in-file", "[gproxyd]\nlog-format = xml\n" + ROUTE, [], {},

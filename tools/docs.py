@@ -41,7 +41,7 @@ SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxy
                      "NAMES": "Content-Type, Cache-Control",
                      "PATHS": "$.timestamp, $.items[*].updated_at",
                      "ADDRESS": "127.0.0.1:8084", "FILTER": "GET HEAD OPTIONS",
-                     "DURATION": "2ms"}
+                     "DURATION": "2ms", "URL": "sqlite:////var/lib/gproxyd/jobs.db"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -382,6 +382,33 @@ def render_man8() -> str:
               "difference exceeds verdict-threshold (default: 5% of production's value "
               "at that percentile, at least 0.1 ms); otherwise no significant difference. "
               "With fewer than 20 pairs it compares the p99s of the two histograms."),
+        ".SH \"BEANSTALKD ARCHIVE\"",
+        _text("On a route with protocol = beanstalkd and an archive, a well-formed put whose "
+              "delay exceeds archive-after (body at most 65535 bytes) is stored in the "
+              "archive, committed before the client reads INSERTED <id>, and never reaches "
+              "beanstalkd; a store that fails answers INTERNAL_ERROR. Archived ids are "
+              "2^62 + the store's row id (beanstalkd counts its ids up from 1). peek, "
+              "delete, stats-job and kick-job on an archived id are answered from the "
+              "archive; release, bury, touch and reserve-job answer NOT_FOUND. Once the "
+              "job is in beanstalkd, its archived id keeps working for seven days: those "
+              "commands are passed on with beanstalkd's id and answered with the archived "
+              "one. stats and stats-tube add the archived jobs to current-jobs-delayed and "
+              "total-jobs. Every other command, and everything after a command that is not "
+              "well-formed, goes to beanstalkd byte for byte; replies reach the client in "
+              "command order."),
+        ".PP",
+        _text("Every second each process claims the jobs due within archive-lead (a 60 s "
+              "lease; MySQL claims with SELECT ... FOR UPDATE SKIP LOCKED, SQLite with "
+              "BEGIN IMMEDIATE, so processes and hosts sharing one store never inject the "
+              "same job while the lease holds), puts each into beanstalkd with the delay "
+              "that remains, the same priority and ttr, and deletes it from the archive "
+              "only after INSERTED: at least once. While beanstalkd is unreachable the "
+              "jobs stay archived and are tried again, backing off up to 10 s; one log "
+              "line per outage. SQLite runs in gevent's threadpool (WAL, synchronous=FULL); "
+              "MySQL and MariaDB through PyMySQL. An archive that cannot be opened at start "
+              "is an error (exit 1); a reload naming one keeps the old store. GET /stats "
+              "shows per route archive: store, archived, archived_total, injected_total, "
+              "inject_failures, overdue_seconds; /metrics the same as gproxyd_archive_*."),
         ".SH HOOKS",
         _text("A route's hooks option names a Python module (a dotted name, or a .py file) "
               "that may define on_connect(conn), on_data(conn, data), on_response(conn, "
@@ -565,6 +592,12 @@ def render_man5() -> str:
         _italic("FILTER"),
         _text("HTTP methods in capitals separated by spaces or commas (e.g. GET HEAD "
               "OPTIONS), or the word readonly on a redis route."),
+        ".TP",
+        _italic("URL"),
+        _text("Where the beanstalkd archive is kept: sqlite:////absolute/path.db (or "
+              "sqlite:///relative.db) for an embedded SQLite file, or "
+              "mysql://user:password@host:3306/database for a MySQL or MariaDB server shared "
+              "by several gproxyd."),
         ".TP",
         _italic("MODULE"),
         _text("A Python module: a dotted name importable by gproxyd (gproxyd.trace logs "

@@ -41,6 +41,8 @@ from gevent.lock import Semaphore
 from gevent.monkey import get_original
 from pymysql.constants import CLIENT, CR, ER
 
+from ..settings import hide_password
+
 # Archived ids are ARCHIVE_BASE + a row id. beanstalkd numbers its jobs from 1 up, one by
 # one, in a uint64: at a million puts a second it would take 146,000 years to get here,
 # so an id tells by itself whether the archive or beanstalkd has the job.
@@ -84,7 +86,7 @@ def open_store(url: str, owner: str) -> Store:
     tables of a newer schema version. Raises ArchiveError if the store cannot be reached
     or used.
     """
-    shown = _hide_password(url)
+    shown = hide_password(url)
     try:
         if url.startswith("sqlite:///"):
             path = url[len("sqlite:///"):]
@@ -105,7 +107,7 @@ class _BadUrl(ArchiveError):
 
 
 def _mysql_params(url: str) -> dict:
-    # Split at the last @, as _hide_password() does: a password may hold an unescaped
+    # Split at the last @, as hide_password() does: a password may hold an unescaped
     # / or @, and no part of it may end up in an error message.
     credentials, at, place = url[len("mysql://"):].rpartition("@")
     user, _, password = credentials.partition(":")
@@ -127,17 +129,6 @@ def _mysql_params(url: str) -> dict:
         raise _BadUrl(f"bad database {database!r}")
     return {"host": parts.hostname, "port": port or 3306, "user": unquote(user),
             "password": unquote(password), "database": unquote(database)}
-
-
-def _hide_password(url: str) -> str:
-    """The URL with its password, if any, as ***: everything between the user's colon and
-    the last @ (a password may hold an unescaped / or @)."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or scheme == "sqlite":
-        return url
-    credentials, at, place = rest.rpartition("@")
-    user, colon, _ = credentials.partition(":")
-    return f"{scheme}://{user}:***@{place}" if at and colon else url
 
 
 def _row_id(job_id: int) -> int | None:
@@ -266,18 +257,23 @@ class Store:
 
     # --- injected jobs ------------------------------------------------------------------
 
-    def injected(self, job_id: int, beanstalkd_id: int, now: float) -> None:
+    def injected(self, job_id: int, beanstalkd_id: int, now: float) -> bool:
         """The job is in beanstalkd now, as beanstalkd_id: removes it from the archive and
-        keeps the mapping of its archive id (both or neither)."""
+        keeps the mapping of its archive id (both or neither). False if it was no longer
+        archived (deleted meanwhile): then nothing is recorded, and the caller should
+        delete beanstalkd's copy."""
         row_id = _row_id(job_id)
         if row_id is None:
             raise ValueError(f"not an archive id: {job_id}")
 
         def work(cursor):
             cursor.execute("DELETE FROM gproxyd_archive_jobs WHERE id = ?", (row_id,))
+            if cursor.rowcount != 1:
+                return False
             cursor.execute("REPLACE INTO gproxyd_archive_injected (id, beanstalkd_id, "
                            "injected) VALUES (?, ?, ?)", (row_id, beanstalkd_id, now))
-        self._transaction(work)
+            return True
+        return self._transaction(work)
 
     def mapped(self, job_id: int) -> int | None:
         """The beanstalkd id an injected job got, or None (not injected, or forgotten)."""

@@ -7,9 +7,11 @@ import socket
 import gevent
 
 from ..config import Route
+from ..exitcodes import EX_FAILURE
 from ..hooks import HookSet
+from ..interceptors.archive import ArchiveError
 from ..listener import Listener
-from . import describe_route, listen_key
+from . import StartError, describe_route, listen_key
 
 log = logging.getLogger("gproxyd")
 
@@ -25,13 +27,18 @@ class Listeners:
 
     def start(self, routes: tuple[Route, ...], sockets: dict[tuple, socket.socket],
               hooks: dict[str, HookSet]) -> None:
-        """Serve each route on its socket (`sockets`: listen key -> bound socket)."""
+        """Serve each route on its socket (`sockets`: listen key -> bound socket).
+        Raises StartError if a route's archive cannot be opened."""
         for route in routes:
-            self._add(route, sockets[listen_key(route)], hooks)
+            try:
+                self._add(route, sockets[listen_key(route)], hooks)
+            except ArchiveError as error:
+                raise StartError(f"route {route.name}: archive: {error}", EX_FAILURE) from None
 
-    def _add(self, route: Route, sock: socket.socket, hooks: dict[str, HookSet]) -> None:
+    def _add(self, route: Route, sock: socket.socket, hooks: dict[str, HookSet],
+             archive_required: bool = True) -> None:
         listener = Listener(route, sock=sock, hooks=hooks.get(route.name))
-        listener.start()
+        listener.start(archive_required)
         self.serving[listen_key(route)] = listener
 
     def added_routes(self, routes: tuple[Route, ...]) -> list[Route]:
@@ -59,8 +66,8 @@ class Listeners:
                 changed.append(route.name)
             # Also when the route is unchanged: the hooks were imported again.
             listener.update(route, hooks=hooks.get(route.name))
-        for route in added:
-            self._add(route, sockets[listen_key(route)], hooks)
+        for route in added:  # a reload must not fail here: an archive may be missing
+            self._add(route, sockets[listen_key(route)], hooks, archive_required=False)
             log.info("%s", describe_route(route))
         return (f"added: {', '.join(r.name for r in added) or 'none'}; "
                 f"changed: {', '.join(changed) or 'none'}; "

@@ -23,7 +23,7 @@ from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from ..hooks import HookLoadError, HookSet, load_route_hooks
 from ..listener import adopt_listening
-from . import Lifecycle, listen_key
+from . import Lifecycle, StartError, listen_key
 from .serving import Listeners
 
 log = logging.getLogger("gproxyd")
@@ -82,6 +82,8 @@ def serve_worker(config: Config, spec_text: str) -> int:
     worker = Worker(config, spec, sockets, hooks)
     try:
         worker.start()
+    except StartError as error:  # a route's archive cannot be opened
+        return report_start_failure(spec_text, str(error), error.status)
     except Exception as error:  # a bug of ours: one line for the user, the trace for us
         log.debug("worker %d: start failed", spec.slot, exc_info=True)
         return report_start_failure(spec_text, f"worker {spec.slot}: cannot start: "

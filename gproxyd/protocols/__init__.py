@@ -44,9 +44,10 @@ class Upgraded(_FramingStop):
 
 
 # The framer modules import the exceptions above, so they come after them.
-from . import http, redis  # noqa: E402
+from . import beanstalkd, http, redis  # noqa: E402
 
 FRAMERS = {
     "http": (http.RequestFramer, http.ResponseFramer),
     "redis": (redis.RequestFramer, redis.ResponseFramer),
+    "beanstalkd": (beanstalkd.RequestFramer, beanstalkd.ResponseFramer),
 }
