@@ -80,11 +80,25 @@ def summary_line(route: str, snapshot: dict) -> str:
     parts = [f"stats route={route} connections={snapshot['connections']['active']}/"
              f"{snapshot['connections']['total']}",
              f"production: {_backend_words(production)}"]
+    if "archive" in snapshot:
+        archive = snapshot["archive"]
+        parts.append(f"archive: archived={archive['archived']} "
+                     f"archived_total={archive['archived_total']} "
+                     f"injected_total={archive['injected_total']} "
+                     f"inject_failures={archive['inject_failures']} "
+                     f"overdue={archive['overdue_seconds']:.0f}s")
     for name, shadow in snapshot["shadows"].items():
         parts.append(f"shadow {name}: {_backend_words(shadow)} dropped={shadow['dropped']} "
                      f"mismatches={shadow.get('mismatches', 0)} "
                      f"({verdict(production, shadow, snapshot.get('verdict_threshold_ms'))})")
     return "; ".join(parts)
+
+
+def _archive_words(archive: dict) -> str:
+    return (f"{archive['archived']} jobs archived now, {archive['archived_total']} archived "
+            f"and {archive['injected_total']} moved into beanstalkd since start, "
+            f"{archive['inject_failures']} failed moves, oldest overdue "
+            f"{archive['overdue_seconds']:.0f}s ({archive['store']})")
 
 
 def _backend_words(numbers: dict) -> str:
@@ -125,6 +139,8 @@ def table(document: dict, previous: dict | None = None, elapsed: float = 0.0) ->
         threshold = snapshot.get("verdict_threshold_ms")
         for name, shadow in snapshot["shadows"].items():
             lines.append(f"  {name}: {verdict(snapshot['production'], shadow, threshold)}")
+        if "archive" in snapshot:
+            lines.append(f"  archive: {_archive_words(snapshot['archive'])}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -224,3 +224,17 @@ def test_beanstalkd_down_keeps_due_jobs_archived_until_it_is_back(proxy, tmp_pat
     finally:
         second.kill()
         second.wait(timeout=10)
+
+
+def test_gproxyctl_and_the_log_line_show_the_archive(proxy, beanstalkd, tmp_path):
+    from gproxyd.report import summary_line, table
+    proxied = archiving(proxy, beanstalkd, f"sqlite:///{tmp_path}/jobs.db")
+    through(proxied).put(b"x", delay=3600)
+    snapshot = proxied.stats.snapshot()
+    assert snapshot["archive"]["archived_total"] == 1
+    wait_until(lambda: proxied.stats.snapshot()["archive"]["archived"] == 1,
+               what="the injector's count")
+    shown = table({"routes": {"jobs": proxied.stats.snapshot()}})
+    assert "archive: 1 jobs archived now, 1 archived and 0 moved into beanstalkd" in shown
+    assert "archive: archived=1 archived_total=1 injected_total=0" in summary_line(
+        "jobs", proxied.stats.snapshot())
