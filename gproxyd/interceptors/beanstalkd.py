@@ -295,8 +295,8 @@ class Interception:
                 if mapped is not None:  # in beanstalkd now, under another id
                     forward.append(f"{name} {mapped}\r\n".encode())
                     self._owe(_Slot(rewrite=lambda reply: _renamed(reply, mapped, job_id)))
-                    if name == "delete":
-                        self._forget_after = job_id
+                    if name == "delete":  # gone either way: the mapping too
+                        store.delete(job_id)
                     return
                 self._owe(_Slot(b"NOT_FOUND\r\n"))
                 return
