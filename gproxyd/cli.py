@@ -60,7 +60,7 @@ def _serve(config, argv: list[str]) -> int:
     import logging
 
     from . import logs
-    from .daemon import PrivilegeError, daemon_context, drop_privileges
+    from .daemon import PrivilegeError, daemon_context, drop_privileges, hand_over
     from .hooks import HookLoadError, load_route_hooks
     from .lifecycle import StartError, bind_all
     from .listener import ListenError
@@ -68,9 +68,13 @@ def _serve(config, argv: list[str]) -> int:
     settings = config.settings
     try:
         logs.configure(settings)
+        if settings.log_file != "-":
+            hand_over(settings.log_file, settings.user, settings.group)
     except OSError as error:
         return _fail(f"log-file: cannot open {settings.log_file}: {error.strerror}",
                      EX_FAILURE)
+    except PrivilegeError as error:
+        return _fail(str(error), EX_FAILURE)
     try:
         sockets = bind_all(config.routes, settings.workers, settings.admin)
     except ListenError as error:

@@ -10,14 +10,8 @@ class PrivilegeError(Exception):
     """Privileges could not be dropped as configured; the daemon must not go on."""
 
 
-def drop_privileges(user: str, group: str) -> str | None:
-    """Switch to `user` (and `group`, default: the user's primary group).
-
-    Returns a description of the switch, or None when there was nothing to do.
-    Raises PrivilegeError when the switch is asked for but impossible.
-    """
-    if not user and not group:
-        return None
+def _target(user: str, group: str) -> tuple[pwd.struct_passwd, int]:
+    """The user entry and group id `user` and `group` name (defaults: ours, its group)."""
     try:
         entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
     except KeyError:
@@ -26,6 +20,32 @@ def drop_privileges(user: str, group: str) -> str | None:
         gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
     except KeyError:
         raise PrivilegeError(f"group: no such group {group!r}") from None
+    return entry, gid
+
+
+def hand_over(path: str, user: str, group: str) -> None:
+    """Give a file we created as root (the log) to the user we are about to become, so
+    that it can still reopen it (SIGUSR1, after logrotate). Nothing to do unless root
+    drops to someone else."""
+    if (not user and not group) or os.getuid() != 0:
+        return
+    entry, gid = _target(user, group)
+    try:
+        os.chown(path, entry.pw_uid, gid)
+    except OSError as error:
+        raise PrivilegeError(f"cannot give {path} to user {entry.pw_name}: "
+                             f"{error.strerror}") from None
+
+
+def drop_privileges(user: str, group: str) -> str | None:
+    """Switch to `user` (and `group`, default: the user's primary group).
+
+    Returns a description of the switch, or None when there was nothing to do.
+    Raises PrivilegeError when the switch is asked for but impossible.
+    """
+    if not user and not group:
+        return None
+    entry, gid = _target(user, group)
     if os.getuid() == entry.pw_uid and os.getgid() == gid:
         return None
     try:

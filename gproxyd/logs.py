@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -32,7 +33,14 @@ class _JsonFormatter(logging.Formatter):
 def _open_handler(path: str) -> logging.Handler:
     if path == "-":
         return logging.StreamHandler(sys.stderr)
+    _create(path)
     return logging.FileHandler(path, encoding="utf-8")
+
+
+def _create(path: str) -> None:
+    """Create the log file readable by its owner and group only (it may name clients);
+    an existing file keeps its mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
 
 
 def configure(settings) -> None:
@@ -54,12 +62,15 @@ def configure(settings) -> None:
 
 
 def reopen() -> None:
-    """Reopen the log file (after logrotate moved it away); nothing to do for stderr."""
+    """Reopen the log file (after logrotate moved it away); nothing to do for stderr.
+    Raises OSError if the file cannot be opened: the old one is kept."""
     if isinstance(_handler, logging.FileHandler):
+        _create(_handler.baseFilename)
+        stream = _handler._open()
         _handler.acquire()
         try:
-            _handler.close()
-            _handler.stream = _handler._open()
+            old, _handler.stream = _handler.stream, stream
+            old.close()
         finally:
             _handler.release()
 

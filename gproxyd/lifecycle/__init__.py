@@ -164,7 +164,12 @@ class Lifecycle:
         self._queue.put(_Halt(status))
 
     def handle_usr1(self) -> None:
-        logs.reopen()
+        try:
+            logs.reopen()
+        except OSError as error:
+            log.error("SIGUSR1: cannot reopen the log file: %s; writing on to the old one",
+                      error.strerror or error)
+            return
         log.info("log file reopened")
 
     def handle_term(self) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 
 import gevent
 import pytest
@@ -284,6 +287,34 @@ def test_privilege_drop_after_binding_a_privileged_port(tmp_path, backends, daem
     assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
     assert exchange(port, b"low") == b"a:low"
     assert f"running as user nobody (uid {nobody.pw_uid})" in daemon.log()
+
+
+def test_sigusr1_after_a_privilege_drop_reopens_or_keeps_the_log(request, backends, daemons):
+    """The log is created by root before the drop: it is handed to the user, so SIGUSR1
+    can reopen it; when the user cannot (logrotate moved it out of a root-owned
+    directory), the daemon says so, keeps writing to the old file, and keeps serving."""
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    nobody = pwd.getpwnam("nobody")
+    # pytest's directories are root's alone: the log goes where nobody can reach it, but
+    # not create files beside it.
+    home = Path(tempfile.mkdtemp(prefix="gproxyd-usr1-"))
+    os.chmod(home, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    port = free_port()
+    daemon = daemons(home, GLOBAL.replace("admin = off", "admin = off\nuser = nobody")
+                     + route_section("web", port, backends["a"].address))
+    daemon.start()
+    info = os.stat(daemon.log_path)
+    assert (info.st_uid, info.st_mode & 0o777) == (nobody.pw_uid, 0o640)
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_log("log file reopened")
+    rotated = home / "gproxyd.log.1"
+    os.rename(daemon.log_path, rotated)
+    daemon.signal(signal.SIGUSR1)
+    wait_until(lambda: "cannot reopen the log file: Permission denied; writing on to the "
+                       "old one" in rotated.read_text(), what="the failed reopen logged")
+    assert exchange(port, b"still") == b"a:still"
+    assert daemon.process.poll() is None
 
 
 def test_privilege_drop_failure_refuses_to_serve(tmp_path, daemons):
