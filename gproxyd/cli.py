@@ -7,10 +7,48 @@ import sys
 from .config import ConfigError, build_parser, load_config
 from .exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 
+# With daemonize: the write end of a pipe the caller (the process the user started)
+# reads until the daemon is serving or has failed (see _detach).
+_caller: int | None = None
+
 
 def _fail(message: str, code: int) -> int:
     print(f"gproxyd: {message}", file=sys.stderr)
+    _tell_caller(f"{code} {message}")
     return code
+
+
+def _tell_caller(outcome: str) -> None:
+    """Hand the caller its exit status and message ("0" once serving), once."""
+    global _caller
+    if _caller is not None:
+        os.write(_caller, outcome.encode(errors="replace")[:4000])
+        os.close(_caller)
+        _caller = None
+
+
+def _detach(context) -> int | None:
+    """Daemonize; in the caller, wait for the daemon to serve or fail and return the exit
+    status it sent (with its message on stderr). Returns None in the daemon."""
+    global _caller
+    readable, _caller = os.pipe()
+    if os.fork():
+        os.close(_caller)
+        _caller = None
+        with os.fdopen(readable, "rb") as pipe:
+            outcome = pipe.read().decode(errors="replace")
+        code, _, message = outcome.partition(" ")
+        if not code.isdigit():
+            print("gproxyd: the daemon exited before it was serving (see its log file)",
+                  file=sys.stderr)
+            return EX_FAILURE
+        if message:
+            print(f"gproxyd: {message}", file=sys.stderr)
+        return int(code)
+    os.close(readable)
+    context.files_preserve = [*context.files_preserve, _caller]
+    context.open()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
         return demo(argv[1:])
     args = build_parser().parse_args(argv)
+    if not os.path.isabs(args.config):
+        # Reloads, workers and a daemon (which runs in /) read it again: by its full path.
+        args.config = os.path.abspath(args.config)
+        argv = _with_config(argv, args.config)
+        os.environ.pop("GPROXYD_CONFIG", None)
     if args.worker:
         # A worker never daemonizes: patch before anything imports the modules that run
         # (and before its hooks are imported, so that they bind gevent's functions).
@@ -37,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return _check(config)
     return _serve(config, argv)
+
+
+def _with_config(argv: list[str], path: str) -> list[str]:
+    """`argv` with its -c/--config value replaced by `path` (or added)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-c", "--config"):
+            skip = True
+            continue
+        if arg.startswith("--config=") or (arg.startswith("-c") and len(arg) > 2
+                                             and not arg.startswith("--")):
+            continue
+        out.append(arg)
+    return ["-c", path, *out]
 
 
 def _check(config) -> int:
@@ -84,7 +144,9 @@ def _serve(config, argv: list[str]) -> int:
         # Detach before gevent creates its loop: libev's fds do not survive the fork.
         keep = sockets.filenos() + [logs.log_fileno()]
         context = daemon_context(settings.pid_file, [fd for fd in keep if fd is not None])
-        context.open()
+        status = _detach(context)
+        if status is not None:  # the caller, told how the start went
+            return status
     elif settings.pid_file:
         from .daemon import PidFile
         context = PidFile(settings.pid_file)
@@ -110,6 +172,7 @@ def _serve(config, argv: list[str]) -> int:
         if switched:
             log.info("%s", switched)
         main_process.start()
+        _tell_caller("0")
         return main_process.run()
     except HookLoadError as error:
         log.error("%s", error)

@@ -176,11 +176,19 @@ def _settings(path: str, section: _Section | None, overrides: dict[str, tuple[st
             text, where = overrides[option.name]
             values[option.attr] = _parse(option, text, where)
     settings = Settings(**values)
-    if settings.daemonize and settings.log_file == "-":
-        where = f"{path}:{section.values['log-file'][1]}" if (
-            section and "log-file" in section.values) else path
-        raise ConfigError(where, "log-file", "'-' (standard error) is closed when daemonized "
-                                             "(expected a file path with daemonize)")
+    if settings.daemonize:
+        def where(key: str) -> str:
+            if key in overrides:
+                return overrides[key][1]
+            return f"{path}:{section.values[key][1]}" if (
+                section and key in section.values) else path
+        if settings.log_file == "-":
+            raise ConfigError(where("log-file"), "log-file", "'-' (standard error) is closed "
+                              "when daemonized (expected a file path with daemonize)")
+        for key, value in (("log-file", settings.log_file), ("pid-file", settings.pid_file)):
+            if value and not os.path.isabs(value):
+                raise ConfigError(where(key), key, f"relative path {value!r} with daemonize "
+                                  "(expected an absolute path: a daemon runs in /)")
     return settings
 
 

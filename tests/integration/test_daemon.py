@@ -254,6 +254,58 @@ def test_daemonize_writes_and_removes_pid_file(tmp_path, backends):
         daemon.stop()
 
 
+def test_daemonize_with_a_relative_config_path_serves_and_reloads(tmp_path, backends):
+    """The daemon runs in /: the config file is read again (SIGHUP) by its full path.
+    The caller returns once the daemon serves."""
+    port = free_port()
+    (tmp_path / "rel.conf").write_text(GLOBAL + route_section("web", port,
+                                                              backends["a"].address))
+    log, pid_file = tmp_path / "d.log", tmp_path / "d.pid"
+    started = subprocess.run(gproxyd_command() + [
+        "-c", "rel.conf", "--daemonize", "--log-file", str(log), "--pid-file", str(pid_file)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    pid = int(pid_file.read_text())
+    try:
+        assert exchange(port, b"rel") == b"a:rel"  # serving when the caller returned
+        (tmp_path / "rel.conf").write_text(GLOBAL + route_section("web", port,
+                                                                  backends["b"].address))
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "reloaded" in log.read_text(), what="the reload logged")
+        assert f"reloaded {tmp_path / 'rel.conf'}" in log.read_text()
+        assert exchange(port, b"rel") == b"b:rel"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="daemon exit")
+
+
+def test_a_daemon_that_fails_after_detaching_tells_its_caller(tmp_path):
+    """What fails after the fork (here: an archive that cannot be opened) reaches the
+    caller's exit status and stderr, not just the log."""
+    config = tmp_path / "c.conf"
+    config.write_text(GLOBAL + route_section("jobs", free_port(), "127.0.0.1:9",
+                                             protocol="beanstalkd",
+                                             archive="mysql://root:pw@127.0.0.1:1/x"))
+    result = subprocess.run(gproxyd_command() + [
+        "-c", str(config), "--daemonize", "--log-file", str(tmp_path / "d.log")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "gproxyd: route jobs: archive: cannot open archive mysql://root:***@127.0.0.1:1/x" \
+        in result.stderr
+    assert "pw@" not in result.stderr
+
+
+def test_daemonize_refuses_relative_log_and_pid_files(tmp_path):
+    config = tmp_path / "c.conf"
+    config.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
+    result = subprocess.run(gproxyd_command() + ["-c", str(config), "--daemonize",
+                                                 "--log-file", "relative.log"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert result.stderr == ("gproxyd: --log-file: log-file: relative path 'relative.log' "
+                             "with daemonize (expected an absolute path: a daemon runs in /)\n")
+
+
 def test_daemonize_refuses_stderr_logging(tmp_path):
     config = tmp_path / "c.conf"
     config.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
