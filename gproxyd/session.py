@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from functools import partial
 from typing import Callable
 
 import gevent
@@ -105,14 +106,18 @@ class Session:
         route = self.route
         comparison = Comparison(route, self.stats, [sink.name for sink in self.shadows])
         protocol = route.protocol
-        compares = comparison.rules is not None
-        limit = route.compare_max_body + HEAD_ROOM
+        rules = comparison.rules
+        if rules is None:
+            capture = None
+        elif rules.mode == "status":  # the head is all it reads: no body kept, no hash
+            capture = partial(Capture, protocol, HEAD_ROOM, digest=False)
+        else:
+            capture = partial(Capture, protocol, route.compare_max_body + HEAD_ROOM)
         self.production.observer.compare_in(
-            comparison, PRODUCTION, Capture(protocol, limit) if compares else None,
-            Capture(protocol, REQUEST_KEPT, digest=False) if compares else None)
+            comparison, PRODUCTION, capture and capture(),
+            capture and Capture(protocol, REQUEST_KEPT, digest=False))
         for sink in self.shadows:
-            sink.upstream.observer.compare_in(
-                comparison, sink.name, Capture(protocol, limit) if compares else None)
+            sink.upstream.observer.compare_in(comparison, sink.name, capture and capture())
         return comparison
 
     # --- lifecycle ---------------------------------------------------------------------
