@@ -8,6 +8,7 @@ live sessions finish).
 from __future__ import annotations
 
 import _socket
+import dataclasses
 import errno
 import logging
 import os
@@ -232,9 +233,13 @@ class Listener:
                 log.error("route %s: archive: %s; %s", route.name, error,
                           f"keeping {old.url}" if old is not None else "puts are relayed "
                           "to beanstalkd as they are")
+                if old is not None:  # the rest of the new route applies all the same
+                    old.route = dataclasses.replace(route, archive=old.route.archive)
                 return
         if old is not None:
-            old.stop()
+            # Sessions accepted before keep using its store (closed with it when they
+            # are gone); only one injector per route and process.
+            old.stop_injecting()
         self.archive = new
         self.stats.archive = new.url if new is not None else ""
 

@@ -64,7 +64,8 @@ def valid_tube(name: str) -> bool:
 
 class Archive:
     """A route's store and its injector. `start()` opens the store (ArchiveError if it
-    cannot) and starts injecting; `stop()` ends both."""
+    cannot) and starts injecting; `stop_injecting()` ends the injector (sessions may
+    still use the store); `stop()` ends both, once no session uses it."""
 
     def __init__(self, route, stats: RouteStats):
         self.route = route
@@ -82,10 +83,13 @@ class Archive:
         self._refresh()
         self._injector = gevent.spawn(self._inject_forever)
 
-    def stop(self) -> None:
+    def stop_injecting(self) -> None:
         if self._injector is not None:
             self._injector.kill()
             self._injector = None
+
+    def stop(self) -> None:
+        self.stop_injecting()
         if self.store is not None:
             self.store.close()
             self.store = None

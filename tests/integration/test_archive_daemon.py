@@ -506,11 +506,6 @@ def test_reload_changes_archive_after_and_keeps_the_store_it_cannot_replace(
     assert daemon.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "gproxyd bug: with workers = 1, a reload whose archive URL cannot be opened applies "
-    "the route and logs 'reloaded ... changed: jobs', but the archive-after and "
-    "archive-lead it sets are ignored: Listener._update_archive returns before giving the "
-    "kept Archive the new route, and Interception reads archive-after from Archive.route"))
 def test_a_reload_keeping_the_old_store_applies_the_new_archive_after(tmp_path, daemons,
                                                                       beanstalkd):
     store = tmp_path / "jobs.db"
@@ -528,13 +523,6 @@ def test_a_reload_keeping_the_old_store_applies_the_new_archive_after(tmp_path, 
         producer.close()
 
 
-@pytest.mark.xfail(strict=True, raises=ConnectionError, reason=(
-    "gproxyd bug: a reload that changes the archive URL stops the old Archive "
-    "(Listener._update_archive: old.stop() sets its store to None) while connections "
-    "accepted before still use it; their next archived put or archived-id command raises "
-    "AttributeError in Interception (beanstalkd.py: self.archive.store.put), the client is "
-    "disconnected without a reply, the close line says close=eof and the traceback goes "
-    "to stderr, not the log"))
 def test_a_connection_accepted_before_the_archive_moved_is_still_served(tmp_path, daemons,
                                                                          beanstalkd):
     """README: a session keeps the route it was accepted with; listener.py: live
