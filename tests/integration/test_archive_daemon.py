@@ -27,7 +27,6 @@ from service import GLOBAL, children, free_port, gproxyd_command, route_section,
 from gproxyd.interceptors.archive import ARCHIVE_BASE
 from gproxyd.interceptors.beanstalkd import BATCH, LEASE
 
-
 # --- fixtures and helpers ---------------------------------------------------------------
 
 def _accepts(port: int) -> bool:
