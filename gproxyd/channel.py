@@ -268,6 +268,11 @@ def connect(address: Address, timeout: float) -> Channel:
     return channel
 
 
+def out_of_descriptors(error: BaseException | None) -> bool:
+    """This process (EMFILE) or the system (ENFILE) has no file descriptor left."""
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
+
+
 def is_disconnect(error: BaseException) -> bool:
     """An ordinary way for a peer to go away (not worth a traceback)."""
     return isinstance(error, OSError) and error.errno in (

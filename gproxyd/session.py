@@ -24,7 +24,7 @@ from typing import Callable
 import gevent
 from gevent.lock import Semaphore
 
-from .channel import Channel, is_disconnect
+from .channel import Channel, is_disconnect, out_of_descriptors
 from .compare import HEAD_ROOM, PRODUCTION, REQUEST_KEPT, Capture, Comparison
 from .config import Route
 from .hooks import HookDispatch, HookSet
@@ -147,8 +147,12 @@ class Session:
 
     def _production_connected(self, error: OSError | None) -> None:
         if error is not None:
-            self.reason = f"production {self.production.address} unreachable: " \
-                          f"{_describe(error)}"
+            if out_of_descriptors(error):
+                self.reason = "out of file descriptors: production not tried (raise the " \
+                              "open-files limit: LimitNOFILE, ulimit -n)"
+            else:
+                self.reason = f"production {self.production.address} unreachable: " \
+                              f"{_describe(error)}"
             if self._candidates:
                 self.production.connect(self.route.connect_timeout,
                                         self._production_connected, self._spawn,

@@ -105,7 +105,8 @@ class BackendStats:
     errors: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    connect_failures: int = 0
+    connect_failures: int = 0  # the backend refused, or did not answer the connect in time
+    out_of_descriptors: int = 0  # connects not even tried: this process had no fd left
     resets: int = 0            # the backend reset or broke a connection mid-stream
     timeouts: int = 0          # requests never answered (shadows: by the end of linger)
     latency: Histogram = field(default_factory=Histogram)
@@ -133,7 +134,8 @@ class BackendStats:
     def snapshot(self) -> dict:
         return {"requests": self.requests, "errors": self.errors,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "connect_failures": self.connect_failures, "resets": self.resets,
+                "connect_failures": self.connect_failures,
+                "out_of_descriptors": self.out_of_descriptors, "resets": self.resets,
                 "timeouts": self.timeouts, "latency_ms": self.latency.summary_ms()}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .channel import Channel, Connecting, connect
+from .channel import Channel, Connecting, connect, out_of_descriptors
 from .observe import Exchanges
 from .relay import Counter
 from .settings import Address
@@ -71,7 +71,10 @@ class Upstream:
                 channel.close()
             return
         if channel is None:
-            self.stats.connect_failures += 1
+            if out_of_descriptors(error):  # ours, not the backend's: counted apart
+                self.stats.out_of_descriptors += 1
+            else:
+                self.stats.connect_failures += 1
             self.stats.errors += 1
             on_connected(error)
             return

@@ -1,8 +1,11 @@
 """Running out of file descriptors is survived: a clear log line, no crash, no busy loop."""
 from __future__ import annotations
 
+import json
 import resource
 import socket
+import subprocess
+import sys
 import time
 
 from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
@@ -60,3 +63,45 @@ def _serves(port: int) -> bool:
         return exchange(port, b"again", timeout=2) == b"a:again"
     except OSError:
         return False
+
+
+# In a process of its own (its limit is lowered to what it has open): a connect that
+# gets EMFILE from socket() is counted as out_of_descriptors, not as the backend's fault.
+_EMFILE_CONNECT = """
+from gevent import monkey; monkey.patch_all()
+import json, os, resource
+import gevent
+from gevent.event import AsyncResult
+from gproxyd.observe import Exchanges
+from gproxyd.settings import address
+from gproxyd.stats import RouteStats
+from gproxyd.upstream import Upstream
+stats = RouteStats()
+upstream = Upstream(address("127.0.0.1:9"), stats.production,
+                    Exchanges("tcp", stats.production, stats, "test"))
+gevent.sleep(0)
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+outcome = AsyncResult()
+upstream.connect(5.0, outcome.set, gevent.spawn)
+error = outcome.get(timeout=5)
+print(json.dumps({"errno": error.errno, "stats": stats.production.snapshot()}))
+"""
+
+
+def test_a_connect_without_descriptors_is_not_the_backends_fault():
+    done = subprocess.run([sys.executable, "-c", _EMFILE_CONNECT], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["errno"] == 24  # EMFILE, from the kernel
+    stats = result["stats"]
+    assert (stats["out_of_descriptors"], stats["connect_failures"], stats["errors"]) == (1, 0, 1)
+
