@@ -47,7 +47,12 @@ def _detach(context) -> int | None:
         return int(code)
     os.close(readable)
     context.files_preserve = [*context.files_preserve, _caller]
-    context.open()
+    from .daemon import PrivilegeError
+    try:
+        context.open()
+    except PrivilegeError as error:  # the pid file: written by the detached daemon
+        _tell_caller(f"{EX_FAILURE} {error}")
+        os._exit(EX_FAILURE)
     return None
 
 
@@ -149,8 +154,10 @@ def _serve(config, argv: list[str]) -> int:
             return status
     elif settings.pid_file:
         from .daemon import PidFile
-        context = PidFile(settings.pid_file)
-        context.__enter__()
+        try:
+            context = PidFile(settings.pid_file).__enter__()
+        except PrivilegeError as error:
+            return _fail(str(error), EX_FAILURE)
     log = logging.getLogger("gproxyd")
     from gevent import monkey
     monkey.patch_all()

@@ -1,6 +1,7 @@
 """Becoming a Unix daemon: detaching with python-daemon, pid file, dropping privileges."""
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -67,7 +68,18 @@ class PidFile:
         self.path = path
 
     def __enter__(self):
-        with open(self.path, "w", encoding="ascii") as handle:
+        # Written as root, often in a shared directory: a symlink planted at the path
+        # must not make us overwrite what it points to (O_NOFOLLOW: ELOOP instead).
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                         0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise PrivilegeError(f"pid-file: {self.path} is a symbolic link (expected a "
+                                     "regular file or nothing)") from None
+            raise PrivilegeError(f"pid-file: cannot write {self.path}: "
+                                 f"{error.strerror}") from None
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
         return self
 

@@ -306,6 +306,26 @@ def test_daemonize_refuses_relative_log_and_pid_files(tmp_path):
                              "with daemonize (expected an absolute path: a daemon runs in /)\n")
 
 
+@pytest.mark.parametrize("daemonize", [False, True])
+def test_a_symlink_planted_as_pid_file_is_refused(tmp_path, daemonize):
+    """The pid file is written as root: a symlink at its path must not lead the write
+    to another file."""
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    pid_file = tmp_path / "gproxyd.pid"
+    pid_file.symlink_to(precious)
+    config = tmp_path / "c.conf"
+    config.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
+    args = ["-c", str(config), "--pid-file", str(pid_file), "--log-file",
+            str(tmp_path / "d.log")] + (["--daemonize"] if daemonize else [])
+    result = subprocess.run(gproxyd_command() + args, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1
+    assert f"gproxyd: pid-file: {pid_file} is a symbolic link (expected a regular file or " \
+           "nothing)" in result.stderr
+    assert precious.read_text() == "keep me\n"
+
+
 def test_daemonize_refuses_stderr_logging(tmp_path):
     config = tmp_path / "c.conf"
     config.write_text(GLOBAL + route_section("web", free_port(), "127.0.0.1:9"))
