@@ -20,7 +20,7 @@ from collections import deque
 from time import monotonic
 
 from .compare import Capture, Comparison
-from .protocols import FRAMERS, ProtocolError, Upgraded
+from .protocols import ProtocolError, Upgraded, new_framers
 from .relay import Counter
 from .stats import BackendStats, RouteStats
 
@@ -29,6 +29,8 @@ log = logging.getLogger("gproxyd.observe")
 # Most requests a backend may owe answers for before we stop pairing (a backend that
 # never answers must not make `pending` grow without bound).
 _MAX_PENDING = 10_000
+# observe-max-header's default (settings.py), for callers that do not pass the route's.
+DEFAULT_MAX_HEAD = 16 * 1024
 
 
 class Exchanges:
@@ -38,13 +40,15 @@ class Exchanges:
                  "_capture", "_request_capture", "_kept")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
-                 label: str):
+                 label: str, max_head: int = DEFAULT_MAX_HEAD):
+        """`max_head`: the route's observe-max-header, the most an HTTP framer buffers
+        of one head; past it the connection falls back to tcp-level measurement."""
         self.stats = stats
         self.route_stats = route_stats
         self.label = label
-        framers = FRAMERS.get(protocol)
-        self._requests = framers[0]() if framers else None
-        self._responses = framers[1]() if framers else None
+        framers = new_framers(protocol, max_head)
+        self._requests = framers[0] if framers else None
+        self._responses = framers[1] if framers else None
         # Send times of requests not answered yet; only framed protocols pair them (an
         # idle tcp connection should not carry an empty deque).
         self._pending: deque[float] | None = deque() if framers else None

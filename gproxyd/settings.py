@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
 from typing import Any, Callable
@@ -202,6 +203,7 @@ def hook_spec(text: str) -> HookSpec | None:
     if spec.is_file and not os.path.isfile(source):
         raise BadValue(f"no such hooks file {spec.text!r} (expected a readable .py file)")
     if source and source.endswith(".py"):
+        _check_trusted(source)
         try:
             with open(source, "rb") as handle:
                 compile(handle.read(), source, "exec", dont_inherit=True)
@@ -215,6 +217,27 @@ def hook_spec(text: str) -> HookSpec | None:
                            "(expected a module path or a .py file defining on_connect, "
                            "on_data, on_response or on_finish)") from None
     return spec
+
+
+def _check_trusted(source: str) -> None:
+    """Hooks run with gproxyd's privileges (root, until the drop): refuse a file that
+    someone else could have written: owned by another user than root or us, writable by
+    others, or in a directory others may write to (without the sticky bit)."""
+    try:
+        info = os.stat(source)
+        folder = os.stat(os.path.dirname(os.path.abspath(source)))
+    except OSError as error:
+        raise BadValue(f"cannot read hooks file {source!r}: {error.strerror}") from None
+    if info.st_uid not in (0, os.getuid()):
+        problem = f"owned by uid {info.st_uid}"
+    elif info.st_mode & stat.S_IWOTH:
+        problem = "writable by every user"
+    elif folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX:
+        problem = "in a directory every user may write to"
+    else:
+        return
+    raise BadValue(f"untrusted hooks file {source!r}: {problem} (expected a file only root "
+                   "or gproxyd's own user can change: it runs with gproxyd's privileges)")
 
 
 def _module_source(name: str) -> str | None:
@@ -436,6 +459,15 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "request), http (HTTP/1.x requests and responses), redis (RESP2/RESP3 "
            "commands and replies) or beanstalkd (commands and replies). Bytes are never "
            "changed by it (see archive for what a beanstalkd route can do).", "PROTOCOL"),
+    Option("observe-max-header", size, "16KiB",
+           "On http routes, the most the observer buffers of one unfinished request or "
+           "response head (start-line and header fields), for each backend of each "
+           "connection: a slow client holds this much per backend until its head ends. A "
+           "longer head is still relayed unchanged; that connection is measured as tcp from "
+           "there on (counted in parser_fallbacks). 16KiB is far above what browsers and "
+           "API clients send, and half of what nginx accepts by default "
+           "(large_client_header_buffers 4 8k: 8k a line, 32k in all); 32KiB follows every "
+           "head nginx's defaults accept.", "SIZE"),
     Option("archive", archive_url, "",
            "On a beanstalkd route: keep jobs put with a delay longer than archive-after in "
            "this database instead of beanstalkd, and move them into beanstalkd when they "

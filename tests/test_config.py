@@ -60,6 +60,12 @@ GOOD = [
     ("size-bytes", ROUTE + "shadow-buffer = 65536\n", [], {}, {"web.shadow_buffer": 65536}),
     ("size-space-and-case", ROUTE + "shadow-buffer = 2 mib\n", [], {},
      {"web.shadow_buffer": 2 * MiB}),
+    ("observe-max-header-default", ROUTE + "protocol = http\n", [], {},
+     {"web.observe_max_header": 16 * 1024}),
+    ("observe-max-header", ROUTE + "protocol = http\nobserve-max-header = 32KiB\n", [], {},
+     {"web.observe_max_header": 32 * 1024}),
+    ("observe-max-header-bytes", ROUTE + "observe-max-header = 8192\n", [], {},
+     {"web.observe_max_header": 8192}),
     ("percent", ROUTE + "shadow-sample = 12.5%\n", [], {}, {"web.shadow_sample": 0.125}),
     ("percent-as-fraction", ROUTE + "shadow-sample = 0.5\n", [], {}, {"web.shadow_sample": 0.5}),
     ("ipv6-listen",
@@ -213,6 +219,9 @@ BAD = [
     ("bad-size", ROUTE + "shadow-buffer = 4 megs\n", [], {},
      "{path}:4: shadow-buffer: bad size '4 megs' (expected bytes with KiB, MiB or GiB, "
      "e.g. 4MiB)"),
+    ("bad-observe-max-header", ROUTE + "observe-max-header = 16 kilobytes\n", [], {},
+     "{path}:4: observe-max-header: bad size '16 kilobytes' (expected bytes with KiB, MiB "
+     "or GiB, e.g. 4MiB)"),
     ("bad-percent", ROUTE + "shadow-sample = 150%\n", [], {},
      "{path}:4: shadow-sample: bad share '150%' (expected 0% to 100%)"),
     ("bad-number", ROUTE + "max-connections = 0\n", [], {},
@@ -345,3 +354,35 @@ def test_abbreviated_flag_is_not_taken_for_an_option(tmp_path):
     # (nor blame it on GPROXYD_LOG_LEVEL).
     config = load_config(_write(tmp_path, ROUTE), ["--log-l", "debug"], {})
     assert config.settings.log_level == "info"
+
+
+def test_hooks_someone_else_could_have_written_are_refused(tmp_path):
+    """Hooks run with gproxyd's privileges: a file another user could change is refused,
+    at load (and so by --check-config and on reload)."""
+    import pwd
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def on_data(conn, data):\n    return data\n")
+    path = tmp_path / "gproxyd.conf"
+    path.write_text(f"[route web]\nlisten = 127.0.0.1:8080\nproduction = 127.0.0.1:8081\n"
+                    f"hooks = {hooks}\n")
+    assert load_config(str(path), [], {}).routes[0].hooks is not None
+    expected = (f"{path}:4: hooks: untrusted hooks file '{hooks}': {{}} (expected a file only "
+                "root or gproxyd's own user can change: it runs with gproxyd's privileges)")
+    os.chmod(hooks, 0o646)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), [], {})
+    assert str(caught.value) == expected.format("writable by every user")
+    os.chmod(hooks, 0o644)
+    os.chmod(tmp_path, 0o777)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), [], {})
+    assert str(caught.value) == expected.format("in a directory every user may write to")
+    os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: others cannot replace our file
+    assert load_config(str(path), [], {}).routes[0].hooks is not None
+    os.chmod(tmp_path, 0o755)
+    if os.getuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(hooks, nobody.pw_uid, nobody.pw_gid)
+        with pytest.raises(ConfigError) as caught:
+            load_config(str(path), [], {})
+        assert str(caught.value) == expected.format(f"owned by uid {nobody.pw_uid}")

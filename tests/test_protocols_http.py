@@ -141,6 +141,67 @@ def test_header_section_at_the_limit():
     assert requests([too_long[:-2], too_long[-2:]]) == ([], "ProtocolError")
 
 
+# A route's observe-max-header: the framers take the limit they are given. With 100
+# bytes: start-line and fields share it, a trailer section or a chunk-size line has its
+# own; a head of exactly 100 bytes passes, one more byte does not (whole or bytewise,
+# fast path or state machine).
+SMALL_LIMIT = 100
+_AT_LIMIT = b"GET / HTTP/1.1\r\nX: " + b"a" * (SMALL_LIMIT - 23) + b"\r\n\r\n"
+_RESPONSE_AT_LIMIT = b"HTTP/1.1 204 No Content\r\nX: " + b"a" * (SMALL_LIMIT - 32) + b"\r\n\r\n"
+SMALL_LIMIT_CASES = [
+    # id, framer, stream, what it completes, the error or None
+    ("request head at the limit", RequestFramer, _AT_LIMIT, ["GET"], None),
+    ("request head one over", RequestFramer, _AT_LIMIT[:-4] + b"a\r\n\r\n", [],
+     "header section or line over 100 bytes"),
+    ("request line alone over", RequestFramer, b"GET /" + b"a" * SMALL_LIMIT, [],
+     "header section or line over 100 bytes"),
+    ("the limit is per head", RequestFramer, _AT_LIMIT * 3, ["GET"] * 3, None),
+    ("chunk-size line over", RequestFramer,
+     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * SMALL_LIMIT, [],
+     "header section or line over 100 bytes"),
+    ("trailer section over", RequestFramer,
+     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: " + b"t" * SMALL_LIMIT
+     + b"\r\n\r\n", [], "header section or line over 100 bytes"),
+    ("a body is not a head", RequestFramer,
+     b"POST / HTTP/1.1\r\nContent-Length: 500\r\n\r\n" + b"b" * 500 + _AT_LIMIT,
+     ["POST", "GET"], None),
+    ("response head at the limit", ResponseFramer, _RESPONSE_AT_LIMIT, [(204, False)], None),
+    ("response head one over", ResponseFramer, _RESPONSE_AT_LIMIT[:-4] + b"a\r\n\r\n", [],
+     "header section or line over 100 bytes"),
+    ("what came before is kept", ResponseFramer,
+     b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nX: " + b"a" * SMALL_LIMIT,
+     [(204, False)], "header section or line over 100 bytes"),
+]
+
+
+@pytest.mark.parametrize("split", [whole, bytewise])
+@pytest.mark.parametrize("framer, stream, completed, message",
+                         [case[1:] for case in SMALL_LIMIT_CASES],
+                         ids=[case[0] for case in SMALL_LIMIT_CASES])
+def test_a_smaller_header_limit(framer, stream, completed, message, split):
+    assert len(_AT_LIMIT) == len(_RESPONSE_AT_LIMIT) == SMALL_LIMIT
+    instance = framer(SMALL_LIMIT)
+    if framer is ResponseFramer:
+        instance.expect("GET")
+        instance.expect("GET")
+    got = []
+    if message is None:
+        for chunk in split(stream):
+            got += feed(instance, chunk)
+    else:
+        with pytest.raises(ProtocolError, match="^" + re.escape(message)) as raised:
+            for chunk in split(stream):
+                got += feed(instance, chunk)
+        got += raised.value.completed
+    assert got == completed
+
+
+def test_the_default_limit_is_max_head():
+    head = b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD - 23) + b"\r\n\r\n"
+    assert requests([head]) == (["GET"], None)
+    assert run(RequestFramer(MAX_HEAD - 1), [head]) == ([], "ProtocolError")
+
+
 @pytest.mark.parametrize("framer, stream, message", [
     (RequestFramer, b"\x16\x03\x01\x02\x00", "bad request line b'\\x16\\x03\\x01\\x02\\x00'"),
     (RequestFramer, b"HELLO there\r\n", "bad request line b'HELLO there'"),

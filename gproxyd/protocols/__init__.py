@@ -14,8 +14,9 @@ observer feeds it copies of the bytes as they pass:
 
 ``data`` may be a memoryview that is overwritten after the call: framers copy only the
 few bytes they must (header lines, length lines), never bodies, so memory per framer
-is bounded by the 64 KiB line/header limits (plus, for Redis, one small int per open
-nested aggregate, and the queue of requests expected).
+is bounded by the line/header limits (HTTP: the route's observe-max-header; Redis:
+64 KiB lines, plus one small int per open nested aggregate), plus the queue of
+requests expected.
 
 When a framer raises, whatever it completed earlier in the same ``feed()`` call is on
 the exception's ``completed`` attribute (a list, possibly empty) -- for Upgraded, ending
@@ -51,3 +52,15 @@ FRAMERS = {
     "redis": (redis.RequestFramer, redis.ResponseFramer),
     "beanstalkd": (beanstalkd.RequestFramer, beanstalkd.ResponseFramer),
 }
+
+
+def new_framers(protocol: str, max_head: int = http.MAX_HEAD) -> tuple | None:
+    """A fresh (RequestFramer, ResponseFramer) pair for one connection to one backend, or
+    None for a protocol without framers (tcp). `max_head` bounds what an HTTP framer
+    buffers for one header section; the line-based protocols keep their own bounds."""
+    pair = FRAMERS.get(protocol)
+    if pair is None:
+        return None
+    if protocol == "http":
+        return pair[0](max_head), pair[1](max_head)
+    return pair[0](), pair[1]()

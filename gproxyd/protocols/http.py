@@ -1,7 +1,8 @@
 """HTTP/1.x framing for passive observers: where each request and each response ends (RFC 9112).
 
 Only the start-line and header section (and chunk-size lines, trailer sections) are
-buffered, up to MAX_HEAD bytes each; bodies are never copied, only counted down.
+buffered, up to `max_head` bytes each (MAX_HEAD unless the framer is given less: a
+route's observe-max-header); bodies are never copied, only counted down.
 Lines may end in CRLF or a bare LF (RFC 9112 section 2.2). Garbage is caught early: at
 its first byte when no message can start with it, else at the end of its first line.
 """
@@ -12,7 +13,7 @@ from collections import deque
 
 from . import ProtocolError, Upgraded
 
-MAX_HEAD = 64 * 1024  # bytes of one header section, trailer section or chunk-size line
+MAX_HEAD = 64 * 1024  # default bytes of one header section, trailer section or chunk-size line
 
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line ending a section (its first LF ends a line)
 _BLANKS = re.compile(rb"[\r\n]*")
@@ -36,7 +37,6 @@ _FAST_FIELDS = rb"(?:" + _TCHAR + rb"+:[^\r\n]*\r\n)*\r\n"
 _FAST_REQUEST = re.compile(rb"(" + _TCHAR + rb"+) [^ \r\n]+ HTTP/1\.[0-9]\r\n" + _FAST_FIELDS)
 _FAST_STATUS = re.compile(rb"HTTP/1\.[0-9] ([2-9][0-9]{2})(?: [^\r\n]*)?\r\n" + _FAST_FIELDS)
 _FAST_FRAMING = re.compile(rb"\n(?:content-length|transfer-encoding):", re.I)
-_FAST_MAX = MAX_HEAD - 8  # near the limit, the state machine decides (and counts)
 _FAST_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,18})[ \t]*\r\n", re.I)
 
 # Parser states.
@@ -61,15 +61,19 @@ _TO_CLOSE = -2
 class _MessageFramer:
     """The state machine shared by both directions; subclasses parse the start-line."""
 
-    __slots__ = ("_state", "_buf", "_limit", "_left", "_item", "ends")
+    __slots__ = ("_state", "_buf", "_max_head", "_fast_max", "_limit", "_left", "_item", "ends")
 
     _FIRST_BYTES: frozenset  # the bytes a start-line can begin with
     _KIND: str               # "request" or "status", for error messages
 
-    def __init__(self) -> None:
+    def __init__(self, max_head: int = MAX_HEAD) -> None:
+        """`max_head`: the most one start-line and header section together, one trailer
+        section or one chunk-size line may take; past it, ProtocolError."""
         self._state = _START
         self._buf = bytearray()
-        self._limit = MAX_HEAD  # the most the block being buffered may take
+        self._max_head = max_head
+        self._fast_max = max_head - 8  # near the limit, the state machine decides (and counts)
+        self._limit = max_head  # the most the block being buffered may take
         self._left = 0          # body or chunk bytes still to come
         self._item = None       # the message being framed, returned once its body ends
         # A list to track where messages end: feed() appends the offset, in the chunk
@@ -112,9 +116,9 @@ class _MessageFramer:
                         break
                     self._start_line(_strip_cr(line[:-1]))
                     # The field section is buffered after an LF, as if the start-line's,
-                    # so that an empty one ends at its first CRLF; the two share MAX_HEAD.
+                    # so that an empty one ends at its first CRLF; the two share max_head.
                     self._buf.append(10)
-                    self._limit = MAX_HEAD - len(line) + 1
+                    self._limit = self._max_head - len(line) + 1
                     self._state = _HEAD
                 elif state == _HEAD:
                     pos, block = self._take(data, pos, n, _HEAD_END)
@@ -179,19 +183,19 @@ class _MessageFramer:
             if m is not None:
                 stop = pos + m.end() - len(tail)
                 if stop - pos > room:
-                    raise ProtocolError(f"header section or line over {MAX_HEAD} bytes")
+                    raise ProtocolError(f"header section or line over {self._max_head} bytes")
         if stop < 0:
             m = end.search(data, pos, min(n, pos + room))
             if m is None:
                 if n - pos >= room:
-                    raise ProtocolError(f"header section or line over {MAX_HEAD} bytes")
+                    raise ProtocolError(f"header section or line over {self._max_head} bytes")
                 buf += data[pos:n]
                 return n, None
             stop = m.end()
         buf += data[pos:stop]
         block = bytes(buf)
         buf.clear()
-        self._limit = MAX_HEAD
+        self._limit = self._max_head
         return stop, block
 
     def _complete(self, out: list | None, end: int) -> list:
@@ -275,7 +279,7 @@ class RequestFramer(_MessageFramer):
 
     def _fast(self, data, pos: int, out: list | None) -> tuple[int, list | None] | None:
         m = _FAST_REQUEST.match(data, pos)
-        if m is None or m.end() - pos > _FAST_MAX:
+        if m is None or m.end() - pos > self._fast_max:
             return None
         head = m.group(0)
         length = self._fast_framing(head)
@@ -310,8 +314,8 @@ class ResponseFramer(_MessageFramer):
     _FIRST_BYTES = frozenset(b"H")
     _KIND = "status"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_head: int = MAX_HEAD) -> None:
+        super().__init__(max_head)
         self._pending = deque()
 
     def expect(self, request: str) -> None:
@@ -339,7 +343,7 @@ class ResponseFramer(_MessageFramer):
 
     def _fast(self, data, pos: int, out: list | None) -> tuple[int, list | None] | None:
         m = _FAST_STATUS.match(data, pos)  # final responses only: 1xx take the long way
-        if m is None or m.end() - pos > _FAST_MAX:
+        if m is None or m.end() - pos > self._fast_max:
             return None
         length = self._fast_framing(m.group(0))
         request = self._pending[0] if self._pending else None
