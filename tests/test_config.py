@@ -380,9 +380,9 @@ def test_hooks_someone_else_could_have_written_are_refused(tmp_path):
     os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: others cannot replace our file
     assert load_config(str(path), [], {}).routes[0].hooks is not None
     os.chmod(tmp_path, 0o755)
-    if os.getuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        os.chown(hooks, nobody.pw_uid, nobody.pw_gid)
-        with pytest.raises(ConfigError) as caught:
-            load_config(str(path), [], {})
-        assert str(caught.value) == expected.format(f"owned by uid {nobody.pw_uid}")
+    assert os.getuid() == 0, "giving the file to another user takes root; run the suite as root"
+    nobody = pwd.getpwnam("nobody")
+    os.chown(hooks, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), [], {})
+    assert str(caught.value) == expected.format(f"owned by uid {nobody.pw_uid}")
