@@ -87,6 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(config, argv)
 
 
+def _raise_open_files_limit() -> None:
+    """A proxy holds two descriptors a connection, more with shadows: take all the
+    open-files limit allows (the soft limit up to the hard one), as nginx and haproxy
+    do. Workers inherit it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # a hard limit beyond what the kernel allows: keep the soft one
+
+
 def _with_config(argv: list[str], path: str) -> list[str]:
     """`argv` with its -c/--config value replaced by `path` (or added)."""
     out, skip = [], False
@@ -131,6 +144,7 @@ def _serve(config, argv: list[str]) -> int:
     from .listener import ListenError
 
     settings = config.settings
+    _raise_open_files_limit()
     try:
         logs.configure(settings)
         if settings.log_file != "-":

@@ -105,3 +105,21 @@ def test_a_connect_without_descriptors_is_not_the_backends_fault():
     stats = result["stats"]
     assert (stats["out_of_descriptors"], stats["connect_failures"], stats["errors"]) == (1, 0, 1)
 
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(tmp_path):
+    backend = TaggedEcho(b"a")
+    port = free_port()
+    daemon = Daemon(tmp_path, GLOBAL + route_section("web", port, backend.address))
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+    daemon.start(preexec_fn=low_soft_limit)
+    try:
+        limits = [line for line in open(f"/proc/{daemon.pid}/limits")
+                  if line.startswith("Max open files")][0].split()
+        assert limits[3:5] == ["4096", "4096"]  # soft, hard
+        assert exchange(port, b"x") == b"a:x"
+    finally:
+        daemon.stop()
+        backend.stop()
+
