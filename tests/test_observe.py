@@ -12,7 +12,14 @@ import gevent.monkey
 import pytest
 import redis
 import requests
-from backends import recv_to_eof, redis_pings, unused_port, wait_for_lines, wait_until
+from backends import (
+    recv_exactly,
+    recv_to_eof,
+    redis_pings,
+    unused_port,
+    wait_for_lines,
+    wait_until,
+)
 from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 from hypothesis import HealthCheck, given, settings
@@ -475,3 +482,47 @@ def test_exchanges_give_the_http_framers_their_head_limit():
     exchanges = Exchanges("redis", BackendStats(), redis_stats, "test", max_head=16)
     exchanges.sent(b"*2\r\n$3\r\nGET\r\n$100\r\n" + b"k" * 100 + b"\r\n")  # its own bounds
     assert redis_stats.parser_fallbacks == 0 and exchanges.unanswered == 1
+
+
+DEEP_REPLY = b"*1\r\n" * 1_000_000 + b":1\r\n"  # 4 MB, a million arrays deep
+
+
+def _deep_redis(conn) -> None:
+    """A scripted redis-server: answers its first command with DEEP_REPLY and each
+    later one with +PONG (commands as redis-py's PING sends them)."""
+    command = b"*1\r\n$4\r\nPING\r\n"
+    got = b""
+    answered = 0
+    while True:
+        data = conn.sock.recv(65536)
+        if not data:
+            conn.eof.set()
+            return
+        conn.take(data)
+        got += data
+        while got.startswith(command):
+            got = got[len(command):]
+            conn.sock.sendall(DEEP_REPLY if not answered else b"+PONG\r\n")
+            answered += 1
+
+
+def test_a_reply_nested_past_max_depth_falls_back_and_passes_untouched(proxy, serve, caplog):
+    """A reply a million aggregates deep: the observer stops at MAX_DEPTH (one fallback,
+    measured by turn from there on), and the client gets every byte of it."""
+    caplog.set_level(logging.DEBUG, logger="gproxyd.observe")
+    backend = serve(_deep_redis)
+    proxied = proxy(backend.address, protocol="redis")
+    client = proxied.connect()
+    client.sendall(b"*1\r\n$4\r\nPING\r\n")
+    assert recv_exactly(client, len(DEEP_REPLY)) == DEEP_REPLY
+    client.sendall(b"*1\r\n$4\r\nPING\r\n")
+    assert recv_exactly(client, 7) == b"+PONG\r\n"
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b""
+    client.close()
+    wait_until(lambda: proxied.stats.active == 0, what="the session ended")
+    assert proxied.stats.parser_fallbacks == 1
+    assert "response: reply nested deeper than 128" in caplog.text
+    production = proxied.stats.production
+    assert production.requests == 2 and production.errors == 0  # then by turn
+    assert production.bytes_received == len(DEEP_REPLY) + 7

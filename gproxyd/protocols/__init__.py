@@ -15,8 +15,8 @@ observer feeds it copies of the bytes as they pass:
 ``data`` may be a memoryview that is overwritten after the call: framers copy only the
 few bytes they must (header lines, length lines), never bodies, so memory per framer
 is bounded by the line/header limits (HTTP: the route's observe-max-header; Redis:
-64 KiB lines, plus one small int per open nested aggregate), plus the queue of
-requests expected.
+64 KiB lines and at most MAX_DEPTH open nested aggregates, one small int each), plus
+the queue of requests expected.
 
 When a framer raises, whatever it completed earlier in the same ``feed()`` call is on
 the exception's ``completed`` attribute (a list, possibly empty) -- for Upgraded, ending

@@ -2,8 +2,10 @@
 
 Only lines are buffered (a type byte and its payload, a length, an inline command), up
 to MAX_LINE bytes each; bulk string contents are counted down, never copied, except
-the first NAME_MAX bytes of a command's name. Aggregates nest to any depth on an
-explicit stack of remaining element counts.
+the first NAME_MAX bytes of a command's name. Aggregates nest up to MAX_DEPTH deep on
+an explicit stack of remaining element counts; a deeper reply is not followed
+(ProtocolError: the observer falls back), so neither memory nor time per reply grows
+with its depth.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from . import ProtocolError, Upgraded
 
 MAX_LINE = 64 * 1024  # the same bound Redis puts on inline commands and length lines
 NAME_MAX = 64         # bytes of a command name kept; longer names are truncated
+MAX_DEPTH = 128       # aggregates open at once in one reply (attributes included)
 
 _LF = re.compile(rb"\n")
 _MAX_DIGITS = 18  # lengths and counts; more is garbage (and beyond int() limits soon)
@@ -275,6 +278,8 @@ class ResponseFramer(_LineFramer):
                 raise ProtocolError(f"bad length {line[:30]!r}")
             return out
         if size > 0:
+            if len(self._counts) >= MAX_DEPTH:
+                raise ProtocolError(f"reply nested deeper than {MAX_DEPTH}")
             self._counts.append(size * _AGGREGATE_WIDTH[kind])
             self._attributes.append(kind == _ATTRIBUTE)
             return out
