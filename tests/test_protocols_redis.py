@@ -277,6 +277,65 @@ def test_huge_bulk_string_is_counted_not_parsed():
     assert framer.feed(b"\r\n:1\r\n+OK\r\n") == [("*", False), ("+", False)]
 
 
+# --- big aggregates of small elements (the fast path) ---------------------------------
+
+SMALL_ELEMENTS = st.one_of(
+    st.binary(max_size=120).map(bulk),   # both sides of the 99-byte fast-path bound
+    st.sampled_from([b"$-1\r\n", b"_\r\n", b":0\r\n", b":-17\r\n", b"+OK\r\n",
+                     b",3.14\r\n", b"$03\r\nabc\r\n", b"$2\nab\r\n", b"$1\r\na\n",
+                     b"+" + b"x" * 150 + b"\r\n", b":" + b"9" * 30 + b"\r\n",
+                     b"*2\r\n$1\r\na\r\n:1\r\n", b"%1\r\n+k\r\n$1\r\nv\r\n",
+                     b"|1\r\n+a\r\n+b\r\n$1\r\nx\r\n", b"-ERR x\r\n"]))
+
+
+def ends_of(chunks) -> list:
+    """Where each reply ends (the capture's view), as offsets in the whole stream."""
+    framer = ResponseFramer()
+    framer.ends = []
+    ends, offset = [], 0
+    try:
+        for chunk in chunks:
+            framer.ends.clear()
+            feed(framer, chunk)
+            ends += [offset + end for end in framer.ends]
+            offset += len(chunk)
+    except ProtocolError as error:
+        ends += [offset + end for end in framer.ends]
+        return ends + [str(error)]
+    return ends
+
+
+@FAST
+@given(st.data())
+def test_big_aggregates_of_small_elements(data):
+    """Arrays, sets and maps of hundreds of small elements (LRANGE, SMEMBERS, HGETALL)
+    frame exactly as byte by byte, where no run of elements can be matched at once:
+    the same replies, ending at the same offsets, the same errors."""
+    replies_ = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        elements = data.draw(st.lists(SMALL_ELEMENTS, min_size=1, max_size=600))
+        kind = data.draw(st.sampled_from([b"*", b"~", b"%"]))
+        if kind == b"%" and len(elements) % 2:
+            elements.append(b":1\r\n")
+        count = len(elements) // 2 if kind == b"%" else len(elements)
+        replies_.append(kind + b"%d\r\n" % count + b"".join(elements))
+    stream = b"".join(replies_) + b"+OK\r\n"
+    if data.draw(st.booleans()):
+        stream = data.draw(mutated(stream))
+    slow = replies(bytewise(stream))
+    assert replies(whole(stream)) == slow
+    assert replies(data.draw(splits(stream))) == slow
+    assert ends_of(whole(stream)) == ends_of(bytewise(stream))
+
+
+def test_an_lrange_of_a_million_is_framed():
+    values = [b"v%d" % i for i in range(1_000_000)]
+    stream = b"*%d\r\n" % len(values) + b"".join(bulk(value) for value in values) + b"+OK\r\n"
+    chunks = [stream[at:at + 65536] for at in range(0, len(stream), 65536)]
+    assert replies(chunks) == ([("*", False), ("+", False)], None)
+    assert replies(chunks[:-1]) == ([], "ProtocolError")  # cut short: close() says so
+
+
 @pytest.mark.parametrize("requests, stream, completed", [
     (["SUBSCRIBE"], b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n*3\r\n$7\r\nmessage\r\n",
      [("*", False)]),

@@ -40,6 +40,27 @@ _ERRORS = ("-", "!")
 _LEAVES_REQUEST_REPLY = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"})
 
 
+def _small_bulk() -> bytes:
+    """A bulk string of 0 to 99 bytes, its length line included: the length's digits as
+    a trie, each leading to exactly that many bytes of contents, then CRLF."""
+    branches = [rb"0\r\n"]
+    for first in range(1, 10):
+        tails = [rb"\r\n.{%d}" % first]
+        tails += [rb"%d\r\n.{%d}" % (second, first * 10 + second) for second in range(10)]
+        branches.append(b"%d(?:" % first + b"|".join(tails) + b")")
+    return rb"\$(?:" + b"|".join(branches) + rb")\r\n"
+
+
+# The fast path through big aggregates (LRANGE, HGETALL, SMEMBERS): runs of small
+# elements -- bulk strings up to 99 bytes, nulls, integers, short simple strings and
+# doubles -- are matched 256, 16 or 1 at a time by one regular expression, and counted.
+# It accepts a subset of what the line-by-line path does (CRLF line ends, no leading
+# zeros, lines far below MAX_LINE); anything else is left to that path, which decides.
+_ELEMENT = (rb"(?:" + _small_bulk() + rb"|\$-1\r\n|:[-+]?[0-9]{1,20}\r\n"
+            rb"|[+,][^\r\n]{0,100}\r\n|_\r\n)")
+_RUNS = tuple((block, re.compile(_ELEMENT + rb"{%d}" % block, re.S)) for block in (256, 16, 1))
+
+
 class _LineFramer:
     """What both directions share: the state, and a line buffer bounded by MAX_LINE."""
 
@@ -236,6 +257,11 @@ class ResponseFramer(_LineFramer):
                     else:
                         self._state = _BULK_END
                 elif state == _LINE:
+                    counts = self._counts
+                    if counts and counts[-1] > 1 and not self._buf:
+                        pos = self._skip_elements(data, pos, counts)
+                        if pos == n:
+                            break
                     pos, line = self._line(data, pos, n)
                     if line is None:
                         break
@@ -256,6 +282,23 @@ class ResponseFramer(_LineFramer):
                 exc.completed = out or []
             raise
         return out
+
+    @staticmethod
+    def _skip_elements(data, pos: int, counts: list) -> int:
+        """Skip the small elements at `pos` (see _RUNS), all but the last of the innermost
+        open aggregate (the line-by-line path closes it); return where they end."""
+        left = counts[-1] - 1
+        start = left
+        for block, run in _RUNS:
+            while left >= block:
+                m = run.match(data, pos)
+                if m is None:
+                    break
+                pos = m.end()
+                left -= block
+        if left != start:
+            counts[-1] = left + 1
+        return pos
 
     def _type_line(self, line: bytes, out: list | None, end: int) -> list | None:
         kind = line[0] if line else -1
