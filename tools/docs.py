@@ -330,8 +330,13 @@ def render_man8() -> str:
               "shadow requests, errors, dropped, mismatches and latency_ms p50, p90, p99, "
               "p999, max), GET /mismatches (see COMPARING ANSWERS), GET /metrics "
               "(Prometheus text, metric names prefixed gproxyd_, "
-              "labels route and backend) and GET /healthz. Every stats-interval a summary "
-              "line per route is logged."),
+              "labels route and backend) and GET /healthz. /stats and /metrics are rendered "
+              "at most once a second, so either may be up to 1 s old (time in /stats says "
+              "when its numbers were read). The endpoint holds at most 64 connections (a new "
+              "one closes the one that has waited longest for a request, or itself if every "
+              "one is being answered) and closes a connection that has not sent a complete "
+              "request 10 s after connecting or sits idle 5 s between requests. Every "
+              "stats-interval a summary line per route is logged."),
         ".BR gproxyctl (1)",
         _text("prints production against each shadow from the same config file."),
         ".SH \"COMPARING ANSWERS\"",
