@@ -65,7 +65,8 @@ class Session:
         self._spawn = spawn
         label = f"route {route.name} client {peer}"
         self.production = Upstream(route.production, stats.production,
-                                   Exchanges(route.protocol, stats.production, stats, label))
+                                   Exchanges(route.protocol, stats.production, stats, label,
+                                             route.observe_max_header))
         self.started = time.monotonic()
         self.reason = ""
         self._idle_mark = (0, self.started)
@@ -91,7 +92,8 @@ class Session:
         self.shadows = [
             ShadowSink(Upstream(address, stats.shadow(address.text),
                                 Exchanges(route.protocol, stats.shadow(address.text), stats,
-                                          f"{label} shadow {address}")),
+                                          f"{label} shadow {address}",
+                                          route.observe_max_header)),
                        route, label, spawn, self.production, on_answer)
             for address in shadows]
         self._filter: RequestFilter | None = None

@@ -459,8 +459,6 @@ def test_a_head_over_observe_max_header_falls_back_and_passes_untouched(proxy, s
     assert proxied.stats.production.requests == 3  # one framed, then two turns
 
 
-@pytest.mark.xfail(strict=True, reason="session.py does not pass the route's "
-                   "observe-max-header to Exchanges yet (max_head=route.observe_max_header)")
 def test_a_head_within_a_raised_observe_max_header_is_followed(proxy, serve):
     backend = serve(_http_heads)
     proxied = proxy(backend.address, protocol="http", observe_max_header="32KiB")
