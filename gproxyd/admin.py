@@ -2,7 +2,7 @@
 
 It only reads: a `source()` callable returns {route name: RouteStats}. /stats and /metrics
 are rendered from it at most once per `max_age` (1 s) and only when asked for, in a
-greenlet that yields to the loop between routes, by a custom prometheus_client collector
+greenlet that lets the loop run between routes and backends, by a custom prometheus_client collector
 (serving traffic never touches prometheus_client's locks). The endpoint holds at most
 `max_connections` connections and gives each a deadline to send its request, so any local
 user can reach it without taking descriptors or loop time from the proxy.
@@ -43,15 +43,24 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
+def _let_the_loop_run() -> None:
+    """Between two slices of a rendering: let the loop poll once and run what is ready.
+
+    A timer, not sleep(0): the greenlets sleep(0) wakes run before the loop polls again,
+    so a 26 ms rendering that yielded with sleep(0) let no relay's I/O in until it ended.
+    """
+    gevent.sleep(0.0001)
+
+
 def stats_document(source: StatsSource) -> dict:
     """The /stats JSON: {"routes": {name: RouteStats.snapshot()}, "version", "time"}.
 
-    `time` is when the numbers were read. Yields to the loop after each route.
+    `time` is when the numbers were read. Lets the loop run after each route.
     """
     document = {"version": __version__, "time": round(time.time(), 3), "routes": {}}
     for name, stats in source().items():
         document["routes"][name] = stats.snapshot()
-        gevent.sleep(0)
+        _let_the_loop_run()
     return document
 
 
@@ -148,8 +157,8 @@ def read_histogram(histogram: Histogram) -> tuple[list[int], list[float]]:
 
 
 class _Collector:
-    """Builds every metric family from `source()`, yielding to the loop after each route
-    and each family (generate_latest formats a family as it is yielded)."""
+    """Builds every metric family from `source()`, letting the loop run after each
+    backend and each family (generate_latest formats a family as it is yielded)."""
 
     def __init__(self, source: StatsSource):
         self._source = source
@@ -194,10 +203,10 @@ class _Collector:
                                      histogram.count)
                 quantiles.add_sample("gproxyd_request_latency_seconds_sum", where,
                                      histogram.total)
-            gevent.sleep(0)
+                _let_the_loop_run()
         for family in [*routes, *counters, outcomes, latency, quantiles]:
             yield family
-            gevent.sleep(0)
+            _let_the_loop_run()
 
 
 class Rendered:

@@ -304,3 +304,42 @@ def test_many_routes_render_with_the_same_names_and_shapes(admin_server):
                and sample.labels["backend"] == "production"}
     assert (buckets["0.001"], buckets["0.0025"], buckets["0.25"], buckets["+Inf"]) == (
         1, 2, 3, 3)
+
+
+def test_rendering_many_routes_lets_relays_through_meanwhile(proxy, servers, admin_server):
+    """Echo round trips through a route go on while /metrics and /stats are rendered for
+    13 routes: the rendering lets the loop poll between backends and families."""
+    proxied = proxy(servers.echo())
+    routes = {}
+    for number in range(13):
+        stats = routes[f"r{number}"] = RouteStats()
+        for value in range(2000):
+            stats.production.record(value / 1e5)
+            stats.shadow("127.0.0.1:8082").record(value / 5e4)
+    rendering = Event()
+
+    def source():
+        rendering.set()
+        return routes
+
+    admin = admin_server(source, max_age=0)
+    client = proxied.connect()
+    during = []
+
+    def round_trips():
+        while True:
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+            if rendering.is_set():
+                during.append(1)
+
+    trips = gevent.spawn(round_trips)
+    try:
+        for rendered in (admin.metrics, admin.stats):
+            during.clear()
+            rendered.get()
+            rendering.clear()
+            assert during, "no round trip while rendering"
+    finally:
+        trips.kill()
+        client.close()
