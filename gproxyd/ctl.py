@@ -135,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.watch:
                 sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
                 sys.stdout.write(time.strftime("%H:%M:%S ") + f"gproxyd at {address}\n")
-            sys.stdout.write(table(document, previous, now - taken))
+            # Rates over the time between the two readings of the numbers (the daemon's
+            # `time`: /stats may be served from a cache up to a second old; the same
+            # reading twice shows no rate).
+            if "time" in document and "time" in previous:
+                elapsed = document["time"] - previous["time"]
+            else:
+                elapsed = now - taken
+            sys.stdout.write(table(document, previous, elapsed))
             sys.stdout.flush()
             shown += 1
             if not args.watch or (args.count and shown >= args.count):
