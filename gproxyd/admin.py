@@ -112,6 +112,8 @@ _BACKEND_COUNTERS = (
     ("bytes_received", "gproxyd_backend_received_bytes", "Bytes read from the backend", False),
     ("connect_failures", "gproxyd_connect_failures",
      "Connections to the backend that failed", False),
+    ("out_of_descriptors", "gproxyd_out_of_descriptors",
+     "Connections to the backend not tried: gproxyd had no file descriptor left", False),
     ("timeouts", "gproxyd_timeouts",
      "Requests never answered (shadows: by the end of shadow-linger)", False),
     ("dropped", "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
