@@ -374,3 +374,50 @@ def redis_pings(client) -> bool:
         return client.ping()
     except redis.exceptions.ConnectionError:
         return False
+
+
+def json_server(price_of=lambda item: 10, noisy: tuple[str, ...] = (), encoding: str = "",
+                chunked: bool = False, delay: float = 0.0, seen: list | None = None):
+    """A keep-alive pywsgi server (started; `address` is "127.0.0.1:PORT") answering
+    /items/N with a JSON item (Content-Type application/json). `noisy`: fields holding a
+    fresh random id in every answer, as real services stamp theirs; `encoding` "gzip":
+    the body gzipped; `chunked`: no Content-Length (pywsgi sends it chunked); `delay`:
+    seconds before each answer; `seen`: the methods received, in order."""
+    import gzip
+    import json
+    import uuid
+
+    import gevent
+    from gevent import socket as gsocket
+    from gevent.pywsgi import WSGIServer
+
+    def app(environ, start_response):
+        environ["wsgi.input"].read()
+        if seen is not None:
+            seen.append(environ["REQUEST_METHOD"])
+        if delay:
+            gevent.sleep(delay)
+        item = int(environ["PATH_INFO"].rsplit("/", 1)[-1] or 0)
+        document = {"id": item, "name": f"item {item}", "price": price_of(item),
+                    "tags": ["a", "b"]}
+        document.update((field, uuid.uuid4().hex) for field in noisy)
+        body = json.dumps(document).encode()
+        headers = [("Content-Type", "application/json")]
+        if encoding:
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        if not chunked:
+            headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        # pywsgi would send the body after a HEAD's head too.
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+    listening = gsocket.socket()
+    # pywsgi writes head and body apart: without NODELAY, Nagle and delayed ACKs add 40 ms.
+    listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    server = WSGIServer(listening, app, log=None, error_log=None)
+    server.start()
+    server.address = f"127.0.0.1:{server.server_port}"
+    return server
+

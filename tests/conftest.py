@@ -202,3 +202,17 @@ def shadow_redis(tmp_path):
     yield f"127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture
+def json_servers():
+    """json_servers(**options) -> a started backends.json_server, stopped after the test."""
+    started = []
+
+    def make(**kwargs):
+        started.append(backends.json_server(**kwargs))
+        return started[-1]
+    yield make
+    for server in started:
+        server.stop(timeout=1)
+

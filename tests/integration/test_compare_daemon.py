@@ -7,60 +7,14 @@ import http.client
 import json
 import re
 import shutil
-import socket
 import subprocess
-import uuid
 from pathlib import Path
 
 import gevent
 import pytest
 import requests
-from gevent import socket as gsocket
-from gevent.pywsgi import WSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 from service import GLOBAL, children, free_port, gproxyd_command, route_section, wait_until
-
-
-def json_server(price_of=lambda item: 10, noisy: tuple[str, ...] = (),
-                seen: list | None = None) -> WSGIServer:
-    """A keep-alive pywsgi server answering /items/N with a JSON item
-    (Content-Type application/json). `noisy`: fields holding a fresh random id in every
-    answer; `seen`: the methods received, in order."""
-    def app(environ, start_response):
-        environ["wsgi.input"].read()
-        if seen is not None:
-            seen.append(environ["REQUEST_METHOD"])
-        item = int(environ["PATH_INFO"].rsplit("/", 1)[-1] or 0)
-        document = {"id": item, "name": f"item {item}", "price": price_of(item),
-                    "tags": ["a", "b"]}
-        document.update((field, uuid.uuid4().hex) for field in noisy)
-        body = json.dumps(document).encode()
-        start_response("200 OK", [("Content-Type", "application/json"),
-                                  ("Content-Length", str(len(body)))])
-        # pywsgi would send the body after a HEAD's head too.
-        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
-    listening = gsocket.socket()
-    # pywsgi writes head and body apart: without NODELAY, Nagle and delayed ACKs add 40 ms.
-    listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    listening.bind(("127.0.0.1", 0))
-    listening.listen(128)
-    server = WSGIServer(listening, app, log=None, error_log=None)
-    server.start()
-    server.address = f"127.0.0.1:{server.server_port}"
-    return server
-
-
-@pytest.fixture
-def json_servers():
-    """json_servers(**options) -> a started json_server, stopped at the end of the test."""
-    started = []
-
-    def make(**kwargs):
-        started.append(json_server(**kwargs))
-        return started[-1]
-    yield make
-    for server in started:
-        server.stop(timeout=1)
 
 
 def curl(*args: str) -> str:
