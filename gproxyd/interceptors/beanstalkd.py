@@ -44,6 +44,9 @@ from .archive import ARCHIVE_BASE, ArchiveError, Store, open_store
 log = logging.getLogger("gproxyd.archive")
 
 TICK = 1.0            # how often the injector looks for due jobs (at most)
+# How often the archive's counts are read again (a scan of the whole archive: 65 ms at a
+# million jobs, and puts wait behind it); this process's puts are added in between.
+RECOUNT = 10.0
 BATCH = 100           # jobs claimed at once
 LEASE = 60.0          # a claim's lifetime: a claimer that dies leaves its jobs to others then
 MAPPING_DAYS = 7      # how long an injected job's archive id keeps working
@@ -77,6 +80,7 @@ class Archive:
         self._injector: gevent.Greenlet | None = None
         self._wake = Event()
         self._down_since = 0.0  # beanstalkd unreachable since (0: reachable)
+        self._counted = 0.0     # when the counts were last read from the store
 
     def start(self) -> None:
         self.store = open_store(self.route.archive, self._owner)
@@ -94,6 +98,13 @@ class Archive:
             self.store.close()
             self.store = None
 
+    def counted(self, tube: str, change: int) -> None:
+        """A job came into the archive (+1) or left it (-1) through this process: the
+        counts follow at once, between two reads of the store's."""
+        count = max(0, self.counts.get(tube, 0) + change)
+        self.counts[tube] = count
+        self.stats.archived = max(0, self.stats.archived + change)
+
     def wake(self) -> None:
         """Look for due jobs now (a kick-job made one due)."""
         self._wake.set()
@@ -107,7 +118,8 @@ class Archive:
             self._wake.clear()
             try:
                 delay = TICK if self._inject_due() else min(RETRY_MAX, max(TICK, delay * 2))
-                self._refresh()
+                if time.monotonic() - self._counted >= RECOUNT:
+                    self._refresh()
             except ArchiveError as error:
                 log.warning("route %s: archive %s: %s", self.route.name, self.url, error)
                 delay = min(RETRY_MAX, max(TICK, delay * 2))
@@ -138,6 +150,7 @@ class Archive:
                     return False
                 if self.store.injected(job.id, beanstalkd_id, time.time()):
                     self.stats.injected_total += 1
+                    self.counted(job.tube, -1)
                 else:  # deleted by its producer while it was being moved
                     connection.delete(beanstalkd_id)
         finally:
@@ -159,6 +172,7 @@ class Archive:
                         self.route.production, error.strerror or error)
 
     def _refresh(self) -> None:
+        self._counted = time.monotonic()
         self.counts = self.store.counts()
         self.stats.archived = sum(self.counts.values())
         self.stats.overdue_seconds = self.store.overdue(time.time())
@@ -284,8 +298,7 @@ class Interception:
                         self.route.name, self.archive.url, error)
             self._owe(_Slot(b"INTERNAL_ERROR\r\n"))
             return
-        counts = self.archive.counts
-        counts[self._tube] = counts.get(self._tube, 0) + 1
+        self.archive.counted(self._tube, +1)
         self.archive.stats.archived_total += 1
         self._owe(_Slot(b"INSERTED %d\r\n" % job_id))
 
@@ -307,7 +320,10 @@ class Interception:
             if name == "peek":
                 reply = b"FOUND %d %d\r\n%s\r\n" % (job_id, len(job.body), job.body)
             elif name == "delete":
-                reply = b"DELETED\r\n" if store.delete(job_id) else b"NOT_FOUND\r\n"
+                deleted = store.delete(job_id)
+                if deleted:
+                    self.archive.counted(job.tube, -1)
+                reply = b"DELETED\r\n" if deleted else b"NOT_FOUND\r\n"
             elif name == "stats-job":
                 reply = _ok(_job_stats(job))
             elif name == "kick-job":
