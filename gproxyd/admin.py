@@ -194,11 +194,11 @@ class _Collector:
                                             numbers.outcomes.get(outcome, 0))
                 histogram = numbers.latency
                 below, values = read_histogram(histogram)
-                buckets = [(str(bound), hits) for bound, hits in zip(_BUCKETS, below)]
+                buckets = [(str(bound), hits) for bound, hits in zip(_BUCKETS, below, strict=True)]
                 buckets.append(("+Inf", histogram.count))
                 latency.add_metric([name, backend], buckets, histogram.total)
                 where = {"route": name, "backend": backend}
-                for share, value in zip(_QUANTILES, values):
+                for share, value in zip(_QUANTILES, values, strict=True):
                     quantiles.add_sample("gproxyd_request_latency_seconds",
                                          dict(where, quantile=str(share)), value)
                 quantiles.add_sample("gproxyd_request_latency_seconds_count", where,

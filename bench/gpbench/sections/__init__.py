@@ -3,8 +3,20 @@ a module of this package that defines SECTION; adding one is adding its line her
 from __future__ import annotations
 
 from ..section import Section
-from . import (aa, beanstalkd, bulk, compare, connect, large, memory, observer, shadow,
-               shadow_matrix, small, workers)
+from . import (
+    aa,
+    beanstalkd,
+    bulk,
+    compare,
+    connect,
+    large,
+    memory,
+    observer,
+    shadow,
+    shadow_matrix,
+    small,
+    workers,
+)
 
 SECTIONS: tuple[Section, ...] = (
     small.SECTION,

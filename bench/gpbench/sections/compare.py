@@ -396,9 +396,10 @@ class Compare(Section):
             # Each interleaved round on its own too, as a measure of the noise (when a
             # run failed the rounds no longer line up, and this part is left out).
             runs = rig.samples.get((f"compare-{mode}", "compare-cpu.cpu_us"), [])
-            rounds = (" (per run: " + ", ".join(f"{(mine - theirs) / mine:.0%}"
-                                                for mine, theirs in zip(runs, off_runs)) + ")"
-                      if len(runs) == len(off_runs) == rig.args.runs else "")
+            shares = [f"{(mine - theirs) / mine:.0%}"
+                      for mine, theirs in zip(runs, off_runs, strict=True)
+                      ] if len(runs) == len(off_runs) == rig.args.runs else []
+            rounds = f" (per run: {', '.join(shares)})" if shares else ""
             lines.append(f"compare = {mode}: comparison's share of the proxy's CPU "
                          f"(cpu_{mode} - cpu_off) / cpu_{mode} = "
                          f"{(value - off) / value:.1%} ({value - off:+.1f} us/req){rounds}")
