@@ -93,7 +93,10 @@ def main(argv: list[str]) -> int:
     listen_port = _free_port()
     config_text = (f"[gproxyd]\nadmin = off\n\n[route demo]\nlisten = 127.0.0.1:{listen_port}\n"
                    f"production = 127.0.0.1:{production_port}\n"
-                   f"shadow = 127.0.0.1:{candidate_port}\nprotocol = http\n")
+                   f"shadow = 127.0.0.1:{candidate_port}\nprotocol = http\n"
+                   # Each server names itself in its answers: that field is expected to
+                   # differ; everything else is compared.
+                   "compare-ignore-fields = $.served_by\n")
     with tempfile.TemporaryDirectory() as workdir:
         path = os.path.join(workdir, "gproxyd.conf")
         with open(path, "w", encoding="utf-8") as handle:
