@@ -55,6 +55,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BadValue(f"bad number {text!r} (expected a whole number >= 0)")
+    return value
+
+
 def optional_int(text: str) -> int | None:
     raw = text.strip()
     if not raw:
@@ -370,6 +380,11 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
            "systemd; needs log-file set to a file).", "yes|no"),
     Option("pid-file", optional_text, "",
            "Write the daemon's process id here (removed on exit).", "PATH"),
+    Option("shadow-max-connections", whole_number, "0",
+           "Most shadow connections one process keeps open after their client has gone "
+           "(shadow-linger); past it the oldest is dropped (counted, outcome dropped) so "
+           "that lingering shadows never take the descriptors production needs. 0: a "
+           "quarter of the open-files limit.", "NUMBER"),
 )
 
 ROUTE_OPTIONS: tuple[Option, ...] = (

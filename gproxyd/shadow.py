@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import resource
 import socket
 import weakref
 from collections import deque
@@ -33,6 +34,38 @@ from .relay import FreeList, discard_buffer
 from .upstream import Upstream
 
 log = logging.getLogger("gproxyd.shadow")
+
+
+class _Lingering:
+    """The shadow connections still open after their session ended (shadow-linger),
+    oldest first. Nothing else counts them: past `limit` (shadow-max-connections; 0: a
+    quarter of the open-files limit) the oldest is dropped, so that a stalled shadow
+    and clients that open many short connections cannot take the descriptors
+    production needs."""
+
+    def __init__(self):
+        self.limit = 0
+        self._sinks: dict[ShadowSink, None] = {}
+        self._logged = 0.0
+
+    def add(self, sink: "ShadowSink") -> None:
+        self._sinks[sink] = None
+        bound = self.limit or max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        while len(self._sinks) > bound:
+            oldest = next(iter(self._sinks))
+            del self._sinks[oldest]
+            oldest.cut("over-shadow-max-connections")
+            now = monotonic()
+            if now - self._logged > 10:
+                self._logged = now
+                log.warning("%d shadow connections lingering (shadow-max-connections): "
+                            "dropping the oldest", bound)
+
+    def discard(self, sink: "ShadowSink") -> None:
+        self._sinks.pop(sink, None)
+
+
+LINGERING = _Lingering()
 
 _discard_buffers = [discard_buffer]  # for recvmsg_into
 _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
@@ -362,7 +395,12 @@ class ShadowSink:
         and decide its outcome (after the session has ended: production's counters are
         final)."""
         self.finish()
-        self._ended.wait(timeout)
+        if self.alive:
+            LINGERING.add(self)
+            try:
+                self._ended.wait(timeout)
+            finally:
+                LINGERING.discard(self)
         if self.state == "connecting":
             # Out of time before the shadow even accepted: that is a failed connect.
             self._stats.connect_failures += 1
@@ -382,6 +420,13 @@ class ShadowSink:
         self._stats.ended(self.state)
         if self._answer_greenlet is not None:
             self._answer_greenlet.join(timeout=1)
+
+    def cut(self, why: str) -> None:
+        """Drop this shadow connection now (too many lingering: see _Lingering)."""
+        if self.alive:
+            self._stats.dropped += 1
+            self.why = why
+            self._end("dropped")
 
     def _unanswered(self) -> int:
         observer = self.upstream.observer

@@ -516,3 +516,23 @@ def test_the_shadow_queue_gives_back_exactly_what_went_in_in_order(steps):
         queue.consume(len(offered))
     assert written == expected
     assert queue.pieces() == []
+
+
+def test_lingering_shadows_past_shadow_max_connections_drop_the_oldest(
+        servers, proxy, caplog, monkeypatch):
+    """Clients that open short connections while a shadow never answers leave shadow
+    sockets lingering; past the bound the oldest are dropped, not production's."""
+    from gproxyd import shadow
+    monkeypatch.setattr(shadow.LINGERING, "limit", 2)
+    silent = servers.sink(hold=True)       # reads to EOF, never answers, never closes
+    proxied = proxy(servers.echo(), shadow=[silent], shadow_linger="2s")
+    for number in range(5):
+        assert exchange(proxied, b"request %d" % number)[1] == 9
+    lines = wait_for_lines(caplog, count=5, timeout=10)
+    stats = proxied.shadow_stats(silent)
+    assert stats.outcomes == {"dropped": 3, "timeout": 2}
+    assert stats.dropped == 3
+    whys = sorted(line["why"][silent.address] for line in lines)
+    assert whys == ["1-unanswered"] * 2 + ["over-shadow-max-connections"] * 3
+    assert "shadow connections lingering (shadow-max-connections): dropping the oldest" \
+        in caplog.text

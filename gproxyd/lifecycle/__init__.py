@@ -35,7 +35,7 @@ from typing import Mapping
 import gevent
 from gevent.queue import Queue
 
-from .. import logs
+from .. import logs, shadow
 from ..admin import AdminServer
 from ..config import Config, ConfigError, Route, load_config
 from ..hooks import HookLoadError
@@ -145,6 +145,7 @@ class Lifecycle:
         self.config = config
         self._queue: Queue = Queue()  # also creates gevent's hub, before any privilege drop
         self.stopping = False
+        shadow.LINGERING.limit = config.settings.shadow_max_connections
 
     def install_signal_handlers(self) -> None:
         for signum in HANDLED_SIGNALS:
@@ -284,6 +285,7 @@ class MainProcess(Lifecycle):
         raise NotImplementedError
 
     def _apply_settings(self, new: Config) -> None:
+        shadow.LINGERING.limit = new.settings.shadow_max_connections
         if new.settings.admin != self.config.settings.admin:
             self._stop_admin()
             if new.settings.admin is not None:
