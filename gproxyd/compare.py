@@ -148,8 +148,6 @@ class Comparison:
         self._production_gone = False
         # With a shadow-filter: whether each request production will answer was mirrored.
         self._decisions: deque[bool] | None = deque() if route.shadow_filter else None
-        if self.stats.samples.maxlen != route.compare_samples:
-            self.stats.samples = deque(self.stats.samples, maxlen=route.compare_samples)
 
     def decided(self, mirrored: bool) -> None:
         """The shadow-filter's decision on the client's next request (request_filter)."""

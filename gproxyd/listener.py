@@ -16,6 +16,7 @@ import random
 import socket
 import stat
 import time
+from collections import deque
 
 import gevent
 from gevent.event import Event
@@ -169,9 +170,7 @@ class Listener:
         self.route = route
         self.hooks = hooks
         self.stats = stats or RouteStats()
-        # What the route's numbers are read with (kept by the stats: they outlive reloads).
-        self.stats.baseline = route.baseline.text if route.baseline is not None else ""
-        self.stats.verdict_threshold = route.verdict_threshold
+        self._read_stats_with(route)
         self.archive = Archive(route, self.stats) if route.archive else None
         self.stats.archive = self.archive.url if self.archive is not None else ""
         self.sessions: set[Session] = set()
@@ -216,7 +215,17 @@ class Listener:
         if route.shadow_seed != self.route.shadow_seed:
             self._sampler = random.Random(route.shadow_seed)
         self._update_archive(route)
+        self._read_stats_with(route)
         self.route, self.hooks = route, hooks
+
+    def _read_stats_with(self, route: Route) -> None:
+        """What the route's numbers are read with: kept by its stats, which outlive
+        reloads, so a reload changes them too."""
+        stats = self.stats
+        stats.baseline = route.baseline.text if route.baseline is not None else ""
+        stats.verdict_threshold = route.verdict_threshold
+        if stats.samples.maxlen != route.compare_samples:
+            stats.samples = deque(stats.samples, maxlen=route.compare_samples)
 
     def _update_archive(self, route: Route) -> None:
         """A changed archive URL opens the new store; one that cannot be opened leaves

@@ -175,3 +175,20 @@ def test_a_listener_port_is_free_again_after_close(servers, proxy):
     proxied.stop()
     again = proxy(servers.echo(), listen=f"127.0.0.1:{port}")
     assert ping(again.connect()) == b"ping"
+
+
+def test_a_reload_changes_what_the_routes_numbers_are_read_with(proxy, servers):
+    """Baseline, verdict-threshold and compare-samples live with the route's stats
+    (they outlive reloads): a reload must change them too."""
+    from gproxyd.config import make_route
+    proxied = proxy(servers.echo(), protocol="http", shadow=["127.0.0.1:9"],
+                    verdict_threshold="2ms", compare_samples="5")
+    stats = proxied.stats
+    assert (stats.baseline, stats.verdict_threshold, stats.samples.maxlen) == ("", 0.002, 5)
+    changed = make_route("test", listen=proxied.route.listen.text,
+                         production=proxied.route.production.text, protocol="http",
+                         shadow=["127.0.0.1:9"], baseline="127.0.0.1:10",
+                         verdict_threshold="", compare_samples="50")
+    proxied.listener.update(changed)
+    assert (stats.baseline, stats.verdict_threshold, stats.samples.maxlen) == (
+        "127.0.0.1:10", None, 50)
