@@ -243,6 +243,9 @@ def _conflicts(route: Route):
         elif route.hooks is not None:
             yield "archive", "hooks and an archive both rewrite the traffic (expected one " \
                              "of them on a route)"
+    if route.record and protocol != "http":
+        yield "record", "requests are recorded whole from HTTP traffic (expected protocol = " \
+                        "http)"
     if route.baseline is not None:
         if protocol not in ("http", "redis") or route.compare == "off":
             yield "baseline", "a baseline only serves answer comparison (expected protocol = " \

@@ -321,6 +321,34 @@ def hide_password(url: str) -> str:
     return f"{scheme}://{user}:***@{place}"
 
 
+def file_mode(text: str) -> int | None:
+    """'' (the umask decides) or an octal mode such as 0660, for unix listen sockets."""
+    raw = text.strip()
+    if not raw:
+        return None
+    if not re.fullmatch(r"0?[0-7]{3}", raw):
+        raise BadValue(f"bad mode {text!r} (expected an octal mode such as 0660)")
+    return int(raw, 8)
+
+
+def owner(text: str) -> str:
+    """'' (keep), 'user' or 'user:group'; checked to exist when the route starts."""
+    raw = text.strip()
+    if raw and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*(:[A-Za-z0-9_.][A-Za-z0-9_.-]*)?"
+                                r"|[0-9]+(:[0-9]+)?", raw):
+        raise BadValue(f"bad owner {text!r} (expected user or user:group)")
+    return raw
+
+
+def optional_path(text: str) -> str:
+    """'' (off) or an absolute file path."""
+    raw = text.strip()
+    if raw and not raw.startswith("/"):
+        raise BadValue(f"bad path {text!r} (expected an absolute path, e.g. "
+                       "/var/lib/gproxyd/web.rec)")
+    return raw
+
+
 def optional_address(text: str) -> Address | None:
     return address(text) if text.strip() else None
 
@@ -385,6 +413,11 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
            "(shadow-linger); past it the oldest is dropped (counted, outcome dropped) so "
            "that lingering shadows never take the descriptors production needs. 0: a "
            "quarter of the open-files limit.", "NUMBER"),
+    Option("hook-timeout", duration, "2s",
+           "Longest a hook may hold the event loop without yielding (a CPU loop): past it "
+           "the hook is interrupted, logged with its name and stack, and its connection "
+           "closed, so other connections and signals are served again. 0 turns the "
+           "watchdog off.", "DURATION"),
 )
 
 ROUTE_OPTIONS: tuple[Option, ...] = (
@@ -494,6 +527,26 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("archive-lead", duration, "30s",
            "Archived jobs are moved into beanstalkd this long before they are due.",
            "DURATION"),
+    Option("record", optional_path, "",
+           "On an http route: append sampled whole client requests (arrival time and raw "
+           "bytes) to this file, for gproxyctl replay. Empty: off.", "PATH"),
+    Option("record-sample", percentage, "100%",
+           "Share of requests recorded.", "PERCENT"),
+    Option("record-max-size", size, "1GiB",
+           "When the record file grows past this, it is renamed to FILE.1 (older ones "
+           "shift to .2, ...) and a new one begun.", "SIZE"),
+    Option("record-keep", whole_number, "3",
+           "How many rotated record files are kept.", "NUMBER"),
+    Option("record-secrets", choice("mask", "keep"), "mask",
+           "mask replaces the values of Authorization, Proxy-Authorization and Cookie "
+           "headers in recorded requests by a placeholder; keep records them as sent.",
+           "mask|keep"),
+    Option("listen-mode", file_mode, "",
+           "For a unix:/path listen address: the socket file's mode, e.g. 0660 (empty: "
+           "what the umask gives).", "MODE"),
+    Option("listen-owner", owner, "",
+           "For a unix:/path listen address: the socket file's owner, as user or "
+           "user:group (empty: gproxyd's user).", "OWNER"),
 )
 
 GLOBAL_BY_NAME = {option.name: option for option in GLOBAL_OPTIONS}

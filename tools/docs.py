@@ -41,7 +41,8 @@ SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxy
                      "NAMES": "Content-Type, Cache-Control",
                      "PATHS": "$.timestamp, $.items[*].updated_at",
                      "ADDRESS": "127.0.0.1:8084", "FILTER": "GET HEAD OPTIONS",
-                     "DURATION": "2ms", "URL": "sqlite:////var/lib/gproxyd/jobs.db"}
+                     "DURATION": "2ms", "URL": "sqlite:////var/lib/gproxyd/jobs.db",
+                     "MODE": "0660", "OWNER": "gproxyd:www-data"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -580,11 +581,18 @@ def render_man5() -> str:
         _italic("yes|no"),
         _text("Either yes or no; true, on and 1 also mean yes; false, off and 0 also mean no."),
         ".TP",
-        f"{_italic('LEVEL')}, {_italic('FORMAT')}, {_italic('PROTOCOL')}, {_italic('WHAT')}",
+        f"{_italic('LEVEL')}, {_italic('FORMAT')}, {_italic('PROTOCOL')}, {_italic('WHAT')}, "
+        f"{_italic('mask|keep')}",
         _text("One of the words listed in the key's description."),
         ".TP",
         f"{_italic('PATH')}, {_italic('USER')}, {_italic('GROUP')}",
         _text("A file path; a user or group name."),
+        ".TP",
+        _italic("MODE"),
+        _text("An octal file mode such as 0660."),
+        ".TP",
+        _italic("OWNER"),
+        _text("A user name, or user:group (names or numeric ids)."),
         ".TP",
         _italic("NAMES"),
         _text("Names separated by commas or spaces, e.g. Content-Type, Cache-Control."),
