@@ -25,10 +25,18 @@ setup(
         # The beanstalkd archive on MySQL/MariaDB: pure Python, so gevent's monkey-patching
         # makes it cooperative (a C driver would block the event loop on every query).
         "PyMySQL>=1.0",
+        # Workers and the arbiter name themselves in ps/top (`gproxyd: worker 1 [web]`):
+        # rewriting argv's memory portably is what this small, long-kept C extension does.
+        "setproctitle>=1.3",
     ],
     extras_require={
+        # gproxyctl replay --plot draws with matplotlib; the Locust user class replays a
+        # recording from Locust's distributed workers. Both are large, so optional.
+        "plot": ["matplotlib>=3.6"],
+        "locust": ["locust>=2.20"],
         "test": ["pytest>=7", "hypothesis>=6", "requests>=2.28", "redis>=5",
-                 "mysql-connector-python>=8", "greenstalk>=2"],
+                 "mysql-connector-python>=8", "greenstalk>=2", "matplotlib>=3.6",
+                 "locust>=2.20"],
     },
     entry_points={"console_scripts": ["gproxyd = gproxyd.cli:run",
                                     "gproxyctl = gproxyd.ctl:run"]},
