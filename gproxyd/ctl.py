@@ -3,9 +3,11 @@
     gproxyctl stats [--watch] [--json] [-c FILE | --admin ADDRESS]
     gproxyctl diff [--route NAME] [--shadow ADDRESS] [--limit N] [--json]
                    [-c FILE | --admin ADDRESS]
+    gproxyctl replay [FILE | --urls FILE | --access-log FILE] --target HOST:PORT ...
 
 It reads the admin address from the same config file gproxyd uses (or --admin) and
-talks to its admin endpoint (GET /stats, GET /mismatches).
+talks to its admin endpoint (GET /stats, GET /mismatches). `replay` (gproxyd/replay/)
+talks to no daemon: it sends load to --target and measures it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from urllib.parse import urlencode
 
 from .config import DEFAULT_PATH, ConfigError, load_config
 from .exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from .replay.cli import add_replay_command, run_replay
 from .report import differences, table
 from .settings import BadValue, address
 
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--limit", type=int, default=10, metavar="N",
                       help="at most N exchanges, newest first (default: 10; 0: all kept)")
     diff.add_argument("--json", action="store_true", help="print /mismatches as JSON")
+    add_replay_command(commands)
     return parser
 
 
@@ -110,6 +114,8 @@ def _admin_address(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "replay":
+        return run_replay(args)
     address = _admin_address(args)
     path = "/stats"
     try:
