@@ -13,7 +13,8 @@ _caller: int | None = None
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"gproxyd: {message}", file=sys.stderr)
+    for line in message.splitlines():  # several config errors: one line each
+        print(f"gproxyd: {line}", file=sys.stderr)
     _tell_caller(f"{code} {message}")
     return code
 

@@ -6,6 +6,7 @@ FILE:LINE, the key, what is wrong and what was expected.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field, make_dataclass
@@ -13,7 +14,7 @@ from typing import Any, Mapping
 
 import configargparse
 
-from . import __version__
+from . import __version__, checks
 from .exitcodes import EX_USAGE
 from .settings import (
     GLOBAL_BY_NAME,
@@ -58,6 +59,30 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
 
 
+class ConfigErrors(ConfigError):
+    """Every error found in one reading of the configuration (like `haproxy -c`, all of
+    them at once); where/key/problem are the first's, str() has one line each."""
+
+    def __init__(self, errors: list[ConfigError]):
+        first = errors[0]
+        super().__init__(first.where, first.key, first.problem)
+        self.errors = list(errors)
+        self.args = ("\n".join(str(error) for error in errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class _Errors(list):
+    """Where the readers below put what they find wrong, to raise it all at the end."""
+
+    def raise_any(self) -> None:
+        if len(self) == 1:
+            raise self[0]
+        if self:
+            raise ConfigErrors(self)
+
+
 # --- reading the INI text, keeping line numbers ---------------------------------------
 
 _SECTION = re.compile(r"^\[\s*([^\]]*?)\s*\]\s*(?:[;#].*)?$")
@@ -72,7 +97,7 @@ class _Section:
     values: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
-def _read_sections(path: str) -> list[_Section]:
+def _read_sections(path: str, errors: _Errors) -> list[_Section]:
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -91,29 +116,36 @@ def _read_sections(path: str) -> list[_Section]:
             continue
         pair = _KEY.match(line)
         if not pair:
-            raise ConfigError(f"{path}:{number}", "",
-                              f"cannot parse {line!r} (expected [section] or key = value)")
+            errors.append(ConfigError(f"{path}:{number}", "", f"cannot parse {line!r} "
+                                      "(expected [section] or key = value)"))
+            continue
         if not sections:
-            raise ConfigError(f"{path}:{number}", pair.group(1),
-                              "key outside any section (expected it under [gproxyd] or "
-                              "[route NAME])")
+            errors.append(ConfigError(f"{path}:{number}", pair.group(1),
+                                      "key outside any section (expected it under "
+                                      "[gproxyd] or [route NAME])"))
+            continue
         key, value = pair.group(1).lower(), _INLINE_COMMENT.sub("", pair.group(2)).strip()
         section = sections[-1]
         if key in section.values:
-            raise ConfigError(f"{path}:{number}", key,
-                              f"given twice in [{section.title}] (first on line "
-                              f"{section.values[key][1]})")
+            errors.append(ConfigError(f"{path}:{number}", key,
+                                      f"given twice in [{section.title}] (first on line "
+                                      f"{section.values[key][1]})"))
+            continue
         section.values[key] = (value, number)
     return sections
 
 
 # --- building the frozen config -------------------------------------------------------
 
-def _parse(option, text: str, where: str) -> Any:
+def _parse(option, text: str, where: str, errors: _Errors | None = None) -> Any:
+    """The option's value; a bad one raises ConfigError, or is added to `errors`."""
     try:
         return option.parse(text)
     except BadValue as error:
-        raise ConfigError(where, option.name, str(error)) from None
+        if errors is None:
+            raise ConfigError(where, option.name, str(error)) from None
+        errors.append(ConfigError(where, option.name, str(error)))
+        return None
 
 
 class _Parser(configargparse.ArgumentParser):
@@ -162,54 +194,71 @@ def _cli_and_env(argv: list[str], env: Mapping[str, str]) -> dict[str, tuple[str
     return found
 
 
-def _settings(path: str, section: _Section | None, overrides: dict[str, tuple[str, str]]):
+def _settings(path: str, section: _Section | None, overrides: dict[str, tuple[str, str]],
+              errors: _Errors):
+    """The [gproxyd] section, environment and flags as Settings; None if any is wrong
+    (each wrong value is added to `errors`)."""
     values = {}
+    count = len(errors)
     for option in GLOBAL_OPTIONS:
         # The file's value is checked even when overridden: the same file must not pass
         # --check-config under one environment and fail under another.
         if section and option.name in section.values:
             text, line = section.values[option.name]
-            values[option.attr] = _parse(option, text, f"{path}:{line}")
+            values[option.attr] = _parse(option, text, f"{path}:{line}", errors)
         else:
-            values[option.attr] = _parse(option, option.default, "default")
+            values[option.attr] = _parse(option, option.default, "default", errors)
         if option.name in overrides:
             text, where = overrides[option.name]
-            values[option.attr] = _parse(option, text, where)
+            values[option.attr] = _parse(option, text, where, errors)
+    if len(errors) > count:
+        return None
     settings = Settings(**values)
+
+    def where(key: str) -> str:
+        if key in overrides:
+            return overrides[key][1]
+        return f"{path}:{section.values[key][1]}" if (
+            section and key in section.values) else path
+
     if settings.daemonize:
-        def where(key: str) -> str:
-            if key in overrides:
-                return overrides[key][1]
-            return f"{path}:{section.values[key][1]}" if (
-                section and key in section.values) else path
         if settings.log_file == "-":
-            raise ConfigError(where("log-file"), "log-file", "'-' (standard error) is closed "
-                              "when daemonized (expected a file path with daemonize)")
+            errors.append(ConfigError(where("log-file"), "log-file", "'-' (standard error) "
+                                      "is closed when daemonized (expected a file path with "
+                                      "daemonize)"))
         for key, value in (("log-file", settings.log_file), ("pid-file", settings.pid_file)):
             if value and not os.path.isabs(value):
-                raise ConfigError(where(key), key, f"relative path {value!r} with daemonize "
-                                  "(expected an absolute path: a daemon runs in /)")
+                errors.append(ConfigError(where(key), key, f"relative path {value!r} with "
+                                          "daemonize (expected an absolute path: a daemon "
+                                          "runs in /)"))
+    for key, problem in checks.settings_problems(settings):
+        errors.append(ConfigError(where(key), key, problem))
     return settings
 
 
-def _route(path: str, section: _Section, name: str) -> Route:
+def _route(path: str, section: _Section, name: str, errors: _Errors) -> Route | None:
+    """A [route NAME] section as a Route; None if any of it is wrong (added to
+    `errors`)."""
     values: dict[str, Any] = {}
+    count = len(errors)
     for option in ROUTE_OPTIONS:
         if option.name in section.values:
             text, line = section.values[option.name]
-            values[option.attr] = _parse(option, text, f"{path}:{line}")
+            values[option.attr] = _parse(option, text, f"{path}:{line}", errors)
             if isinstance(values[option.attr], HookSpec):
                 values[option.attr] = values[option.attr].at(f"{path}:{line}")
         elif option.default is None:
-            raise ConfigError(f"{path}:{section.line}", option.name,
-                              f"missing in [route {name}] (expected {option.name} = "
-                              f"{option.metavar.lower()})")
+            errors.append(ConfigError(f"{path}:{section.line}", option.name,
+                                      f"missing in [route {name}] (expected {option.name} = "
+                                      f"{option.metavar.lower()})"))
         else:
             values[option.attr] = option.parse(option.default)
+    if len(errors) > count:
+        return None
     route = Route(name=name, where=f"{path}:{section.line}", **values)
-    for key, problem in _conflicts(route):
+    for key, problem in [*_conflicts(route), *checks.route_problems(route)]:
         line = section.values[key][1] if key in section.values else section.line
-        raise ConfigError(f"{path}:{line}", key, problem)
+        errors.append(ConfigError(f"{path}:{line}", key, problem))
     return route
 
 
@@ -296,50 +345,73 @@ def load_config(path: str = DEFAULT_PATH, argv: list[str] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Read PATH, then GPROXYD_* variables and command-line flags, into a Config.
 
-    Precedence: defaults < file < environment < command line.
+    Precedence: defaults < file < environment < command line. Raises ConfigError with
+    the one error found, or ConfigErrors with all of them.
     """
     argv = list(argv or [])
     env = os.environ if env is None else env
-    sections = _read_sections(path)
+    errors = _Errors()
+    sections = _read_sections(path, errors)
     global_section = None
     routes: list[Route] = []
-    listen_seen: dict[Any, str] = {}
+    names: dict[str, int] = {}
     for section in sections:
         where = f"{path}:{section.line}"
         kind, _, name = section.title.partition(" ")
         if section.title == "gproxyd":
             if global_section is not None:
-                raise ConfigError(where, "", f"section [gproxyd] given twice (first on line "
-                                             f"{global_section.line})")
+                errors.append(ConfigError(where, "", "section [gproxyd] given twice (first "
+                                                     f"on line {global_section.line})"))
+                continue
             global_section = section
-            allowed = GLOBAL_BY_NAME
+            allowed, other = GLOBAL_BY_NAME, ROUTE_BY_NAME
         elif kind == "route" and re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-            first = next((route for route in routes if route.name == name), None)
-            if first is not None:
-                raise ConfigError(where, "", f"route {name!r} given twice (first on line "
-                                             f"{first.where.rsplit(':', 1)[1]}; expected each "
-                                             "route name once)")
-            allowed = ROUTE_BY_NAME
+            if name in names:
+                errors.append(ConfigError(where, "", f"route {name!r} given twice (first "
+                                                     f"on line {names[name]}; expected each "
+                                                     "route name once)"))
+                continue
+            names[name] = section.line
+            allowed, other = ROUTE_BY_NAME, GLOBAL_BY_NAME
         else:
-            raise ConfigError(where, "", f"unknown section [{section.title}] (expected "
-                                         "[gproxyd] or [route NAME], NAME of letters, digits, "
-                                         "'-', '_' or '.')")
-        for key, (_, line) in section.values.items():
+            errors.append(ConfigError(where, "", f"unknown section [{section.title}] "
+                                                 "(expected [gproxyd] or [route NAME], NAME "
+                                                 "of letters, digits, '-', '_' or '.')"))
+            continue
+        for key, (_, line) in list(section.values.items()):
             if key not in allowed:
-                raise ConfigError(f"{path}:{line}", key,
-                                  f"unknown key in [{section.title}] (expected one of: "
-                                  f"{', '.join(sorted(allowed))})")
+                errors.append(ConfigError(f"{path}:{line}", key,
+                                          _unknown_key(key, section.title, allowed, other)))
+                del section.values[key]
         if allowed is ROUTE_BY_NAME:
-            route = _route(path, section, name)
-            listen_key = route.listen.sockaddr
-            if listen_key in listen_seen:
-                raise ConfigError(f"{path}:{section.values['listen'][1]}", "listen",
-                                  f"address {route.listen} already used by route "
-                                  f"{listen_seen[listen_key]} (expected one route per "
-                                  "listen address)")
-            listen_seen[listen_key] = name
-            routes.append(route)
-    if not routes:
-        raise ConfigError(path, "", "no [route NAME] section (expected at least one route)")
-    settings = _settings(path, global_section, _cli_and_env(argv, env))
+            route = _route(path, section, name, errors)
+            if route is not None:
+                routes.append(route)
+    if not names and not errors:
+        errors.append(ConfigError(path, "", "no [route NAME] section (expected at least "
+                                            "one route)"))
+    overrides = _cli_and_env(argv, env)
+    settings = _settings(path, global_section, overrides, errors)
+    admin_where = path
+    if global_section and "admin" in global_section.values:
+        admin_where = f"{path}:{global_section.values['admin'][1]}"
+    if "admin" in overrides:
+        admin_where = overrides["admin"][1]
+    for route, key, problem in checks.clashes(routes, settings.admin if settings else None):
+        section = next(s for s in sections if s.title == f"route {route.name}")
+        line = section.values[key][1] if key in section.values else section.line
+        where = admin_where if key == "admin" else f"{path}:{line}"
+        errors.append(ConfigError(where, key, problem))
+    errors.raise_any()
     return Config(path=path, settings=settings, routes=tuple(routes))
+
+
+def _unknown_key(key: str, title: str, allowed: Mapping, other: Mapping) -> str:
+    """What to say of a key this section does not have: the one meant, if it is clear."""
+    if key in other:
+        home = "[gproxyd]" if other is GLOBAL_BY_NAME else "a [route NAME] section"
+        return f"unknown key in [{title}] (expected it in {home})"
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key in [{title}] (did you mean {close[0]}?)"
+    return f"unknown key in [{title}] (expected one of: {', '.join(sorted(allowed))})"

@@ -37,6 +37,14 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS.get(unit, 1.0)
 
 
+def positive_duration(text: str) -> float:
+    """A duration above zero: a timeout of 0 would give up before anything could happen."""
+    value = duration(text)
+    if value <= 0:
+        raise BadValue(f"bad duration {text!r} (expected more than 0, e.g. 5s)")
+    return value
+
+
 def size(text: str) -> int:
     """'4MiB', '512KiB', '65536' -> bytes."""
     match = _NUMBER_UNIT.match(text)
@@ -454,15 +462,15 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "than this share (over a connection with at least 64 KiB of answers) ends as "
            "diverged instead of done: its numbers cannot be compared with production's.",
            "PERCENT"),
-    Option("shadow-connect-timeout", duration, "1s",
+    Option("shadow-connect-timeout", positive_duration, "1s",
            "How long connecting to a shadow may take.", "DURATION"),
     Option("shadow-linger", duration, "5s",
            "After production is done, how long a shadow gets to finish its answer.",
            "DURATION"),
-    Option("connect-timeout", duration, "5s",
+    Option("connect-timeout", positive_duration, "5s",
            "How long connecting to production may take before the client is closed.",
            "DURATION"),
-    Option("idle-timeout", duration, "15m",
+    Option("idle-timeout", positive_duration, "15m",
            "Close a connection after this long with no byte in either direction.", "DURATION"),
     Option("max-connections", positive_int, "10000",
            "Most client connections served at once; clients over it are closed at once.",

@@ -77,9 +77,9 @@ GOOD = [
     ("host-name", "[route web]\nlisten = 127.0.0.1:8080\nproduction = backend.internal:80\n",
      [], {}, {"web.production.host": "backend.internal", "web.production.numeric": False}),
     ("unix-listen-and-production",
-     "[route sock]\nlisten = unix:/run/gproxyd/in.sock\nproduction = unix:/run/app/app.sock\n",
+     "[route sock]\nlisten = unix:/tmp/gproxyd-in.sock\nproduction = unix:/run/app/app.sock\n",
      [], {},
-     {"sock.listen.family": socket.AF_UNIX, "sock.listen.sockaddr": "/run/gproxyd/in.sock",
+     {"sock.listen.family": socket.AF_UNIX, "sock.listen.sockaddr": "/tmp/gproxyd-in.sock",
       "sock.production.path": "/run/app/app.sock"}),
     ("shadow-one", ROUTE + "shadow = 127.0.0.1:8082\n", [], {},
      {"web.shadow": ("127.0.0.1:8082",)}),
@@ -185,9 +185,11 @@ BAD = [
      "{path}:1: unknown section [route] (expected [gproxyd] or [route NAME], NAME of "
      "letters, digits, '-', '_' or '.')"),
     ("unknown-route-key", ROUTE + "timeout = 5s\n", [], {},
-     "{path}:4: timeout: unknown key in [route web] (expected one of: " + ROUTE_KEYS + ")"),
+     "{path}:4: timeout: unknown key in [route web] (did you mean idle-timeout?)"),
+    ("unknown-key-far-from-any", ROUTE + "colour = blue\n", [], {},
+     "{path}:4: colour: unknown key in [route web] (expected one of: " + ROUTE_KEYS + ")"),
     ("unknown-global-key", "[gproxyd]\nlisten = 127.0.0.1:80\n" + ROUTE, [], {},
-     "{path}:2: listen: unknown key in [gproxyd] (expected one of: " + GLOBAL_KEYS + ")"),
+     "{path}:2: listen: unknown key in [gproxyd] (expected it in a [route NAME] section)"),
     ("key-outside-section", "log-level = debug\n" + ROUTE, [], {},
      "{path}:1: log-level: key outside any section (expected it under [gproxyd] or "
      "[route NAME])"),
@@ -246,13 +248,13 @@ BAD = [
      "{path}:2: log-file: empty value (expected some text)"),
     ("duplicate-listen",
      ROUTE + "[route api]\nlisten = 127.0.0.1:8080\nproduction = 127.0.0.1:9091\n", [], {},
-     "{path}:5: listen: address 127.0.0.1:8080 already used by route web (expected one route "
-     "per listen address)"),
+     "{path}:5: listen: 127.0.0.1:8080 is route web's listen address 127.0.0.1:8080 (expected "
+     "one route per address and port)"),
     ("duplicate-listen-ipv6-spelling",
      "[route a]\nlisten = [::1]:80\nproduction = 127.0.0.1:81\n"
      "[route b]\nlisten = [0:0::1]:80\nproduction = 127.0.0.1:82\n", [], {},
-     "{path}:5: listen: address [0:0::1]:80 already used by route a (expected one route per "
-     "listen address)"),
+     "{path}:5: listen: [0:0::1]:80 is route a's listen address [::1]:80 (expected one route "
+     "per address and port)"),
     ("missing-production", "[gproxyd]\n[route web]\nlisten = 127.0.0.1:8080\n", [], {},
      "{path}:2: production: missing in [route web] (expected production = address)"),
     ("missing-listen", "[route web]\nproduction = 127.0.0.1:8081\n", [], {},

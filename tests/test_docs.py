@@ -286,8 +286,12 @@ def test_example_config_loads_with_every_key_uncommented(tmp_path):
 
 
 def test_man5_example_loads(tmp_path):
+    # Its unix socket is in /run/gproxyd, which systemd's RuntimeDirectory= makes while
+    # the service runs (--check-config refuses a socket directory that does not exist).
     path = tmp_path / "gproxyd.conf"
-    path.write_text(docs.MAN_EXAMPLE, encoding="utf-8")
+    assert "unix:/run/gproxyd/" in docs.MAN_EXAMPLE
+    path.write_text(docs.MAN_EXAMPLE.replace("unix:/run/gproxyd/", f"unix:{tmp_path}/"),
+                    encoding="utf-8")
     config = load_config(str(path), [], {})
     assert [route.name for route in config.routes] == ["web", "cache"]
     shown = _section(_committed("man/gproxyd.conf.5"), "EXAMPLE")

@@ -389,13 +389,15 @@ def test_sigusr1_after_a_privilege_drop_reopens_or_keeps_the_log(request, backen
     assert daemon.process.poll() is None
 
 
-def test_privilege_drop_failure_refuses_to_serve(tmp_path, daemons):
+def test_a_user_that_does_not_exist_is_a_config_error(tmp_path, daemons):
+    """Caught when the config is read (so by --check-config too), not at the drop."""
     config = GLOBAL.replace("admin = off", "admin = off\nuser = no-such-user-gproxyd") \
         + route_section("web", free_port(), "127.0.0.1:9")
     daemon = daemons(tmp_path, config)
     daemon.start(wait_ready=False)
-    assert daemon.wait() == 1
-    assert "user: no such user 'no-such-user-gproxyd'" in daemon.process.stderr.read().decode()
+    assert daemon.wait() == 78
+    assert ":3: user: no such user 'no-such-user-gproxyd' on this host" in \
+        daemon.process.stderr.read().decode()
 
 
 def test_watchdog_pings_when_systemd_asks(tmp_path, backends, daemons):
