@@ -21,9 +21,11 @@ from .settings import (
     GLOBAL_OPTIONS,
     ROUTE_BY_NAME,
     ROUTE_OPTIONS,
+    Address,
     BadValue,
     HookSpec,
     boolean,
+    hide_password,
     listen_address,
 )
 
@@ -415,3 +417,75 @@ def _unknown_key(key: str, title: str, allowed: Mapping, other: Mapping) -> str:
     if close:
         return f"unknown key in [{title}] (did you mean {close[0]}?)"
     return f"unknown key in [{title}] (expected one of: {', '.join(sorted(allowed))})"
+
+
+def admin_in_file(path: str) -> Address | None:
+    """The admin address a config file gives, read from that one key even when the rest
+    of the file is wrong (gproxyctl can still reach a daemon serving its last good
+    config); the default when the key is absent. Raises ConfigError when the file cannot
+    be read or its admin value is itself wrong."""
+    sections = _read_sections(path, _Errors())
+    option = GLOBAL_BY_NAME["admin"]
+    for section in sections:
+        if section.title == "gproxyd" and "admin" in section.values:
+            text, line = section.values["admin"]
+            return _parse(option, text, f"{path}:{line}")
+    return option.parse(option.default)
+
+
+# --- the effective configuration, as text (gproxyctl config) --------------------------
+
+def effective_text(config: Config) -> str:
+    """Every option of every section with the value gproxyd uses, in config file syntax;
+    values that are defaults say so. Passwords in archive URLs are hidden."""
+    lines = [f"# {config.path}, as gproxyd reads it (file, GPROXYD_* variables, defaults)",
+             "[gproxyd]"]
+    lines += [_effective_line(option, getattr(config.settings, option.attr))
+              for option in GLOBAL_OPTIONS]
+    for route in config.routes:
+        lines += ["", f"[route {route.name}]"]
+        lines += [_effective_line(option, getattr(route, option.attr))
+                  for option in ROUTE_OPTIONS]
+    return "\n".join(lines) + "\n"
+
+
+def _effective_line(option, value: Any) -> str:
+    text = _as_text(option, value)
+    default = option.default is not None and value == option.parse(option.default)
+    line = f"{option.name} = {text}".rstrip()
+    return f"{line:<40} ; default" if default else line
+
+
+def _as_text(option, value: Any) -> str:
+    """A parsed value back in the syntax the option's parser reads."""
+    if value is None:
+        return "off" if option.name == "admin" else ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(part) for part in value)
+    if option.metavar == "DURATION":
+        return _duration_text(value)
+    if option.metavar == "SIZE":
+        return _size_text(value)
+    if option.metavar == "PERCENT":
+        return f"{value * 100:g}%"
+    if option.metavar == "MODE":
+        return f"{value:04o}"
+    if option.metavar == "URL":
+        return hide_password(value)
+    return str(value)
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= scale and (seconds / scale).is_integer():
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds else "0"
+
+
+def _size_text(count: int) -> str:
+    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if count >= scale and count % scale == 0:
+            return f"{count // scale}{unit}"
+    return str(count)

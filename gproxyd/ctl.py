@@ -3,16 +3,23 @@
     gproxyctl stats [--watch] [--json] [-c FILE | --admin ADDRESS]
     gproxyctl diff [--route NAME] [--shadow ADDRESS] [--limit N] [--json]
                    [-c FILE | --admin ADDRESS]
+    gproxyctl check [-c FILE | --admin ADDRESS]
+    gproxyctl reload [-c FILE] [--admin ADDRESS] [--timeout SECONDS]
+    gproxyctl config [-c FILE]
     gproxyctl replay [FILE | --urls FILE | --access-log FILE] --target HOST:PORT ...
 
-It reads the admin address from the same config file gproxyd uses (or --admin) and
-talks to its admin endpoint (GET /stats, GET /mismatches). `replay` (gproxyd/replay/)
-talks to no daemon: it sends load to --target and measures it.
+It finds the admin endpoint with --admin, else GPROXYD_ADMIN, else the admin key of the
+config file gproxyd uses (-c, GPROXYD_CONFIG, /etc/gproxyd/gproxyd.conf; read even when
+the rest of the file has errors), and talks to it (GET /stats, GET /mismatches).
+`config` only reads the file; `replay` (gproxyd/replay/) talks to no daemon: it sends
+load to --target and measures it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import sys
 import time
@@ -20,8 +27,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlencode
 
-from .config import DEFAULT_PATH, ConfigError, load_config
-from .exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from .config import DEFAULT_PATH, ConfigError, admin_in_file, effective_text, load_config
+from .exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from .replay.cli import add_replay_command, run_replay
 from .report import differences, table
 from .settings import BadValue, address
@@ -53,6 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--limit", type=int, default=10, metavar="N",
                       help="at most N exchanges, newest first (default: 10; 0: all kept)")
     diff.add_argument("--json", action="store_true", help="print /mismatches as JSON")
+    check = commands.add_parser("check", help="the running daemon's configuration: which "
+                                              "file and generation serve, how the last "
+                                              "reload went, and whether the file on disk "
+                                              "would load now")
+    _where(check)
+    check.add_argument("--json", action="store_true", help="print the daemon's reload "
+                                                           "status and the file's errors "
+                                                           "as JSON")
+    reload = commands.add_parser("reload", help="check the config file, then have the "
+                                                "daemon reload it (SIGHUP) and wait for "
+                                                "the outcome")
+    _where(reload)
+    reload.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for the daemon to report the reload "
+                             "(default: 30)")
+    config = commands.add_parser("config", help="the effective configuration gproxyd "
+                                                "reads from the config file (every key, "
+                                                "defaults marked), like nginx -T")
+    config.add_argument("-c", "--config", default=None, metavar="FILE",
+                        help=f"the config file (default: GPROXYD_CONFIG, else "
+                             f"{DEFAULT_PATH})")
     add_replay_command(commands)
     return parser
 
@@ -60,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _where(command: argparse.ArgumentParser) -> None:
     """-c FILE or --admin ADDRESS: where the admin endpoint is."""
     group = command.add_mutually_exclusive_group()
-    group.add_argument("-c", "--config", default=DEFAULT_PATH, metavar="FILE",
+    group.add_argument("-c", "--config", default=None, metavar="FILE",
                        help=f"gproxyd's config file, for the admin address (default: "
-                            f"{DEFAULT_PATH})")
+                            f"GPROXYD_CONFIG, else {DEFAULT_PATH})")
     group.add_argument("--admin", metavar="ADDRESS",
-                       help="the admin endpoint's host:port or unix:/path (instead of "
-                            "reading the config file)")
+                       help="the admin endpoint's host:port or unix:/path (default: "
+                            "GPROXYD_ADMIN, else the config file's admin key)")
 
 
 def fetch(address, path: str = "/stats", timeout: float = 5.0) -> dict:
@@ -92,33 +120,137 @@ def _get_unix(sock_path: str, path: str, timeout: float) -> bytes:
     return body
 
 
+def _config_path(args) -> str:
+    return args.config or os.environ.get("GPROXYD_CONFIG") or DEFAULT_PATH
+
+
 def _admin_address(args):
-    """The admin endpoint's address from --admin or the config file; exits on errors."""
-    if args.admin:
+    """The admin endpoint's address: --admin, GPROXYD_ADMIN (when no -c is given), or
+    the config file's admin key; exits on errors."""
+    given, source = args.admin, "--admin"
+    if given is None and args.config is None and os.environ.get("GPROXYD_ADMIN"):
+        given, source = os.environ["GPROXYD_ADMIN"], "GPROXYD_ADMIN"
+    if given is not None:
         try:
-            return address(args.admin)
+            found = address(given) if given.strip().lower() != "off" else None
         except BadValue as error:
-            print(f"gproxyctl: --admin: {error}", file=sys.stderr)
+            print(f"gproxyctl: {source}: {error}", file=sys.stderr)
             sys.exit(EX_USAGE)
+        if found is None:
+            print(f"gproxyctl: {source}: off (expected the admin endpoint's host:port)",
+                  file=sys.stderr)
+            sys.exit(EX_USAGE)
+        return found
+    path = _config_path(args)
     try:
-        config = load_config(args.config, [], {})
+        found = admin_in_file(path)
     except ConfigError as error:
         print(f"gproxyctl: {error}", file=sys.stderr)
         sys.exit(EX_CONFIG)
-    if config.settings.admin is None:
-        print(f"gproxyctl: {args.config}: admin is off (expected admin = host:port to read "
+    if found is None:
+        print(f"gproxyctl: {path}: admin is off (expected admin = host:port to read "
               "stats)", file=sys.stderr)
         sys.exit(EX_CONFIG)
-    return config.settings.admin
+    return found
+
+
+def _file_errors(path: str) -> list[str]:
+    """The config file's errors as gproxyd would report them (none: it loads)."""
+    try:
+        load_config(path, [], os.environ)
+    except ConfigError as error:
+        return str(error).splitlines()
+    return []
+
+
+def _check(address, fallback: str, as_json: bool) -> int:
+    """gproxyctl check: the daemon's reload status and its config file on disk (the one
+    a reload reads: the daemon's own, else `fallback`), side by side."""
+    status = fetch(address).get("reload")
+    path = status["config"] if status else fallback
+    errors = _file_errors(path)
+    if as_json:
+        print(json.dumps({"reload": status, "file": path, "file_errors": errors}, indent=1))
+    else:
+        if status is None:
+            print(f"gproxyd at {address}: serving (it does not report its configuration)")
+        else:
+            loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["time"]))
+            print(f"gproxyd at {address}: serving {status['config']}, generation "
+                  f"{status['generation']}, loaded {loaded}")
+            if status["ok"]:
+                print("last reload: succeeded" if status["generation"] > 1 else
+                      "last reload: none since start")
+            else:
+                failed = time.strftime("%Y-%m-%d %H:%M:%S",
+                                       time.localtime(status["failed_at"]))
+                print(f"last reload: FAILED at {failed}, still serving generation "
+                      f"{status['generation']}: {status['error']}")
+        print(f"{path} on disk: " + ("loads" if not errors else
+                                     f"{len(errors)} error(s), a reload would fail:"))
+        for line in errors:
+            print(f"  {line}")
+    return EX_CONFIG if errors or (status is not None and not status["ok"]) else EX_OK
+
+
+def _reload(address, timeout: float) -> int:
+    """gproxyctl reload: check the daemon's config file (what ExecReload does), signal
+    it, then wait to see the reload take or fail."""
+    before = fetch(address)
+    status, pid = before.get("reload"), before.get("pid")
+    if status is None or not pid:
+        print(f"gproxyctl: gproxyd at {address} does not report its process id or reload "
+              "status (expected a gproxyd of this version)", file=sys.stderr)
+        return EX_UNAVAILABLE
+    errors = _file_errors(status["config"])
+    if errors:
+        for line in errors:
+            print(f"gproxyctl: {line}", file=sys.stderr)
+        print("gproxyctl: not reloading: the running daemon keeps its configuration",
+              file=sys.stderr)
+        return EX_CONFIG
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as error:
+        print(f"gproxyctl: cannot signal gproxyd (pid {pid}): {error.strerror} (run as "
+              "gproxyd's user or root)", file=sys.stderr)
+        return EX_FAILURE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = fetch(address)["reload"]
+        if now["generation"] > status["generation"]:
+            print(f"reloaded {now['config']}: generation {now['generation']}")
+            return EX_OK
+        if now["failed_at"] not in (None, status["failed_at"]):
+            print(f"gproxyctl: reload failed, still serving generation "
+                  f"{now['generation']}: {now['error']}", file=sys.stderr)
+            return EX_CONFIG
+    print(f"gproxyctl: gproxyd (pid {pid}) did not report the reload within {timeout:g}s",
+          file=sys.stderr)
+    return EX_UNAVAILABLE
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "replay":
         return run_replay(args)
+    if args.command == "config":
+        try:
+            sys.stdout.write(effective_text(load_config(_config_path(args), [],
+                                                        os.environ)))
+        except ConfigError as error:
+            for line in str(error).splitlines():
+                print(f"gproxyctl: {line}", file=sys.stderr)
+            return EX_CONFIG
+        return EX_OK
     address = _admin_address(args)
     path = "/stats"
     try:
+        if args.command == "check":
+            return _check(address, _config_path(args), args.json)
+        if args.command == "reload":
+            return _reload(address, args.timeout)
         if args.command == "diff":
             query = {key: value for key, value in (("route", args.route),
                                                     ("shadow", args.shadow),
