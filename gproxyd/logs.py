@@ -5,15 +5,22 @@ import json
 import logging
 import os
 import sys
-import time
+from datetime import datetime
 
 _handler: logging.Handler | None = None
 
 
+def timestamp(created: float) -> str:
+    """ISO 8601 local time with milliseconds and the UTC offset:
+    2026-12-01T07:05:09.042+01:00 (a line read in another zone, or across a DST change,
+    still says when it happened)."""
+    moment = datetime.fromtimestamp(created).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = (f"{stamp}.{int(record.msecs):03d} gproxyd[{record.process}] "
+        line = (f"{timestamp(record.created)} gproxyd[{record.process}] "
                 f"{record.levelname.lower()}: {record.getMessage()}")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -21,10 +28,16 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
+    """One object a line: time, pid, level, logger, message, and the record's `fields`
+    (a connection's route, client, bytes, ...) as keys of their own."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "pid": record.process,
+        entry = {"time": timestamp(record.created), "pid": record.process,
                  "level": record.levelname.lower(),
                  "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update((key, value) for key, value in fields.items() if key not in entry)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -453,9 +453,9 @@ class ShadowSink:
     # --- connecting ------------------------------------------------------------------------
 
     def _connected(self, error: OSError | None) -> None:
-        if error is not None:
-            log.info("%s: shadow %s: cannot connect: %s", self._label, self.address,
-                     error.strerror or error)
+        if error is not None:  # logged as an outage by the Upstream
+            log.debug("%s: shadow %s: cannot connect: %s", self._label, self.address,
+                      error.strerror or error)
             self._end("failed")
             return
         self.state = "open"

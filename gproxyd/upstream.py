@@ -12,6 +12,7 @@ from typing import Callable
 
 from .channel import Channel, Connecting, connect, out_of_descriptors
 from .observe import Exchanges
+from .outages import OUTAGES
 from .relay import Counter
 from .settings import Address
 from .stats import BackendStats
@@ -21,13 +22,16 @@ class Upstream:
     """One backend connection: `connect()` it, use `channel`, then `close()` it.
 
     `sent` counts what was written to the backend (requests), `received` what it
-    answered. Connect failures are counted in `stats` here; the user logs them.
+    answered. Connect failures are counted in `stats` here, and outages logged (once
+    each, see outages.py) under `role` ("route web: production").
     """
-    __slots__ = ("address", "stats", "observer", "channel", "sent", "received",
+    __slots__ = ("address", "stats", "observer", "channel", "sent", "received", "role",
                  "_connecting", "_on_connected", "_closed")
 
-    def __init__(self, address: Address, stats: BackendStats, observer: Exchanges):
+    def __init__(self, address: Address, stats: BackendStats, observer: Exchanges,
+                 role: str = "backend"):
         self.address = address
+        self.role = role
         self.stats = stats
         self.observer = observer
         self.channel: Channel | None = None
@@ -75,10 +79,14 @@ class Upstream:
                 self.stats.out_of_descriptors += 1
             else:
                 self.stats.connect_failures += 1
+                OUTAGES.failed(f"{self.role} {self.address}",
+                               getattr(error, "strerror", None) or str(error) or "timed out")
             self.stats.errors += 1
             on_connected(error)
             return
         self.channel = channel
+        if OUTAGES:  # something is down: was it this one?
+            OUTAGES.recovered(f"{self.role} {self.address}")
         on_connected(None)
 
     def cancel(self) -> None:
