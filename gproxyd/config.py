@@ -155,13 +155,25 @@ class _Parser(configargparse.ArgumentParser):
         self.print_usage()
         self.exit(EX_USAGE, f"{self.prog}: {message}\n")
 
+    def format_help(self) -> str:
+        # configargparse ends the help with its own precedence sentence, which our
+        # epilog already says (with the config file in it).
+        text = super().format_help()
+        stray = text.find("In general, command-line values override")
+        return text[:stray].rstrip() + "\n" if stray >= 0 else text
+
 
 def build_parser(prog: str = "gproxyd") -> configargparse.ArgumentParser:
     """The `gproxyd` command line: -c, the actions, and one flag per global option."""
     parser = _Parser(
         prog=prog, allow_abbrev=False, auto_env_var_prefix=None,
         description="gproxyd: transparent TCP proxy with shadow traffic and live benchmarking.",
-        epilog="Every global option may also be set in the [gproxyd] section of the config "
+        usage="%(prog)s [-c FILE] [--check-config] [OPTIONS]\n       %(prog)s demo [--serve] "
+              "[--requests N] [--clients N] [--candidate-delay SECONDS]",
+        epilog="gproxyd demo runs a self-contained tour: a production server, a slower "
+               "candidate as its shadow and gproxyd between them, with real HTTP traffic "
+               "and the comparison at the end (gproxyd demo --help). Every global option "
+               "may also be set in the [gproxyd] section of the config "
                "file and in a GPROXYD_* environment variable; precedence: defaults < file < "
                "environment < command line.")
     parser.add_argument("-c", "--config", default=DEFAULT_PATH, env_var="GPROXYD_CONFIG",

@@ -122,18 +122,27 @@ def main(argv: list[str]) -> int:
           f"in {elapsed:.2f}s ({len(latencies) / elapsed:.0f} req/s); every answer came from "
           f"production: p50 {_percentile(latencies, 0.5) * 1000:.2f} ms, "
           f"p99 {_percentile(latencies, 0.99) * 1000:.2f} ms as the client saw it\n")
-    print("what gproxyd measured on both sides (gproxyctl stats shows the same live):\n")
+    print("what gproxyd measured on both sides (with --serve, gproxyctl stats shows the "
+          "same live):\n")
     document = {"routes": {route.name: listener.stats.snapshot()}}
     print(table(document, before, elapsed))
     if args.serve:
-        listener = Listener(route)
+        from .admin import AdminServer
+        from .settings import address
+        # The numbers go on from the tour's, and the admin endpoint shows them live.
+        listener = Listener(route, stats=listener.stats)
         listener.start()
-        print(f"\nserving on 127.0.0.1:{listen_port}: curl http://127.0.0.1:{listen_port}/ "
-              "(Ctrl-C stops)")
+        admin = AdminServer(address(f"127.0.0.1:{_free_port()}"),
+                            lambda: {route.name: listener.stats})
+        admin.start()
+        print(f"\nserving on 127.0.0.1:{listen_port}: curl http://127.0.0.1:{listen_port}/\n"
+              f"live numbers: gproxyctl stats --admin {admin.address} --watch "
+              f"(or curl http://{admin.address}/stats); Ctrl-C stops")
         try:
             gevent.wait()
         except KeyboardInterrupt:
             pass
+        admin.stop()
     production.stop()
     candidate.stop()
     return 0

@@ -675,9 +675,6 @@ def _options(parser: argparse.ArgumentParser, with_help: bool) -> list[argparse.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
             continue
-        if not action.option_strings:
-            raise ValueError(f"{parser.prog}: positional {action.dest!r}: tools/docs.py "
-                             "renders options and subcommands only")
         if with_help or not isinstance(action, argparse._HelpAction):
             options.append(action)
     return options
@@ -694,6 +691,9 @@ def _metavar(action: argparse.Action) -> str:
 
 
 def _synopsis_item(action: argparse.Action) -> list[str]:
+    if not action.option_strings:  # a positional argument
+        name = roff(_metavar(action))
+        return [f".RI [ {name} ]" if action.nargs in ("?", "*") else f".I {name}"]
     flag = roff(action.option_strings[0])
     if action.nargs == 0:
         return [f".RB [ {flag} ]"]
@@ -701,6 +701,8 @@ def _synopsis_item(action: argparse.Action) -> list[str]:
 
 
 def _option_item(action: argparse.Action, prog: str) -> list[str]:
+    if not action.option_strings:  # a positional argument
+        return [".TP", _italic(_metavar(action)), _text(_help(action, prog))]
     takes_value = action.nargs != 0
     spellings = [_bold(flag) + (f" {_italic(_metavar(action))}" if takes_value else "")
                  for flag in action.option_strings]
@@ -735,8 +737,13 @@ def render_man1_gproxyctl(parser: argparse.ArgumentParser | None = None) -> str:
             lines += _synopsis_item(action)
     lines += [
         ".SH DESCRIPTION",
-        _text("gproxyctl reads the admin address from gproxyd's configuration file and "
-              "asks the running daemon for GET /stats. It takes two samples --interval "
+        _text("gproxyctl finds gproxyd's admin endpoint with --admin, else the GPROXYD_ADMIN "
+              "variable, else the admin key of gproxyd's configuration file (-c, else "
+              "GPROXYD_CONFIG, else /etc/gproxyd/gproxyd.conf), read even when the rest of "
+              "the file has errors, so a daemon serving its last good configuration stays "
+              "reachable."),
+        ".PP",
+        _text("gproxyctl stats asks the running daemon for GET /stats. It takes two samples --interval "
               "seconds apart and prints, per route, a row for production and one for each "
               "shadow: req/s over the interval, requests, p50 and p99 latency in "
               "milliseconds, errors and drops; then, per shadow, a verdict in words, such "
@@ -748,6 +755,19 @@ def render_man1_gproxyctl(parser: argparse.ArgumentParser | None = None) -> str:
               "the request line or command, the differing paths, and both answers' status "
               "and first bytes (or hashes). --admin ADDRESS reaches the admin endpoint "
               "without reading a config file."),
+        ".PP",
+        _text("gproxyctl check shows which configuration file and generation the daemon "
+              "serves, when it was loaded, whether its last reload failed and why, and "
+              "whether that file on disk would load now; it exits 78 when either is wrong. "
+              "gproxyctl reload checks the daemon's file first (a broken file is reported "
+              "and the daemon not signalled), sends it SIGHUP and waits until /stats shows "
+              "the new generation or the failure. gproxyctl config prints the effective "
+              "configuration (every key, defaults marked, archive passwords hidden), as "
+              "nginx -T does; its output is itself a valid configuration file."),
+        ".PP",
+        _text("gproxyctl replay sends recorded or listed HTTP requests to one or more "
+              "targets, open-loop, at rising rates, and prints one row per rate with the "
+              "knee marked; it talks to no daemon."),
         ".SH COMMANDS",
     ]
     for name, help_text, _ in commands:
