@@ -4,6 +4,10 @@ The lifecycle (lifecycle/serving.py) creates a Listener per listen address, may 
 its route and hooks on reload (`update()`: new connections use the new route, live ones
 keep theirs), and ends it with `close()` (stop accepting) followed by `drain()` (let
 live sessions finish).
+
+A listener also owns its route's per-process services, started and stopped with it and
+kept across reloads that keep them: the beanstalkd archive and the request recorder
+(record.py), which it wires into each session's production observer.
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ from .config import Route
 from .hooks import HookSet
 from .interceptors.archive import ArchiveError
 from .interceptors.beanstalkd import Archive
+from .record import Recorder, RecordError, Recording
 from .session import Session
 from .settings import Address
-from .stats import RouteStats
+from .stats import RecordStats, RouteStats
 
 log = logging.getLogger("gproxyd.listener")
 
@@ -173,6 +178,7 @@ class Listener:
         self._read_stats_with(route)
         self.archive = Archive(route, self.stats) if route.archive else None
         self.stats.archive = self.archive.url if self.archive is not None else ""
+        self.recorder: Recorder | None = None  # started with the listener
         self.sessions: set[Session] = set()
         self._no_sessions = Event()
         self._no_sessions.set()
@@ -194,19 +200,29 @@ class Listener:
         """The address actually bound (with the port the kernel chose for port 0)."""
         return self._listening.getsockname()
 
-    def start(self, archive_required: bool = True) -> None:
-        """Start accepting. If the route's archive cannot be opened: raise ArchiveError,
-        or, unless `archive_required`, say so and relay puts to beanstalkd as they are."""
+    def start(self, required: bool = True) -> None:
+        """Start accepting. If the route's archive or record file cannot be opened: raise
+        ArchiveError or RecordError, or, unless `required`, say so and go on without
+        (puts are relayed to beanstalkd as they are; requests are not recorded)."""
         if self.archive is not None:
             try:
                 self.archive.start()
             except ArchiveError as error:
-                if archive_required:
+                if required:
                     raise
                 log.error("route %s: archive: %s; puts are relayed to beanstalkd as they "
                           "are", self.route.name, error)
                 self.archive = None
                 self.stats.archive = ""
+        if self.route.record:
+            try:
+                self._start_recorder(self.route)
+            except RecordError as error:
+                if required:
+                    if self.archive is not None:
+                        self.archive.stop()
+                    raise
+                log.error("route %s: record: %s; not recording", self.route.name, error)
         self._server.start()
         self._reaper = gevent.spawn(self._reap_idle)
 
@@ -215,6 +231,7 @@ class Listener:
         if route.shadow_seed != self.route.shadow_seed:
             self._sampler = random.Random(route.shadow_seed)
         self._update_archive(route)
+        self._update_recorder(route)
         self._read_stats_with(route)
         self.route, self.hooks = route, hooks
 
@@ -252,6 +269,44 @@ class Listener:
         self.archive = new
         self.stats.archive = new.url if new is not None else ""
 
+    def _start_recorder(self, route: Route) -> None:
+        """Record to route.record from now on (RecordError if it cannot be opened); the
+        counters carry on across a change of file."""
+        recorder = Recorder(route, self.stats.record or RecordStats())
+        recorder.start()
+        self.recorder = recorder
+        self.stats.record = recorder.stats
+        recorder.stats.file = recorder.path
+
+    def _update_recorder(self, route: Route) -> None:
+        """A reload: the same file keeps its recorder (open file, queue, counters) with
+        the new sampling, masking and rotation; another file is opened and the old
+        recorder stopped once it has written what it holds; no file stops recording.
+        A file that cannot be opened leaves the route recording to the old file, or not
+        at all (and says so)."""
+        old = self.recorder
+        if old is not None and route.record == old.path:
+            old.configure(route)
+            return
+        if route.record:
+            try:
+                self._start_recorder(route)
+            except RecordError as error:
+                log.error("route %s: record: %s; %s", route.name, error,
+                          f"recording on to {old.path}" if old is not None
+                          else "not recording")
+                if old is not None:  # the rest of the new route applies all the same
+                    old.configure(route)
+                return
+        else:
+            self.recorder = None
+            self.stats.record = None
+        if old is not None:
+            gevent.spawn(old.stop)  # sessions ask for the recorder at each request
+
+    def _current_recorder(self) -> Recorder | None:
+        return self.recorder
+
     def close(self) -> None:
         """Stop accepting; live sessions go on (see drain())."""
         self._server.close()
@@ -278,6 +333,8 @@ class Listener:
             self._reaper.kill(block=False)
         if self.archive is not None:
             self.archive.stop()
+        if self.recorder is not None:
+            self.recorder.stop()  # what the sessions sent is written before the process ends
         return len(leftover)
 
     # --- per connection ------------------------------------------------------------------
@@ -303,6 +360,8 @@ class Listener:
         except BaseException:
             sock.close()  # do_close() leaves it to the session, and there is none
             raise
+        if self.recorder is not None:
+            session.production.observer.record_in(Recording(self._current_recorder))
         self.sessions.add(session)
         self._no_sessions.clear()
         self.stats.active += 1

@@ -12,17 +12,25 @@ or written together with others after shadow-write-delay) is timed from the mome
 that earlier answer was complete, when the backend could start on it. So production
 and shadows are compared by their service times even when the bytes reached them in
 different bursts. A stream the framer cannot follow falls back to tcp-level measurement.
+
+On a route with `record`, production's Exchanges also hands each request written to it
+to a Recording (record.py), cut where the request framer saw it end; the recording
+stops with the framing.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from .compare import Capture, Comparison
 from .protocols import ProtocolError, Upgraded, new_framers
 from .relay import Counter
 from .stats import BackendStats, RouteStats
+
+if TYPE_CHECKING:
+    from .record import Recording
 
 log = logging.getLogger("gproxyd.observe")
 
@@ -37,7 +45,7 @@ class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
                  "_connected", "_answered", "answers", "failures",
                  "_by_turn", "_turn_sent", "_last_sent", "_early", "_comparison", "_name",
-                 "_capture", "_request_capture", "_kept")
+                 "_capture", "_request_capture", "_kept", "_recording")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str, max_head: int = DEFAULT_MAX_HEAD):
@@ -67,6 +75,7 @@ class Exchanges:
         self._capture: Capture | None = None
         self._request_capture: Capture | None = None
         self._kept: deque[bytes] | None = None  # first bytes of requests not answered yet
+        self._recording: Recording | None = None
 
     def compare_in(self, comparison: Comparison, name: str, capture: Capture | None,
                    request_capture: Capture | None = None) -> None:
@@ -86,6 +95,15 @@ class Exchanges:
             self._requests.ends = []
             self._kept = deque()
 
+    def record_in(self, recording: "Recording") -> None:
+        """Hand every request written to this backend to `recording`, whole, as the
+        framer delimits it (production's observer, on an http route with record)."""
+        if self._requests is None:
+            return
+        self._recording = recording
+        if self._requests.ends is None:
+            self._requests.ends = []
+
     @property
     def watching(self) -> bool:
         """sent() and received() want the bytes: framed, or measuring by turn."""
@@ -98,12 +116,20 @@ class Exchanges:
             self._turn_sent = at or monotonic()
             return
         self._last_sent = at or monotonic()
+        recording = self._recording
         try:
             done = self._requests.feed(data)
         except ProtocolError as error:
+            if recording is not None:  # the requests before what cannot be followed
+                recording.feed(data, self._requests.ends, False, self._last_sent)
             self._fall_back(f"request: {error}")
             self._turn_sent = self._last_sent  # this chunk starts a turn
             return
+        if recording is not None:
+            ends = self._requests.ends
+            recording.feed(data, ends, self._requests.in_message, self._last_sent)
+            if self._request_capture is None:
+                ends.clear()  # else the capture clears them, once it has used them too
         if self._request_capture is not None:
             kept = self._request_capture.feed(data, self._requests.ends)
             if done:
@@ -165,6 +191,7 @@ class Exchanges:
         """The backend's side is done: `sent`/`received` are its byte counters; `error`
         if it ended by a reset or failure. `owed_answers` (shadows): requests still
         unanswered are counted as timeouts, not as answered requests."""
+        self._stop_recording()
         self.stats.bytes_sent += sent.bytes
         self.stats.bytes_received += received.bytes
         if error:
@@ -231,6 +258,11 @@ class Exchanges:
             self._comparison.ended(self._name)
             self._comparison = self._capture = self._request_capture = self._kept = None
 
+    def _stop_recording(self) -> None:
+        if self._recording is not None:
+            self._recording.stop()
+            self._recording = None
+
     def _stop_framing(self) -> None:
         """From here on, one exchange per client turn: the time from the turn's last
         byte to the first answer byte after it. What was counted so far stays counted;
@@ -238,6 +270,7 @@ class Exchanges:
         if self._pending:
             self._turn_sent = self._pending[-1]
         self._stop_comparing()
+        self._stop_recording()
         self._requests = self._responses = self._pending = None
         self._by_turn = True
 

@@ -200,6 +200,31 @@ class ShadowStats(BackendStats):
 
 
 @dataclass
+class RecordStats:
+    """A route's recording (record.py): the file, and what became of the sampled requests.
+
+    The writer's numbers (recorded, bytes, errors) are brought over by the event loop, so
+    every field here is written by the loop alone."""
+    file: str = ""       # the record file (PATH; rotated ones are PATH.1, PATH.2, ...)
+    recorded: int = 0    # requests appended to the record file
+    dropped: int = 0     # sampled requests not recorded: the memory bound was reached
+    skipped: int = 0     # sampled requests not recorded: too large, or secrets unmaskable
+    bytes: int = 0       # bytes of records appended (the requests, 16 more bytes each)
+    errors: int = 0      # sampled requests lost to write failures (a full disk, ...)
+
+    def export(self) -> dict:
+        return dict(vars(self))
+
+    def add(self, exported: dict) -> None:
+        self.file = exported["file"] or self.file  # the newest process's (reloads move it)
+        for key in ("recorded", "dropped", "skipped", "bytes", "errors"):
+            setattr(self, key, getattr(self, key) + exported[key])
+
+    def snapshot(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
 class RouteStats:
     """Everything counted for one route. Survives reloads that keep the route's listener."""
     active: int = 0
@@ -223,6 +248,7 @@ class RouteStats:
     inject_failures: int = 0   # tries to move a due job that failed (it stays archived)
     archived: int = 0          # jobs in the archive now
     overdue_seconds: float = 0.0  # how late the oldest due job still in the archive is
+    record: RecordStats | None = None  # on routes with record = PATH (see record.py)
 
     def shadow(self, name: str) -> ShadowStats:
         stats = self.shadows.get(name)
@@ -242,7 +268,8 @@ class RouteStats:
                 "shadows": {name: stats.export() for name, stats in self.shadows.items()},
                 "baseline": self.baseline, "verdict_threshold": self.verdict_threshold,
                 "noise_paths": self.noise_paths,
-                "samples": list(self.samples)}
+                "samples": list(self.samples),
+                "record": self.record.export() if self.record is not None else None}
 
     def add(self, exported: dict) -> None:
         """Add another process's export() of the same route into this one."""
@@ -261,6 +288,10 @@ class RouteStats:
             self.verdict_threshold = exported["verdict_threshold"]
         for path, count in exported["noise_paths"].items():
             self.noise_paths[path] = self.noise_paths.get(path, 0) + count
+        if exported["record"] is not None:
+            if self.record is None:
+                self.record = RecordStats()
+            self.record.add(exported["record"])
         merged = sorted([*self.samples, *exported["samples"]], key=lambda sample: sample["time"])
         self.samples.clear()
         self.samples.extend(merged)  # the deque keeps the newest
@@ -289,4 +320,5 @@ class RouteStats:
                                 "injected_total": self.injected_total,
                                 "inject_failures": self.inject_failures,
                                 "overdue_seconds": round(self.overdue_seconds, 3)}}
-                   if self.archive else {})}
+                   if self.archive else {}),
+                "record": self.record.snapshot() if self.record is not None else None}
