@@ -297,3 +297,32 @@ def test_man5_example_loads(tmp_path):
     shown = _section(_committed("man/gproxyd.conf.5"), "EXAMPLE")
     assert [_plain(line) for line in shown.splitlines() if not line.startswith(".")] == \
         docs.MAN_EXAMPLE.splitlines()
+
+
+# --- and nothing documented that is not there -------------------------------------------
+
+def test_every_key_man5_documents_is_in_the_registry():
+    for title, options in [("GLOBAL OPTIONS", GLOBAL_OPTIONS), ("ROUTE OPTIONS", ROUTE_OPTIONS)]:
+        section = _plain(_section(_committed("man/gproxyd.conf.5"), title))
+        documented = set(re.findall(r"(?<![\w-])([a-z][a-z-]*) = ", section))
+        assert documented - {option.name for option in options} == set(), title
+
+
+def test_every_flag_man8_documents_is_a_flag_of_the_parser():
+    options = _plain(_section(_committed("man/gproxyd.8"), "OPTIONS"))
+    parser = build_parser()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", options))
+    assert documented - flags == set()
+
+
+def test_every_flag_man1_documents_is_a_flag_of_gproxyctl():
+    page = _plain(_committed("man/gproxyctl.1"))
+    parser = ctl.build_parser()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for command in parser._actions[-1].choices.values():
+        flags |= {flag for action in command._actions for flag in action.option_strings}
+    # It also names gproxyd's own flags (gproxyd --check-config).
+    flags |= {flag for action in build_parser()._actions for flag in action.option_strings}
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", page))
+    assert documented - flags == set()

@@ -235,6 +235,30 @@ def _exit_status(codes: tuple[int, ...]) -> list[str]:
     return lines
 
 
+# gproxyd(8) and gproxyd.conf(5) both explain hooks (the hooks key refers to it).
+HOOKS_SECTION = [
+    _text("A route's hooks option names a Python module (a dotted name, or a .py file) "
+              "that may define on_connect(conn), on_data(conn, data), on_response(conn, "
+              "backend, data) and on_finish(conn, backend). on_data returns the bytes to "
+              "relay, None to drop them, or (bytes, [backend names]) to send them only to "
+              "those backends; on_response returns what reaches the client (for "
+              "production; shadows' answers are shown but never reach it). conn has route, "
+              "client, backends, state (a dict), reply(bytes), close(), and production, "
+              "which on_connect may set to an address or a list tried in order. Hooks run "
+              "in the connection's greenlets and may block in gevent-friendly ways. A hook "
+              "that raises closes only its connection and is logged with its traceback; a "
+              "module that cannot be imported is a configuration error, at start and on "
+              "reload (which imports it again). gproxyd.trace is a ready-made module that "
+              "logs every chunk. Routes without hooks never call Python per chunk."),
+    ".PP",
+    _text("A hook that holds the event loop longer than hook-timeout (default 2s) without "
+          "yielding, such as a CPU loop, is interrupted: it is logged with its name and "
+          "stack, its connection is closed, and every other connection, signal and the "
+          "admin endpoint are served again. Whatever a hook raises, SystemExit and "
+          "KeyboardInterrupt included, closes only its own connection."),
+]
+
+
 def render_man8() -> str:
     """man/gproxyd.8: the command, its options, signals and exit status."""
     lines = _header("gproxyd", 8, "System Manager's Manual",
@@ -416,19 +440,7 @@ def render_man8() -> str:
               "shows per route archive: store, archived, archived_total, injected_total, "
               "inject_failures, overdue_seconds; /metrics the same as gproxyd_archive_*."),
         ".SH HOOKS",
-        _text("A route's hooks option names a Python module (a dotted name, or a .py file) "
-              "that may define on_connect(conn), on_data(conn, data), on_response(conn, "
-              "backend, data) and on_finish(conn, backend). on_data returns the bytes to "
-              "relay, None to drop them, or (bytes, [backend names]) to send them only to "
-              "those backends; on_response returns what reaches the client (for "
-              "production; shadows' answers are shown but never reach it). conn has route, "
-              "client, backends, state (a dict), reply(bytes), close(), and production, "
-              "which on_connect may set to an address or a list tried in order. Hooks run "
-              "in the connection's greenlets and may block in gevent-friendly ways. A hook "
-              "that raises closes only its connection and is logged with its traceback; a "
-              "module that cannot be imported is a configuration error, at start and on "
-              "reload (which imports it again). gproxyd.trace is a ready-made module that "
-              "logs every chunk. Routes without hooks never call Python per chunk."),
+        *HOOKS_SECTION,
         ".SH WORKERS",
         _text("With workers = N above 1, a master process binds every TCP listen address N "
               "times with SO_REUSEPORT, starts N worker processes on those sockets, merges "
@@ -627,16 +639,33 @@ def render_man5() -> str:
     for option in ROUTE_OPTIONS:
         lines += _file_option_item(option, "route")
     lines += [
+        ".SH HOOKS",
+        *HOOKS_SECTION,
         ".SH RELOADING",
         _text("On SIGHUP the file is read again. Routes are matched by listen address: an "
               "unchanged address keeps its socket and takes the new settings for new "
               "connections, a removed route stops accepting while its connections finish, "
               "and a new route starts. A file with an error changes nothing: the error is "
               "logged and the running configuration stays in force."),
+        ".PP",
+        _text("gproxyctl reload checks the file, signals the daemon and waits for the "
+              "outcome; gproxyctl check shows the generation in use and the last reload's "
+              "result, which GET /stats (reload) and /metrics (gproxyd_config_*) also "
+              "show."),
         ".SH DIAGNOSTICS",
         _text("Every mistake is reported as FILE:LINE: key: what is wrong (what was "
-              "expected), for instance:"),
-        *_example(f"{DEFAULT_PATH}:12: listen: bad port 'notaport' (expected 1-65535)"),
+              "expected), one line each, all of a file's mistakes at once, for instance:"),
+        *_example(f"{DEFAULT_PATH}:12: listen: bad port 'notaport' (expected 1-65535)\n"
+                  f"{DEFAULT_PATH}:14: shadow-sampel: unknown key in [route web] (did you "
+                  "mean shadow-sample?)"),
+        ".PP",
+        _text("Besides values that do not parse, the check refuses what cannot run or would "
+              "misbehave: listen addresses that overlap (0.0.0.0:P takes P on every IPv4 "
+              "address; [::]:P and 0.0.0.0:P coexist), the admin endpoint on a route's "
+              "address, a production, shadow or baseline that is the route's own listen "
+              "address (a loop), a shadow that is production itself, a timeout of 0, a user "
+              "or group this host does not have, and a unix socket in a directory that "
+              "does not exist."),
         ".PP",
         _text("A value from the environment or the command line names the variable or the "
               "option instead of FILE:LINE. Check a file with"),
@@ -743,10 +772,11 @@ def render_man1_gproxyctl(parser: argparse.ArgumentParser | None = None) -> str:
               "the file has errors, so a daemon serving its last good configuration stays "
               "reachable."),
         ".PP",
-        _text("gproxyctl stats asks the running daemon for GET /stats. It takes two samples --interval "
-              "seconds apart and prints, per route, a row for production and one for each "
-              "shadow: req/s over the interval, requests, p50 and p99 latency in "
-              "milliseconds, errors and drops; then, per shadow, a verdict in words, such "
+        _text("gproxyctl stats asks the running daemon for GET /stats. It takes two "
+              "samples --interval seconds apart and prints, per route, a row for "
+              "production and one for each shadow: req/s over the interval, requests, "
+              "p50 and p99 latency in milliseconds, errors and drops; then, per shadow, "
+              "a verdict in words, such "
               "as \"candidate is slower: p99 +3.02 ms (95% CI +2.95..+3.10, 5000 pairs); "
               "0.4% of answers differ, mostly $.price\"."),
         ".PP",
