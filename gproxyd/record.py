@@ -103,12 +103,6 @@ def unmasked_secret(request: bytes) -> bool:
     return False
 
 
-def check_record_file(path: str) -> None:
-    """Raise RecordError unless this process can append to and rotate the record file
-    at `path` (it is created if missing, as the Recorder would)."""
-    _open_lock(path)[0].close()
-
-
 class _Lock:
     """The flock on PATH.lock that the writers of PATH take turns with."""
 
