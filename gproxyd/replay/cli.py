@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..exitcodes import EX_USAGE
+from ..exitcodes import EX_OK, EX_USAGE
 from ..settings import BadValue, address, duration
 
 
@@ -111,7 +111,86 @@ def add_replay_command(commands) -> argparse.ArgumentParser:
     return replay
 
 
+class _Stop(Exception):
+    """A usage error found after parsing: exit with STATUS after printing MESSAGE."""
+
+    def __init__(self, message: str, status: int = EX_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _ramp(args: argparse.Namespace) -> list[float]:
+    """The offered rates, from --rates or --from/--to/--step ([] with --speed)."""
+    ramp = (args.from_rate, args.to_rate, args.step)
+    if args.speed is not None:
+        if args.rates or any(value is not None for value in ramp):
+            raise _Stop("--speed replays at the recorded pace: give it or rates "
+                        "(--rates, --from/--to/--step), not both")
+        if not args.file:
+            raise _Stop("--speed needs a record file (FILE): a URL list or an access log "
+                        "has no recorded pace")
+        return []
+    if args.rates and any(value is not None for value in ramp):
+        raise _Stop("give --rates or --from/--to/--step, not both")
+    if args.rates:
+        return args.rates
+    if all(value is None for value in ramp):
+        raise _Stop("expected the rates to send at: --rates 50,100,200 or --from 50 --to "
+                    "800 --step 50 (or --speed 1x with a record file)")
+    if any(value is None for value in ramp):
+        raise _Stop("a ramp needs all three of --from, --to and --step")
+    if args.from_rate > args.to_rate:
+        raise _Stop(f"--from {args.from_rate:g} is above --to {args.to_rate:g}")
+    rates, index = [], 0
+    while args.from_rate + index * args.step <= args.to_rate * (1 + 1e-9):
+        rates.append(round(args.from_rate + index * args.step, 6))
+        index += 1
+    return rates
+
+
+def _check(args: argparse.Namespace) -> list[float]:
+    """The usage errors the parser cannot see; returns the rates."""
+    given = [name for name, value in (("FILE", args.file), ("--urls", args.urls),
+                                      ("--access-log", args.access_log)) if value]
+    if len(given) != 1:
+        raise _Stop("expected exactly one source of requests: a record FILE, --urls FILE "
+                    f"or --access-log FILE (got {' and '.join(given) or 'none'})")
+    if len(args.target) > 2:
+        raise _Stop(f"at most two --target to compare (got {len(args.target)})")
+    if len({str(target) for target in args.target}) < len(args.target):
+        raise _Stop("the two --target are the same")
+    return _ramp(args)
+
+
 def run_replay(args: argparse.Namespace) -> int:
     """Runs `gproxyctl replay` with parsed ARGS; returns the exit status."""
-    print("gproxyctl replay: not built yet", file=sys.stderr)
-    return EX_USAGE
+    try:
+        rates = _check(args)
+        if args.plot:
+            from .plot import PlotError, check
+            try:
+                check(args.plot)
+            except PlotError as error:
+                raise _Stop(str(error)) from None
+        for option, path in (("--csv", args.csv), ("--json", args.json),
+                             ("--plot", args.plot)):
+            if path:
+                try:
+                    open(path, "ab").close()  # now, not after a long ramp
+                except OSError as error:
+                    raise _Stop(f"{option} {path}: cannot write it: {error.strerror}") from None
+        from .sources import SourceError, load
+        try:
+            source = load(args.file, args.urls, args.access_log)
+        except SourceError as error:
+            raise _Stop(str(error)) from None
+        if args.speed is not None and len(source.recorded) < 2:
+            raise _Stop(f"--speed needs at least two recorded requests ({args.file} has "
+                        f"{len(source.recorded)})")
+        from .runner import Runner
+        return Runner(args, source, rates).main()
+    except _Stop as stop:
+        print(f"gproxyctl replay: {stop}", file=sys.stderr)
+        return stop.status
+    except KeyboardInterrupt:
+        return EX_OK
