@@ -5,11 +5,14 @@ written. Files are read back with recordfile.RecordReader."""
 from __future__ import annotations
 
 import os
+import pwd
 import resource
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 
 import gevent
 import pytest
@@ -327,3 +330,53 @@ def test_a_record_file_that_cannot_be_opened_stops_the_start(tmp_path, workers):
                "(expected an existing directory gproxyd's user may write to)")
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"gproxyd: {problem}\n"
+
+
+@pytest.fixture
+def open_home(request) -> Path:
+    """A directory others may enter (pytest's are root's alone), removed after the test."""
+    home = Path(tempfile.mkdtemp(prefix="gproxyd-record-"))
+    os.chmod(home, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    return home
+
+
+def test_after_a_privilege_drop_the_user_creates_and_rotates_the_file(open_home, daemons,
+                                                                       nginx):
+    """user = nobody: the record file is opened after the drop, so it is nobody's, mode
+    0640, and nobody rotates it in a directory of its own."""
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    nobody = pwd.getpwnam("nobody")
+    records = open_home / "records"
+    records.mkdir(mode=0o750)
+    os.chown(records, nobody.pw_uid, nobody.pw_gid)
+    path = records / "web.rec"
+    port = free_port()
+    text = config(port, nginx, path, record_max_size="1KiB", record_keep="2").replace(
+        "[gproxyd]\n", "[gproxyd]\nuser = nobody\n")
+    daemon = daemons(open_home, text).start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for number in range(40):
+            sock.sendall(get(f"/items/{number}"))
+            answers(sock, 1)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    for name in (path, records / "web.rec.1", records / "web.rec.2"):
+        info = name.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (nobody.pw_uid, 0o640), name
+        assert read_all(name)[1] == 0
+    assert not (records / "web.rec.3").exists()
+
+
+def test_a_directory_the_user_cannot_write_stops_the_start(open_home, daemons):
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    records = open_home / "records"
+    records.mkdir(mode=0o755)  # root's: nobody may read it, not create files in it
+    text = config(free_port(), "127.0.0.1:9", records / "web.rec").replace(
+        "[gproxyd]\n", "[gproxyd]\nuser = nobody\n")
+    daemon = daemons(open_home, text).start(wait_ready=False)
+    assert daemon.wait() == 1
+    assert daemon.process.stderr.read().decode() == (
+        f"gproxyd: route web: record: cannot write in {records}: Permission denied (the "
+        "directory must belong to gproxyd's user: the record file is created and rotated "
+        "there)\n")
