@@ -14,8 +14,10 @@ from __future__ import annotations
 import _socket
 import dataclasses
 import errno
+import grp
 import logging
 import os
+import pwd
 import random
 import socket
 import stat
@@ -52,23 +54,28 @@ class ListenError(Exception):
     """A listen address that cannot be bound; str() says why and what to do."""
 
 
-def bind(address: Address, reuse_port: bool = False) -> socket.socket:
+def bind(address: Address, reuse_port: bool = False, mode: int | None = None,
+         owner: str = "") -> socket.socket:
     """A non-blocking listening socket for `address`, or ListenError with cause and hint.
 
     `reuse_port`: SO_REUSEPORT, so several sockets (one per worker) share the address.
+    `mode`, `owner` ("user" or "user:group"): a unix socket file's (listen-mode,
+    listen-owner), set before it listens, so no client connects under the umask's mode.
     """
     sock = _StdlibSocket(address.family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         if address.family == socket.AF_UNIX:
             _remove_stale_unix_socket(address.path)
+            sock.bind(address.sockaddr)
+            _set_mode_and_owner(address.path, mode, owner)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if address.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address.sockaddr)
+            sock.bind(address.sockaddr)
         sock.listen(_BACKLOG)
     except OSError as error:
         sock.close()
@@ -79,6 +86,23 @@ def bind(address: Address, reuse_port: bool = False) -> socket.socket:
         }.get(error.errno, "")
         raise ListenError(f"cannot listen on {address}: {error.strerror}{hint}") from None
     return sock
+
+
+def _set_mode_and_owner(path: str, mode: int | None, owner: str) -> None:
+    if owner:
+        user, _, group = owner.partition(":")
+        try:
+            uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise OSError(errno.EINVAL, f"listen-owner: no such user {user!r}") from None
+        try:
+            gid = -1 if not group else int(group) if group.isdigit() else \
+                grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OSError(errno.EINVAL, f"listen-owner: no such group {group!r}") from None
+        os.chown(path, uid, gid)
+    if mode is not None:
+        os.chmod(path, mode)
 
 
 def adopt_listening(fd: int) -> socket.socket:
@@ -183,7 +207,8 @@ class Listener:
         self._no_sessions = Event()
         self._no_sessions.set()
         self._sampler = random.Random(route.shadow_seed)
-        self._listening = sock or bind(route.listen)
+        self._listening = sock or bind(route.listen, mode=route.listen_mode,
+                                       owner=route.listen_owner)
         # The server calls _handle in the hub, with no greenlet: most sessions never need
         # one. Those that do (hooks, host names) and lingering shadows run in this pool.
         self._greenlets = Pool()

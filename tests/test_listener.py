@@ -1,7 +1,10 @@
 """listener.py: binding, connection limits, idle reaping, route updates, close and drain."""
 import dataclasses
+import grp
 import os
+import pwd
 import socket
+import stat
 import time
 
 import gevent
@@ -192,3 +195,33 @@ def test_a_reload_changes_what_the_routes_numbers_are_read_with(proxy, servers):
     proxied.listener.update(changed)
     assert (stats.baseline, stats.verdict_threshold, stats.samples.maxlen) == (
         "127.0.0.1:10", None, 50)
+
+
+def test_a_unix_listen_socket_gets_listen_mode_and_listen_owner(servers, proxy, sockdir):
+    # CI runs as root, which chown needs; the nobody user and nogroup group are Debian's.
+    assert os.geteuid() == 0, "chown to another user needs root (CI runs the tests as root)"
+    nobody, nogroup = pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+    path = os.path.join(sockdir, "moded.sock")
+    proxied = proxy(servers.echo(), listen=f"unix:{path}", listen_mode="0660",
+                    listen_owner="nobody:nogroup")
+    info = os.stat(path)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+    assert (info.st_uid, info.st_gid) == (nobody.pw_uid, nogroup.gr_gid)
+    assert ping(proxied.connect()) == b"ping"
+    # Without them, the umask decides and the file is ours.
+    plain = os.path.join(sockdir, "plain.sock")
+    old = os.umask(0o077)
+    try:
+        proxy(servers.echo(), listen=f"unix:{plain}")
+    finally:
+        os.umask(old)
+    info = os.stat(plain)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.geteuid()
+
+
+def test_bind_names_a_listen_owner_that_does_not_exist(sockdir):
+    path = os.path.join(sockdir, "owner.sock")
+    with pytest.raises(ListenError) as raised:
+        bind(address(f"unix:{path}"), owner="no-such-user-gproxyd")
+    assert str(raised.value) == (f"cannot listen on unix:{path}: listen-owner: no such user "
+                                 "'no-such-user-gproxyd'")
