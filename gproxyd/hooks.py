@@ -126,7 +126,7 @@ def load_hooks(text: str) -> HookSet:
     except BaseException as error:  # anything the module's own code raised while importing,
         # sys.exit() and KeyboardInterrupt too: they must not end the daemon on a reload
         where = _where_in_module(error, spec)
-        raise BadValue(f"cannot import {spec!r}: {type(error).__name__}: {error}{where} "
+        raise BadValue(f"cannot import {spec!r}: {_name(error)}{where} "
                        "(expected a module path or a .py file defining on_connect, on_data, "
                        "on_response or on_finish)") from None
     return HookSet.from_object(module, spec)
@@ -135,7 +135,11 @@ def load_hooks(text: str) -> HookSet:
 def check_hooks_in_child(routes) -> list[str]:
     """Import every route's hooks in a child process, as a serving process would (after
     monkey-patching); the error messages, none when all import. --check-config uses it:
-    the checking process itself never runs user code."""
+    the checking process itself never runs user code.
+
+    The child reports each import as a JSON line on its stdout, its own output going to
+    stderr: what a module prints is no verdict, and a module whose import ends the child
+    (os._exit(), a crash) is named with its FILE:LINE all the same."""
     specs = [[route.hooks.text, route.hooks.where or route.where] for route in routes
              if isinstance(route.hooks, HookSpec)]
     if not specs:
@@ -144,24 +148,50 @@ def check_hooks_in_child(routes) -> list[str]:
         [sys.executable, "-c", "import sys; from gproxyd.hooks import _check_main; "
                                "sys.exit(_check_main())"],
         input=json.dumps(specs), capture_output=True, text=True)
-    errors = [line for line in child.stdout.splitlines() if line]
-    if child.returncode and not errors:
+    errors, importing = [], None
+    for line in child.stdout.splitlines():
+        try:
+            state, index, *message = json.loads(line)
+            where = specs[index][1]
+        except (ValueError, TypeError, IndexError):
+            continue
+        importing = index if state == "importing" else None
+        if state == "failed":
+            errors.append(f"{where}: hooks: {message[0]}")
+    if child.returncode and importing is not None:
+        text, where = specs[importing]
+        errors.append(f"{where}: hooks: cannot import {text!r}: its import ended the process "
+                      f"importing it ({_exit_status(child.returncode)})")
+    elif child.returncode and not errors:
         last = (child.stderr.strip().splitlines() or [""])[-1]
-        errors = [f"hooks: the checking process failed (exit {child.returncode}): {last}"]
+        errors.append(f"hooks: the checking process failed "
+                      f"({_exit_status(child.returncode)}): {last}")
     return errors
 
 
+def _exit_status(returncode: int) -> str:
+    return (f"exit status {returncode}" if returncode > 0
+            else f"killed by signal {-returncode}")
+
+
 def _check_main() -> int:
-    """The child of check_hooks_in_child(): [[spec, FILE:LINE], ...] on stdin."""
+    """The child of check_hooks_in_child(): [[spec, FILE:LINE], ...] on stdin; on stdout,
+    ["importing", i] before each import, then ["ok", i] or ["failed", i, message]."""
+    report = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # what the modules print, from Python or C, goes to stderr
+    sys.stdout = sys.stderr
     from gevent import monkey
     monkey.patch_all()
     failed = 0
-    for text, where in json.load(sys.stdin):
+    for index, (text, _where) in enumerate(json.load(sys.stdin)):
+        print(json.dumps(["importing", index]), file=report, flush=True)
         try:
             load_hooks(text)
         except BadValue as error:
-            print(f"{where}: hooks: {error}", flush=True)
+            print(json.dumps(["failed", index, str(error)]), file=report, flush=True)
             failed += 1
+        else:
+            print(json.dumps(["ok", index]), file=report, flush=True)
     return 1 if failed else 0
 
 
@@ -186,6 +216,12 @@ def _where_in_module(error: Exception, spec: str) -> str:
     if isinstance(error, SyntaxError) and error.filename:
         return f" at {error.filename}:{error.lineno}"
     return f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
+
+
+def _name(error: BaseException) -> str:
+    """`Type: message`, or `Type` alone when there is no message."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def hook_failure(hooks: HookSet, name: str, route: str, client: str, error: BaseException):

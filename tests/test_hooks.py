@@ -418,6 +418,8 @@ def load_only_hooks(config: str):
      "'{file}' defines no hook (expected on_connect, on_data, on_response or on_finish)"),
     ("notcallable.py", "on_data = 5\n",
      "on_data in '{file}' is not callable (expected a function)"),
+    ("interrupt.py", "import os\n\nraise KeyboardInterrupt\n",  # no message: no ': '
+     "cannot import '{file}': KeyboardInterrupt at {file}:3 "),
 ])
 def test_a_bad_hooks_file_is_a_config_error_naming_file_and_line(tmp_path, name, source,
                                                                   problem):
@@ -819,3 +821,30 @@ def test_a_hooks_file_that_calls_sys_exit_is_a_load_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import "
                                           rf".*SystemExit: 1 at {hooks_file}:3 "):
         load_only_hooks(config)
+
+
+# --- --check-config: what a hooks module does at import ------------------------------------
+
+def check_config(config: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gproxyd", "--check-config", "-c", config],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_passes_a_hooks_module_that_prints_when_imported(tmp_path):
+    hooks_file = tmp_path / "chatty.py"
+    hooks_file.write_text('print("loading chatty hooks")\n\n\ndef on_data(conn, data):\n'
+                          '    return data\n')
+    config, _ = write_config(tmp_path, str(hooks_file))
+    checked = check_config(config)
+    assert checked.returncode == 0, checked
+    assert "configuration OK" in checked.stdout
+
+
+def test_check_config_names_a_hooks_module_whose_import_ends_the_process(tmp_path):
+    hooks_file = tmp_path / "ender.py"
+    hooks_file.write_text("import os\n\nos._exit(3)\n")
+    config, line = write_config(tmp_path, str(hooks_file))
+    checked = check_config(config)
+    assert checked.returncode == 78, checked
+    assert checked.stderr == (f"gproxyd: {config}:{line}: hooks: cannot import '{hooks_file}': "
+                              "its import ended the process importing it (exit status 3)\n")
