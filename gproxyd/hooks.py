@@ -24,8 +24,9 @@ object works from Python: `gproxyd.Proxy(..., hooks=obj)`) defining any of:
 
 Backends are named "production" and each shadow as written in the config. Hooks run
 in the connection's own greenlets: they may block in gevent-friendly ways (a database
-query, an HTTP call) without stalling other connections. A hook that raises closes its
-connection; the traceback is logged with route and client; the daemon keeps serving.
+query, an HTTP call) without stalling other connections. A hook that raises (anything:
+SystemExit, KeyboardInterrupt and gevent.Timeout too) closes its connection; the
+traceback is logged with route and client; the daemon keeps serving.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import gevent
+import greenlet
 from greenlet import GreenletExit
 
 from .config import ConfigError
@@ -121,10 +124,10 @@ def load_hooks(text: str) -> HookSet:
             module = importlib.reload(module)  # a reload picks up edits
     except BadValue:
         raise
-    except GreenletExit:
-        raise  # the greenlet is being killed: not the module's doing
     except BaseException as error:  # anything the module's own code raised while importing,
         # sys.exit() and KeyboardInterrupt too: they must not end the daemon on a reload
+        if _thrown_in(error):
+            raise  # the greenlet is being killed: not the module's doing
         where = _where_in_module(error, spec)
         raise BadValue(f"cannot import {spec!r}: {_name(error)}{where} "
                        "(expected a module path or a .py file defining on_connect, on_data, "
@@ -224,13 +227,32 @@ def _name(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _thrown_in(error: BaseException) -> bool:
+    """A GreenletExit thrown into the greenlet while it waited (Greenlet.kill()), not one
+    raised by the code that ran: it was raised in a frame of gevent's or greenlet's."""
+    if not isinstance(error, GreenletExit):
+        return False
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    if innermost is None:
+        return True  # no frame of the code's own
+    return innermost.tb_frame.f_code.co_filename.startswith(_SWITCHING_CODE)
+
+
+# Where the frames of a greenlet switch come from: gevent's and greenlet's sources, and
+# the names Cython gives gevent's compiled modules ("src/gevent/_waiter.py").
+_SWITCHING_CODE = tuple(os.path.dirname(package.__file__) + os.sep
+                        for package in (gevent, greenlet)) + ("src/gevent/",)
+
+
 def hook_failure(hooks: HookSet, name: str, route: str, client: str, error: BaseException):
     """Log a failing hook with its traceback trimmed to the hook module's own frames."""
     frames = traceback.extract_tb(error.__traceback__)
     own = [frame for frame in frames if frame.filename == hooks.module_file] or frames[-1:]
     trace = "".join(traceback.format_list(own)).rstrip()
-    log.error("route %s client %s: hook %s (%s) failed, closing the connection: %s: %s\n%s",
-              route, client, name, hooks.source, type(error).__name__, error, trace)
+    log.error("route %s client %s: hook %s (%s) failed, closing the connection: %s\n%s",
+              route, client, name, hooks.source, _name(error), trace)
 
 
 class Connection:
@@ -351,13 +373,33 @@ class HookDispatch:
     def _call(self, name: str, hook: Callable, *args):
         try:
             return hook(*args)
-        except GreenletExit:
-            raise  # the session's greenlet is being killed
         except BaseException as error:  # a user hook: anything may come out of it, even
-            # SystemExit, KeyboardInterrupt or a gevent.Timeout: only its connection ends
+            # SystemExit, KeyboardInterrupt, a gevent.Timeout or GreenletExit (the
+            # session arms no timeout around a hook): only its connection ends
+            if _thrown_in(error):
+                raise  # the session's greenlet is being killed
             hook_failure(self.hooks, name, self._route, self._peer, error)
             self._abort(f"hook {name} failed: {type(error).__name__}")
             return _FAILED
+
+    def stray(self, error: BaseException) -> None:
+        """Something came out of one of the session's hooked greenlets between hook
+        calls: a gevent.Timeout a hook started and did not cancel, an exception a hook
+        threw into this greenlet. It closes this connection only (reaching gevent's
+        hub, a SystemExit would end the process)."""
+        if isinstance(error, Exception):
+            # not a hook's leftover as far as we can tell: the whole trace, for us
+            trace = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+            log.error("route %s client %s: %s, closing the connection\n%s", self._route,
+                      self._peer, _name(error), trace)
+            self._abort(f"failed: {type(error).__name__}")
+            return
+        # Where it landed says nothing about the hook that left it: no trace.
+        log.error("route %s client %s: hooks (%s): %s came out of the connection's "
+                  "greenlet after a hook returned (a gevent.Timeout it started and did "
+                  "not cancel?), closing the connection", self._route, self._peer,
+                  self.hooks.source, _name(error))
+        self._abort(f"hook failed: {type(error).__name__}")
 
     def _check(self, name: str, value, *types) -> bool:
         if value is None or isinstance(value, types):

@@ -7,7 +7,8 @@ shadows and the observer seeing each client chunk through a non-blocking tap, an
 holds no greenlet at all. With hooks (user code that may block), the hooked steps run
 in greenlets of the session's (`spawn`): on_connect before production is connected,
 then the hooked directions as copy_pumps; the HookDispatch calls the hooks and routes
-what they return.
+what they return. Whatever a hook raises, or leaves behind in those greenlets (a
+gevent.Timeout it did not cancel), closes that session only.
 
 The session owns the client's channel, production and its shadow sinks: `on_end` is
 called once, when client and production are closed, and `finish()` lingers for the
@@ -23,6 +24,7 @@ from typing import Callable
 
 import gevent
 from gevent.lock import Semaphore
+from greenlet import GreenletExit
 
 from .channel import Channel, is_disconnect, out_of_descriptors
 from .compare import HEAD_ROOM, PRODUCTION, REQUEST_KEPT, Capture, Comparison
@@ -310,28 +312,46 @@ class Session:
         """production -> client runs a copy_pump in a greenlet of its own, writing under
         the lock conn.reply() uses; client -> production does too when there is an
         on_data hook, else a Relay direction this greenlet waits on."""
+        downstream = self._spawn(self._relay_down)
         try:
-            downstream = self._spawn(self._relay_down)
-            production = self.production.channel
-            if self.dispatch.sees_client_data:
-                self._pump(self.client, production, self.production.sent,
-                           self._upstream_hooked, self._client_eof)
-            else:
-                observer = self.production.observer
-                failure = Relay(Direction(
-                    self.client, production, self.production.sent,
-                    self._mirror if self.shadows or observer.watching else None,
-                    self._client_eof)).run()
-                if failure is not None:
-                    self._fail(failure)
-            downstream.join()
+            self._contained(self._relay_up)
         finally:
+            downstream.join()  # it ends soon: whatever ended this side aborted the session
             self._end()
 
+    def _relay_up(self) -> None:
+        production = self.production.channel
+        if self.dispatch.sees_client_data:
+            self._pump(self.client, production, self.production.sent,
+                       self._upstream_hooked, self._client_eof)
+            return
+        observer = self.production.observer
+        failure = Relay(Direction(
+            self.client, production, self.production.sent,
+            self._mirror if self.shadows or observer.watching else None,
+            self._client_eof)).run()
+        if failure is not None:
+            self._fail(failure)
+
     def _relay_down(self) -> None:
-        self._pump(self.production.channel, self.client, self.production.received,
-                   self._downstream_hooked, self._production_finished)
+        self._contained(self._pump, self.production.channel, self.client,
+                        self.production.received, self._downstream_hooked,
+                        self._production_finished)
         self._production_finished()
+
+    def _contained(self, relay: Callable, *args) -> None:
+        """Relay one direction of a hooked session: what comes out of it, other than its
+        greenlet being killed, closes this connection only (HookDispatch.stray). Hooks
+        ran in this greenlet and may have left something behind (a gevent.Timeout they
+        did not cancel); nothing of theirs may reach gevent's hub, where a SystemExit
+        would end the process."""
+        try:
+            relay(*args)
+        except GreenletExit:
+            self.abort("stopped")
+            raise
+        except BaseException as error:
+            self.dispatch.stray(error)
 
     def _pump(self, src: Channel, dst: Channel, counter, on_chunk, on_eof) -> None:
         """A copy_pump until EOF; a failure aborts the session."""

@@ -26,6 +26,7 @@ from backends import (
     wait_until,
 )
 from gevent.event import Event
+from greenlet import GreenletExit
 
 import gproxyd
 from gproxyd.config import ConfigError, load_config
@@ -821,6 +822,90 @@ def test_a_hooks_file_that_calls_sys_exit_is_a_load_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{config}:{line}: hooks: cannot import "
                                           rf".*SystemExit: 1 at {hooks_file}:3 "):
         load_only_hooks(config)
+
+
+def hook_failures(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gproxyd.hooks"
+            and r.levelname == "ERROR"]
+
+
+def test_a_hook_raising_greenletexit_itself_is_a_hook_failure(run, serve, caplog):
+    """GreenletExit is what killing a greenlet raises in it; raised by the hook itself it
+    used to pass for a kill: no log line, and the connection logged close=eof."""
+    class RaisesGreenletExit:
+        def on_data(self, conn, data):
+            if data == b"boom":
+                raise GreenletExit
+            return data
+
+    proxy = run(serve(recording(reply_each=None)), hooks=RaisesGreenletExit())
+    failing = connect(proxy)
+    failing.sendall(b"boom")
+    assert sees_eof(failing, timeout=5)
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "hook on_data failed: GreenletExit"
+    failure, = hook_failures(caplog)
+    assert "hook on_data (" in failure and "failed, closing the connection: GreenletExit\n" \
+        in failure
+    again = connect(proxy)
+    again.sendall(b"fine")
+    assert recv_exactly(again, 4) == b"fine"
+
+
+def test_a_hooked_greenlet_killed_while_its_hook_waits_is_no_hook_failure(run, serve, caplog):
+    """The kill (GreenletExit thrown in while the hook waits) ends the greenlet: it is
+    not swallowed as the hook's failure, and the connection is closed."""
+    class Waits:
+        def __init__(self):
+            self.greenlet, self.waiting = None, Event()
+
+        def on_data(self, conn, data):
+            self.greenlet = gevent.getcurrent()
+            self.waiting.set()
+            gevent.sleep(30)
+            return data
+
+    hooks = Waits()
+    proxy = run(serve(recording(reply_each=None)), hooks=hooks)
+    client = connect(proxy)
+    client.sendall(b"x")
+    assert hooks.waiting.wait(timeout=5)
+    hooks.greenlet.kill(timeout=5)
+    assert hooks.greenlet.dead
+    assert sees_eof(client, timeout=5)
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "stopped"
+    assert hook_failures(caplog) == []
+
+
+class LeavesATimeout:
+    """on_data starts a gevent.Timeout and returns: it fires later in the greenlet that
+    reads the client, between hook calls."""
+
+    def __init__(self, exception=None):
+        self.exception = exception
+
+    def on_data(self, conn, data):
+        gevent.Timeout(0.05, self.exception).start()
+        return data
+
+
+def test_a_timeout_a_hook_left_running_closes_its_connection_as_a_hook_failure(
+        run, serve, caplog):
+    proxy = run(serve(recording(reply_each=None)), hooks=LeavesATimeout())
+    client = connect(proxy)
+    client.sendall(b"hi")
+    assert recv_exactly(client, 2) == b"hi"
+    assert sees_eof(client, timeout=5)
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "hook failed: Timeout"
+    failure, = hook_failures(caplog)
+    assert failure.startswith(f"route test client {line['client']}: hooks (")
+    assert ": Timeout: 0.05 seconds came out of the connection's greenlet after a hook " \
+           "returned" in failure
+    again = connect(proxy)  # its own timeout, and its own failure: the next one is fine
+    again.sendall(b"ok")
+    assert recv_exactly(again, 2) == b"ok"
 
 
 # --- --check-config: what a hooks module does at import ------------------------------------
