@@ -26,7 +26,9 @@ Backends are named "production" and each shadow as written in the config. Hooks 
 in the connection's own greenlets: they may block in gevent-friendly ways (a database
 query, an HTTP call) without stalling other connections. A hook that raises (anything:
 SystemExit, KeyboardInterrupt and gevent.Timeout too) closes its connection; the
-traceback is logged with route and client; the daemon keeps serving.
+traceback is logged with route and client; the daemon keeps serving. A hook that holds
+the event loop longer than hook-timeout (a CPU loop) is interrupted (watchdog.py) and
+fails the same way.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ import gevent
 import greenlet
 from greenlet import GreenletExit
 
+from . import watchdog
 from .config import ConfigError
 from .settings import Address, BadValue, HookSpec, address
+from .watchdog import HookTimeout
 
 log = logging.getLogger("gproxyd.hooks")
 
@@ -92,6 +96,7 @@ def load_route_hooks(routes) -> dict[str, HookSet]:
 
     Only a serving process calls this, after gevent's monkey-patching (hooks bind the
     patched functions), at start and again at every reload (a reload picks up edits).
+    With hooks loaded, the process runs the watchdog (hook-timeout) from then on.
     """
     loaded: dict[str, HookSet] = {}
     for route in routes:
@@ -102,6 +107,8 @@ def load_route_hooks(routes) -> dict[str, HookSet]:
         except BadValue as error:
             where = route.hooks.where if isinstance(route.hooks, HookSpec) else ""
             raise HookLoadError(where or route.where, "hooks", str(error)) from None
+    if loaded:
+        watchdog.watch(HookDispatch._call.__code__, _describe_call)
     return loaded
 
 
@@ -247,12 +254,27 @@ _SWITCHING_CODE = tuple(os.path.dirname(package.__file__) + os.sep
 
 
 def hook_failure(hooks: HookSet, name: str, route: str, client: str, error: BaseException):
-    """Log a failing hook with its traceback trimmed to the hook module's own frames."""
+    """Log a failing hook with its traceback trimmed to the hook module's own frames (all
+    frames below the hook call for a hook interrupted by the watchdog: the loop it was
+    stuck in may be in a library)."""
     frames = traceback.extract_tb(error.__traceback__)
-    own = [frame for frame in frames if frame.filename == hooks.module_file] or frames[-1:]
+    if isinstance(error, HookTimeout):
+        own = frames[1:] or frames
+    else:
+        own = [frame for frame in frames if frame.filename == hooks.module_file] or frames[-1:]
     trace = "".join(traceback.format_list(own)).rstrip()
     log.error("route %s client %s: hook %s (%s) failed, closing the connection: %s\n%s",
               route, client, name, hooks.source, _name(error), trace)
+
+
+def _describe_call(frame) -> str:
+    """For the watchdog: which hook a HookDispatch._call frame is calling, for whom."""
+    local = frame.f_locals
+    dispatch = local.get("self")
+    if not isinstance(dispatch, HookDispatch):
+        return "a hook"
+    return (f"route {dispatch._route} client {dispatch._peer}: hook {local.get('name')} "
+            f"({dispatch.hooks.source})")
 
 
 class Connection:
@@ -371,6 +393,8 @@ class HookDispatch:
             self._call("on_finish", self.hooks.on_finish, self.conn, backend)
 
     def _call(self, name: str, hook: Callable, *args):
+        # The watchdog recognises a running hook by this function's frame (and reads
+        # `self` and `name` from it): keep them its own locals.
         try:
             return hook(*args)
         except BaseException as error:  # a user hook: anything may come out of it, even
@@ -378,6 +402,8 @@ class HookDispatch:
             # session arms no timeout around a hook): only its connection ends
             if _thrown_in(error):
                 raise  # the session's greenlet is being killed
+            if isinstance(error, HookTimeout):
+                error.args = (watchdog.interruption(),)
             hook_failure(self.hooks, name, self._route, self._peer, error)
             self._abort(f"hook {name} failed: {type(error).__name__}")
             return _FAILED

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import backends
@@ -29,6 +30,7 @@ from gevent.event import Event
 from greenlet import GreenletExit
 
 import gproxyd
+from gproxyd import watchdog
 from gproxyd.config import ConfigError, load_config
 from gproxyd.hooks import load_route_hooks
 
@@ -906,6 +908,149 @@ def test_a_timeout_a_hook_left_running_closes_its_connection_as_a_hook_failure(
     again = connect(proxy)  # its own timeout, and its own failure: the next one is fine
     again.sendall(b"ok")
     assert recv_exactly(again, 2) == b"ok"
+
+
+# --- the watchdog: a hook that holds the event loop ---------------------------------------------
+
+HOOK_TIMEOUT = 0.3
+
+
+@pytest.fixture
+def hook_timeout():
+    """hook-timeout = HOOK_TIMEOUT for this test (the option's default afterwards)."""
+    watchdog.configure(HOOK_TIMEOUT)
+    yield HOOK_TIMEOUT
+    watchdog.configure(watchdog._default_timeout())
+
+
+def watchdog_threads() -> int:
+    """This process's OS threads named like the watchdog's."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                count += comm.read().strip() == "hook-watchdog"
+        except OSError:
+            pass  # the thread ended meanwhile
+    return count
+
+
+class Spins:
+    """on_data computes without yielding for `seconds` when sent b"spin" (bounded, so that
+    without a watchdog the test fails instead of hanging); other chunks pass."""
+
+    def __init__(self, seconds: float = 5.0):
+        self.seconds = seconds
+
+    def on_data(self, conn, data):
+        if data == b"spin":
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline:  # the line the stack must show
+                pass
+        return data
+
+
+def test_a_hook_stuck_in_a_cpu_loop_is_interrupted_after_hook_timeout_with_its_stack(
+        run, serve, caplog, hook_timeout):
+    proxy = run(serve(recording(reply_each=None)), hooks=Spins())
+    spinning = connect(proxy)
+    started = time.monotonic()
+    spinning.sendall(b"spin")
+    assert sees_eof(spinning, timeout=10)
+    assert time.monotonic() - started < 4, "the hook ran to its end: not interrupted"
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "hook on_data failed: HookTimeout"
+    failure, = hook_failures(caplog)
+    head, stack = failure.split("\n", 1)
+    assert head.startswith(f"route test client {line['client']}: hook on_data (")
+    assert "failed, closing the connection: HookTimeout: held the event loop for more " \
+           "than" in head and f"s without yielding (hook-timeout {HOOK_TIMEOUT:g}s)" in head
+    loop = Spins.on_data.__code__.co_firstlineno + 3  # the while line, then pass
+    assert any(f'File "{__file__}", line {number}, in on_data' in stack
+               for number in (loop, loop + 1)), stack
+    served = connect(proxy)
+    served.sendall(b"after")
+    assert recv_exactly(served, 5) == b"after"
+
+
+def test_a_hook_that_waits_or_yields_longer_than_hook_timeout_is_not_interrupted(
+        run, serve, caplog, hook_timeout):
+    class Patient:
+        def on_data(self, conn, data):
+            if data == b"wait":
+                gevent.sleep(3 * HOOK_TIMEOUT)
+            elif data == b"work":  # CPU work, yielding every millisecond
+                deadline = time.monotonic() + 3 * HOOK_TIMEOUT
+                while time.monotonic() < deadline:
+                    slice_end = time.monotonic() + 0.001
+                    while time.monotonic() < slice_end:
+                        pass
+                    gevent.sleep(0)
+            return data
+
+    proxy = run(serve(recording(reply_each=None)), hooks=Patient())
+    wait_until(watchdog.running, what="the watchdog running")
+    client = connect(proxy)
+    for word in (b"wait", b"work"):
+        client.sendall(word)
+        assert recv_exactly(client, 4) == word
+    assert hook_failures(caplog) == []
+
+
+def test_the_loop_held_outside_any_hook_is_logged_once_and_not_interrupted(
+        run, serve, caplog, hook_timeout):
+    run(serve(recording(reply_each=None)), hooks=Spins())
+    wait_until(watchdog.running, what="the watchdog running")
+    deadline = time.monotonic() + 4 * HOOK_TIMEOUT
+    while time.monotonic() < deadline:  # this test's own greenlet holds the loop
+        pass
+    gevent.sleep(0.05)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and r.getMessage().startswith("the event loop has not turned for ")]
+    assert len(warnings) == 1, warnings
+    assert f"(hook-timeout {HOOK_TIMEOUT:g}s) and no hook is running" in warnings[0]
+    assert "in test_the_loop_held_outside_any_hook_is_logged_once" in warnings[0]
+
+
+def test_a_hook_that_catches_the_interruption_is_interrupted_again_and_said_so(
+        run, serve, caplog, hook_timeout):
+    class Stubborn:
+        def on_data(self, conn, data):
+            caught = 0
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and caught < 2:
+                try:
+                    while time.monotonic() < deadline:
+                        pass
+                except BaseException:  # what a careless hook does
+                    caught += 1
+            return data
+
+    proxy = run(serve(recording(reply_each=None)), hooks=Stubborn())
+    client = connect(proxy)
+    started = time.monotonic()
+    client.sendall(b"x")
+    assert recv_exactly(client, 1) == b"x"  # it gave up after the second interruption
+    assert time.monotonic() - started < 5
+    again = wait_until(lambda: [m for m in hook_failures(caplog)
+                                if "still holds the event loop after it was interrupted"
+                                in m], what="the second interruption logged")
+    assert again[0].startswith(f"route test client 127.0.0.1:{client.getsockname()[1]}: "
+                               "hook on_data (")
+
+
+def test_with_hook_timeout_0_no_watchdog_thread_runs(run, serve):
+    try:
+        watchdog.configure(0)
+        run(serve(recording(reply_each=None)), hooks=Spins())
+        gevent.sleep(0.05)  # the loop turns: the watchdog would have started by now
+        assert not watchdog.running()
+        assert watchdog_threads() == 0
+        watchdog.configure(HOOK_TIMEOUT)
+        assert watchdog.running()
+        wait_until(lambda: watchdog_threads() == 1, what="one watchdog thread")
+    finally:
+        watchdog.configure(watchdog._default_timeout())
 
 
 # --- --check-config: what a hooks module does at import ------------------------------------
