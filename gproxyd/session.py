@@ -398,9 +398,12 @@ class Session:
             self.client.flush(data)
 
     def _shadow_answer(self, sink: ShadowSink, chunk) -> None:
-        """A shadow's answer (in its reader greenlet), or its end when chunk is None."""
+        """A shadow's answer (in its reader greenlet), its end when chunk is None, or
+        what a hook left behind in that greenlet (an exception: see HookDispatch.stray)."""
         if chunk is None:
             self.dispatch.finish(sink.name)
+        elif isinstance(chunk, BaseException):
+            self.dispatch.stray(chunk)
         else:
             self.dispatch.response(sink.name, chunk)
 

@@ -25,6 +25,7 @@ from time import monotonic
 from typing import Callable
 
 import gevent
+from gevent import GreenletExit
 from gevent.event import Event
 from gevent.queue import SimpleQueue
 
@@ -669,12 +670,21 @@ class ShadowSink:
             self.upstream.received.bytes += received
 
     def _deliver_answers(self) -> None:
-        while True:
-            chunk = self._answers.get()
-            if chunk is None:
-                break
-            self._on_answer(self, chunk)
-        self._on_answer(self, None)
+        """Hand answers to the session's hooks, in this greenlet. What a hook left behind
+        (a gevent.Timeout it did not cancel) comes out here: it is handed over too, as
+        the chunk, for the session to close its connection; it must not reach gevent's
+        hub, where a SystemExit would end the process."""
+        try:
+            while True:
+                chunk = self._answers.get()
+                if chunk is None:
+                    break
+                self._on_answer(self, chunk)
+            self._on_answer(self, None)
+        except GreenletExit:
+            raise
+        except BaseException as error:
+            self._on_answer(self, error)
 
     # --- ending ----------------------------------------------------------------------------
 

@@ -910,6 +910,31 @@ def test_a_timeout_a_hook_left_running_closes_its_connection_as_a_hook_failure(
     assert recv_exactly(again, 2) == b"ok"
 
 
+class ShadowAnswerLeavesATimeout:
+    """on_response, for the shadow's answer, starts a gevent.Timeout carrying SystemExit
+    and returns: it fires later in the greenlet that hands the shadow's answers over."""
+
+    def on_response(self, conn, backend, data):
+        if backend != "production":
+            gevent.Timeout(0.05, SystemExit(3)).start()
+        return data
+
+
+def test_a_timeout_left_in_a_shadows_answer_hook_closes_only_its_connection(
+        run, serve, caplog):
+    production, shadow = serve(recording(reply_each=None)), serve(recording(reply_each=None))
+    proxy = run(production, shadow=[shadow.address], hooks=ShadowAnswerLeavesATimeout())
+    client = connect(proxy)
+    client.sendall(b"hi")
+    assert recv_exactly(client, 2) == b"hi"
+    assert sees_eof(client, timeout=5)
+    line, = wait_for_lines(caplog)
+    assert line["close"] == "hook failed: SystemExit"
+    again = connect(proxy)  # the process and its listener are still there
+    again.sendall(b"ok")
+    assert recv_exactly(again, 2) == b"ok"
+
+
 # --- the watchdog: a hook that holds the event loop ---------------------------------------------
 
 HOOK_TIMEOUT = 0.3
