@@ -68,7 +68,8 @@ class Session:
         label = f"route {route.name} client {peer}"
         self.production = Upstream(route.production, stats.production,
                                    Exchanges(route.protocol, stats.production, stats, label,
-                                             route.observe_max_header))
+                                             route.observe_max_header),
+                                   f"route {route.name}: production")
         self.started = time.monotonic()
         self.reason = ""
         self._idle_mark = (0, self.started)
@@ -95,7 +96,8 @@ class Session:
             ShadowSink(Upstream(address, stats.shadow(address.text),
                                 Exchanges(route.protocol, stats.shadow(address.text), stats,
                                           f"{label} shadow {address}",
-                                          route.observe_max_header)),
+                                          route.observe_max_header),
+                                f"route {route.name}: shadow"),
                        route, label, spawn, self.production, on_answer)
             for address in shadows]
         self._filter: RequestFilter | None = None
@@ -442,12 +444,23 @@ class Session:
         for sink in self.shadows:
             sink.linger(max(0.0, deadline - time.monotonic()))
         if log.isEnabledFor(logging.INFO):
+            duration = time.monotonic() - self.started
             shadows = "".join(f" shadow[{sink.address}]={sink.state}"
                               + (f"({sink.why})" if sink.why else "") for sink in self.shadows)
+            # The same as keys of their own, for log-format = json.
+            fields = {"route": self.route.name, "client": self.peer,
+                      "production": self.route.production.text,
+                      "duration": round(duration, 6), "up": self.production.sent.bytes,
+                      "down": self.production.received.bytes,
+                      "shadows": {sink.address.text: {"outcome": sink.state,
+                                                      "why": sink.why or None}
+                                  for sink in self.shadows},
+                      "close": self.reason or EOF}
             log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "
                      "close=%s", self.route.name, self.peer, self.route.production,
-                     time.monotonic() - self.started, self.production.sent.bytes,
-                     self.production.received.bytes, shadows, self.reason or EOF)
+                     duration, self.production.sent.bytes,
+                     self.production.received.bytes, shadows, self.reason or EOF,
+                     extra={"fields": fields})
 
 
 def _nothing() -> None:

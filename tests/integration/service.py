@@ -67,10 +67,10 @@ def running(pid: int) -> bool:
 class TaggedEcho:
     """A backend answering every chunk with `TAG:` + the chunk; counts connections."""
 
-    def __init__(self, tag: bytes):
+    def __init__(self, tag: bytes, port: int = 0):
         self.tag = tag
         self.connections = 0
-        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server = StreamServer(("127.0.0.1", port), self._handle)
         self.server.start()
         self.address = f"127.0.0.1:{self.server.server_port}"
 
@@ -185,8 +185,10 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
-        wait_until(lambda: text in self.log(), timeout, what=f"log line {text!r}")
+    def wait_log(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Until the log holds `text` (at least `count` times)."""
+        wait_until(lambda: self.log().count(text) >= count, timeout,
+                   what=f"log line {text!r}" + (f" {count} times" if count > 1 else ""))
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -229,7 +230,56 @@ def test_json_log_format(tmp_path, backends, daemons):
     daemon.wait_log("route=web client=")
     entries = [json.loads(line) for line in daemon.log().splitlines()]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
-    assert any(e["message"].startswith("route=web client=") for e in entries)
+    # ISO 8601 with milliseconds and the UTC offset
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d",
+                        entries[0]["time"]), entries[0]["time"]
+    connection, = [e for e in entries if e["message"].startswith("route=web client=")]
+    assert connection["route"] == "web"
+    assert connection["client"].startswith("127.0.0.1:")
+    assert connection["production"] == backends["a"].address
+    assert connection["close"] == "eof"
+    assert connection["up"] == 4 and connection["down"] == 6  # "ping", "a:ping"
+    assert isinstance(connection["duration"], float) and connection["shadows"] == {}
+
+
+def test_an_outage_is_logged_once_at_warning_with_a_count_not_once_a_connection(
+        tmp_path, daemons):
+    down, shadow_down = free_port(), free_port()
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, f"127.0.0.1:{down}",
+                                                      shadow=f"127.0.0.1:{shadow_down}"))
+    daemon.start()
+    for _ in range(5):  # production refuses: each client is closed (or reset)
+        try:
+            assert exchange(port) == b""
+        except ConnectionResetError:
+            pass
+    daemon.wait_log(f"close=production 127.0.0.1:{down} unreachable", count=5)
+    log = daemon.log()
+    went = [line for line in log.splitlines() if f"production 127.0.0.1:{down} unreachable"
+            in line and "close=" not in line]
+    assert len(went) == 1, log
+    assert " warning: route web: production 127.0.0.1:" in went[0]
+    assert went[0].endswith("unreachable: Connection refused (logged once an outage: failed "
+                            "connections are counted, and a line follows every 60s while it "
+                            "lasts)")
+    # Production comes up: one line says so, with how many connections failed meanwhile.
+    production = TaggedEcho(b"p", port=down)
+    try:
+        assert exchange(port, b"x") == b"p:x"
+        daemon.wait_log("reachable again after")
+        back = [line for line in daemon.log().splitlines() if "reachable again" in line]
+        assert len(back) == 1 and f"route web: production 127.0.0.1:{down} reachable " \
+                                  "again after" in back[0]
+        assert back[0].endswith("5 connection(s) failed meanwhile")
+        # The shadow has been down all along: once, at warning, not per connection.
+        assert exchange(port, b"y") == b"p:y"
+        daemon.wait_log("route=web client=", count=7)
+        shadow_lines = [line for line in daemon.log().splitlines()
+                        if f"route web: shadow 127.0.0.1:{shadow_down} unreachable" in line]
+        assert len(shadow_lines) == 1 and " warning: " in shadow_lines[0]
+    finally:
+        production.stop()
 
 
 def test_daemonize_writes_and_removes_pid_file(tmp_path, backends):
