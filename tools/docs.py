@@ -254,8 +254,13 @@ HOOKS_SECTION = [
     _text("A hook that holds the event loop longer than hook-timeout (default 2s) without "
           "yielding, such as a CPU loop, is interrupted: it is logged with its name and "
           "stack, its connection is closed, and every other connection, signal and the "
-          "admin endpoint are served again. Whatever a hook raises, SystemExit and "
-          "KeyboardInterrupt included, closes only its own connection."),
+          "admin endpoint are served again; hook-timeout = 0 turns the watchdog off. A "
+          "hook waiting in a gevent-friendly way has yielded and is never interrupted; a "
+          "loop held outside any hook is logged once per stall, with its stack, and not "
+          "interrupted. Whatever a hook raises, SystemExit, KeyboardInterrupt and "
+          "GreenletExit included, and a gevent.Timeout it leaves running, closes only its "
+          "own connection. A hooks module whose import calls sys.exit() is a "
+          "configuration error like any other import error."),
 ]
 
 
