@@ -32,7 +32,8 @@ MAX_RECORD = 64 * 1024 * 1024  # a length above this is a torn or foreign file, 
 # Header fields whose values are credentials: replaced unless record-secrets = keep.
 SECRET_FIELDS = (b"authorization", b"proxy-authorization", b"cookie")
 PLACEHOLDER = b"gproxyd-masked"
-_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:", re.MULTILINE)
+_FIELD = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class RecordFileError(Exception):
@@ -53,23 +54,38 @@ def encode(time: float, data: bytes) -> bytes:
 
 def mask_secrets(request: bytes) -> bytes:
     """The request with the values of Authorization, Proxy-Authorization and Cookie
-    header fields replaced by PLACEHOLDER; the body and other fields are unchanged."""
-    head_end = request.find(b"\r\n\r\n")
-    head, rest = (request, b"") if head_end < 0 else (request[:head_end], request[head_end:])
-    lines = head.split(b"\r\n")
-    changed = False
-    for index, line in enumerate(lines[1:], 1):
-        match = _FIELD.match(line)
-        if match and match.group(1).lower() in SECRET_FIELDS:
-            lines[index] = match.group(1) + b": " + PLACEHOLDER
-            changed = True
-    return b"\r\n".join(lines) + rest if changed else request
+    header fields replaced by PLACEHOLDER (their continuation lines, if folded, removed);
+    the body and other fields are unchanged. Lines may end in CRLF or a bare LF."""
+    head_end = _HEAD_END.search(request)
+    # The head with its last line's end (so that each line carries its own), the rest
+    # from the blank line on.
+    cut = request.index(b"\n", head_end.start()) + 1 if head_end else len(request)
+    head, rest = request[:cut], request[cut:]
+    lines = head.split(b"\n")
+    kept = lines[:1]
+    in_secret = changed = False
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # obsolete line folding: part of the field above
+            if in_secret:
+                changed = True
+                continue
+        else:
+            match = _FIELD.match(line)
+            in_secret = match is not None and match.group(1).lower() in SECRET_FIELDS
+            if in_secret:
+                line = match.group(1) + b": " + PLACEHOLDER + (b"\r" if line.endswith(b"\r")
+                                                              else b"")
+                changed = True
+        kept.append(line)
+    return b"\n".join(kept) + rest if changed else request
 
 
 class RecordWriter:
     """Appends records to PATH, rotating it to PATH.1 (PATH.2, ...) past max_size.
 
     Blocking file I/O: the daemon calls it from a thread, never from the event loop.
+    One writer per file: processes sharing a file must take turns around append() and
+    rotate() (record.py holds an flock on PATH.lock), or two could rotate at once.
     """
 
     def __init__(self, path: str, max_size: int, keep: int, mode: int = 0o640):
@@ -101,7 +117,19 @@ class RecordWriter:
         self.size += len(data)
 
     def append(self, time: float, data: bytes) -> None:
-        self._write(encode(time, data))
+        """Append one record. If the write fails part way (a full disk, a file size
+        limit), what was written of it is cut off again, so that the records appended
+        after it stay readable, and the error raised."""
+        before = self.size
+        try:
+            self._write(encode(time, data))
+        except OSError:
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                pass  # the reader still stops cleanly at the torn record
+            self.size = before
+            raise
         if self.size >= self.max_size:
             self.rotate()
 

@@ -537,12 +537,15 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "DURATION"),
     Option("record", optional_path, "",
            "On an http route: append sampled whole client requests (arrival time and raw "
-           "bytes) to this file, for gproxyctl replay. Empty: off.", "PATH"),
+           "bytes) to this file, for gproxyctl replay. Its directory must be writable by "
+           "gproxyd's user (rotation, and PATH.lock, which processes sharing the file take "
+           "turns with). Empty: off.", "PATH"),
     Option("record-sample", percentage, "100%",
-           "Share of requests recorded.", "PERCENT"),
+           "Share of requests recorded, drawn for each request.", "PERCENT"),
     Option("record-max-size", size, "1GiB",
            "When the record file grows past this, it is renamed to FILE.1 (older ones "
-           "shift to .2, ...) and a new one begun.", "SIZE"),
+           "shift to .2, ...) and a new one begun. A request larger than this, or than "
+           "16MiB, is not recorded (counted as skipped).", "SIZE"),
     Option("record-keep", whole_number, "3",
            "How many rotated record files are kept.", "NUMBER"),
     Option("record-secrets", choice("mask", "keep"), "mask",

@@ -26,7 +26,7 @@ from gproxyd.config import make_route
 from gproxyd.observe import Exchanges
 from gproxyd.protocols.http import ResponseFramer
 from gproxyd.record import Recorder, Recording, unmasked_secret
-from gproxyd.recordfile import HEADER, PLACEHOLDER, RecordReader, encode
+from gproxyd.recordfile import HEADER, PLACEHOLDER, RecordReader, encode, mask_secrets
 from gproxyd.stats import BackendStats, RecordStats, RouteStats
 
 # --- helpers ---------------------------------------------------------------------------
@@ -224,12 +224,22 @@ def test_secret_headers_are_masked_unless_kept(proxy, web, tmp_path, secrets, ex
     assert [each.data for each in records(path)] == [expected]
 
 
-UNMASKABLE = [
-    # bare LF line ends: recordfile.mask_secrets looks for CRLF lines only
-    b"GET /a HTTP/1.1\nHost: example\nCookie: s3cr3t\n\n",
-    # a secret folded onto a continuation line (obs-fold)
-    b"GET /b HTTP/1.1\r\nHost: example\r\nAuthorization: Bearer\r\n s3cr3t\r\n\r\n",
+MASKED = [  # (as sent, as recorded)
+    # bare LF line ends
+    (b"GET /a HTTP/1.1\nHost: example\nCookie: s3cr3t\n\nCookie: body",
+     b"GET /a HTTP/1.1\nHost: example\nCookie: " + PLACEHOLDER + b"\n\nCookie: body"),
+    # a secret folded onto a continuation line (obs-fold): the continuation goes too
+    (b"GET /b HTTP/1.1\r\nHost: example\r\nAuthorization: Bearer\r\n s3cr3t\r\n\r\n",
+     b"GET /b HTTP/1.1\r\nHost: example\r\nAuthorization: " + PLACEHOLDER + b"\r\n\r\n"),
+    (b"GET /c HTTP/1.1\r\nCookie: a\r\n\tb\r\nHost: x\r\n\r\n",
+     b"GET /c HTTP/1.1\r\nCookie: " + PLACEHOLDER + b"\r\nHost: x\r\n\r\n"),
 ]
+
+
+@pytest.mark.parametrize("sent, recorded", MASKED)
+def test_secrets_are_masked_whatever_the_line_ends_and_folding(sent, recorded):
+    assert mask_secrets(sent) == recorded
+    assert not unmasked_secret(recorded)
 
 
 @pytest.mark.parametrize("request_bytes, leaks", [
@@ -240,23 +250,23 @@ UNMASKABLE = [
     (get("/a", b"Cookie: s3cr3t"), True),
     (b"GET /a HTTP/1.1\r\nCookie: " + PLACEHOLDER + b"\r\n more\r\n\r\n", True),
     (post("/a", b"Cookie: in the body is no header\r\n\r\n"), False),
-    *[(request, True) for request in UNMASKABLE],
+    *[(sent, True) for sent, _ in MASKED],
 ])
 def test_unmasked_secret_finds_what_masking_missed(request_bytes, leaks):
     assert unmasked_secret(request_bytes) is leaks
 
 
-def test_a_request_whose_secrets_cannot_be_masked_is_not_recorded(proxy, servers, tmp_path):
+def test_requests_with_odd_line_ends_are_recorded_masked(proxy, servers, tmp_path):
     path = tmp_path / "web.rec"
     sink = servers.sink()
     proxied = proxy(sink.address, protocol="http", record=str(path))
     with proxied.connect() as sock:
-        sock.sendall(b"".join(UNMASKABLE) + get("/c", b"Cookie: s3cr3t"))
-        wait_until(lambda: proxied.stats.record.recorded + proxied.stats.record.skipped == 3,
-                   what="three requests written or skipped")
+        sock.sendall(b"".join(sent for sent, _ in MASKED[1:]) + get("/d", b"Cookie: s3cr3t"))
+        wait_until(lambda: proxied.stats.record.recorded == 3, what="three requests written")
     proxied.stop()
-    assert [each.data for each in records(path)] == [get("/c", b"Cookie: " + PLACEHOLDER)]
-    assert proxied.stats.record.skipped == 2
+    assert [each.data for each in records(path)] == [
+        *(recorded for _, recorded in MASKED[1:]), get("/d", b"Cookie: " + PLACEHOLDER)]
+    assert proxied.stats.record.skipped == 0
     assert b"s3cr3t" not in path.read_bytes()
 
 
