@@ -65,7 +65,12 @@ def add_replay_command(commands) -> argparse.ArgumentParser:
     """Adds `replay` to gproxyctl's subcommands (an argparse subparsers action)."""
     replay = commands.add_parser(
         "replay", help="replay a recording, a URL list or an access log at a target, "
-                       "open-loop, at rising rates; print a table per rate with the knee")
+                       "open-loop, at rising rates; print a table per rate with the knee",
+        description="Send requests to --target at each offered rate in turn, open-loop: "
+                    "each leaves at its scheduled time (the i-th at i/RATE) whether or not "
+                    "earlier ones were answered, and its latency counts from that time. "
+                    "Prints one row per rate (the median of --runs runs) and marks the "
+                    "knee.")
     replay.add_argument("file", nargs="?", metavar="FILE",
                         help="a record file written by gproxyd (record = PATH); its requests "
                              "are sent as recorded, in file order")

@@ -95,7 +95,9 @@ class Runner:
 
     def _one_run(self, address, target: str, rate: float | None) -> engine.Tally:
         args = self.args
-        requests = self.source.requests_for(target)
+        # A Host header names a host; a unix socket has none, so it is "localhost".
+        requests = self.source.requests_for("localhost" if target.startswith("unix:")
+                                            else target)
         if rate is None:
             plan = schedule.recorded(self.source.times, args.speed, args.duration)
         else:
@@ -125,13 +127,14 @@ class Runner:
     # --- the progress line (stderr, only on a terminal) -----------------------------------
 
     def _tick(self) -> None:
-        answered, at = 0, monotonic()
+        shown, answered, at = None, 0, monotonic()
         while True:
             gevent.sleep(_PROGRESS_EVERY)
             tally, now = self._live, monotonic()
             if tally is None:
-                answered, at = 0, now
                 continue
+            if tally is not shown:  # a new run: its rate counts from its own start
+                shown, answered, at = tally, 0, tally.started
             live = (tally.answered - answered) / (now - at) if now > at else 0.0
             answered, at = tally.answered, now
             elapsed = max(0.0, now - tally.started)
