@@ -673,6 +673,8 @@ def test_recorded_schedule_keeps_file_order_and_loops_with_a_mean_gap():
     (b"HEAD / HTTP/1.0\r\n\r\n", "HEAD", True),
     (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "GET", False),
     (b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\nConnection: close", "POST", False),
+    (b"POST /x HTTP/1.1\nContent-Length: 2\n\n\nConnection: close", "POST", False),
+    (b"GET / HTTP/1.1\nConnection: close\n\n", "GET", True),
 ])
 def test_recorded_requests_are_parsed_for_method_and_connection_close(data, method, close):
     request = parse_request(data)

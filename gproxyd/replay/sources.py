@@ -46,6 +46,7 @@ class Source:
 _TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) [^ \r\n]+ HTTP/1\.([0-9])\r?\n")
 _CONNECTION = re.compile(rb"\nconnection:([^\r\n]*)", re.I)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # lines may end in a bare LF (RFC 9112 2.2)
 
 
 def parse_request(data: bytes) -> Request | None:
@@ -53,8 +54,8 @@ def parse_request(data: bytes) -> Request | None:
     match = _REQUEST_LINE.match(data)
     if match is None:
         return None
-    end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[:end]
+    end = _HEAD_END.search(data)
+    head = data if end is None else data[:end.start()]
     options = b",".join(m.group(1) for m in _CONNECTION.finditer(head)).lower()
     tokens = {token.strip() for token in options.split(b",")}
     # HTTP/1.0 closes after each answer unless the request asks to keep alive.
