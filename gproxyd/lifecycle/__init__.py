@@ -16,8 +16,10 @@ The shape, for both modes (`workers = 1` and `workers = N`):
 
 `bind_all()` binds every listen address (once, or once per worker with SO_REUSEPORT)
 before daemonizing and dropping privileges; listeners are reconciled by listen address
-(`listen_key`) on reload in either mode. SIGTERM/SIGINT drain (a second one stops at
-once); SIGUSR1 reopens the log file; SIGHUP reloads. Exit statuses come from exitcodes.
+(`listen_key`) on reload in either mode, and a reload leaves live connections alone
+(with workers: the old generation serves them until they end). SIGTERM/SIGINT drain (a
+second one stops at once); SIGUSR1 reopens the log file; SIGHUP reloads. Exit statuses
+come from exitcodes.
 
 Imports go one way: the lifecycle uses config, listener, admin and hooks; nothing of
 theirs imports the lifecycle.
@@ -34,6 +36,7 @@ from typing import Mapping
 
 import gevent
 from gevent.queue import Queue
+from setproctitle import setproctitle
 
 from .. import logs, shadow
 from ..admin import AdminServer
@@ -119,6 +122,11 @@ def bind_all(routes: tuple[Route, ...] | list[Route], copies: int = 1,
         bound.close()
         raise
     return bound
+
+
+def set_process_title(title: str) -> None:
+    """What ps and /proc/PID/cmdline show for this process (workers and arbiter)."""
+    setproctitle(title)
 
 
 def describe_route(route: Route) -> str:

@@ -11,11 +11,16 @@ Supervision:
   stops the start: the arbiter exits with the worker's one-line message, EX_CONFIG when
   the worker's config or hooks cannot be loaded.
 - Reload (SIGHUP): a new generation of workers starts on the same sockets and must report
-  in before the old one is told to drain, so a reload refuses no connection; if a new
-  worker cannot start, the reload fails and the old generation keeps serving.
+  in before the old one is retired, so a reload refuses no connection; if a new worker
+  cannot start, the reload fails and the old generation keeps serving. A retired worker
+  (SIGUSR2, sent once) stops accepting and serves its live connections until they end,
+  with no deadline, as one process does after a reload; then it exits. A later reload
+  leaves it alone; a stop tells it to drain like the others. The process titles show it:
+  `gproxyd: worker 0 [web] (draining)`.
 - Heartbeat: a worker reports every REPORT_INTERVAL (0.5 s). One silent for HUNG_AFTER
-  (3) intervals is hung: it is killed (SIGKILL) and restarted. A new worker that has not
-  reported in within READY_TIMEOUT (30 s) is killed too.
+  (3) intervals is hung: it is killed (SIGKILL) and restarted (a retired one is not
+  restarted). A new worker that has not reported in within READY_TIMEOUT (30 s) is
+  killed too.
 - Crash: a worker that exits unasked is restarted after a back-off, RESTART_DELAY (0.25
   s) doubled for each crash within the last CRASH_WINDOW (60 s): 0.25, 0.5, 1, 2 s. The
   GIVE_UP_AFTER-th (5th) crash within the window makes the arbiter give up: it stops the
@@ -23,8 +28,8 @@ Supervision:
   (restarting cannot fix a configuration): the arbiter stops and exits EX_CONFIG.
 - Stop (SIGTERM/SIGINT): the workers are told to drain (a second signal: to stop at
   once). A worker still running drain-timeout + KILL_GRACE (5 s) after it was told to
-  stop is killed (SIGKILL); this deadline also holds for the old workers after a reload.
-  The arbiter exits when every worker has.
+  stop is killed (SIGKILL); retired workers get that deadline once the arbiter stops,
+  not before. The arbiter exits when every worker has.
 """
 from __future__ import annotations
 
@@ -45,7 +50,15 @@ from gevent.fileobject import FileObject
 from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from ..stats import RouteStats
-from . import MainProcess, ReloadError, Sockets, StartError, bind_all, listen_key
+from . import (
+    MainProcess,
+    ReloadError,
+    Sockets,
+    StartError,
+    bind_all,
+    listen_key,
+    set_process_title,
+)
 from .worker import REPORT_INTERVAL, WorkerSpec
 
 log = logging.getLogger("gproxyd")
@@ -70,6 +83,7 @@ class WorkerProcess:
         self.started = AsyncResult()  # True once it reports in; its failure if it exits first
         self.last_report = time.monotonic()
         self.told_to_stop = False
+        self.retiring = False      # a newer generation serves; it exits when idle
         self.killed = False
         self.status: int | None = None
         self.exited = Event()
@@ -99,7 +113,12 @@ class Arbiter(MainProcess):
 
     # --- start ---------------------------------------------------------------------------
 
+    def _set_title(self, draining: bool = False) -> None:
+        set_process_title(f"gproxyd: master [{self.count} workers] -c {self.config.path}"
+                          + (" (draining)" if draining else ""))
+
     def start_serving(self) -> str:
+        self._set_title()
         gevent.spawn(self._watch_heartbeats)
         self._start_generation(self.config, self.sockets)
         return f"{len(self.config.routes)} route(s), {self.count} workers"
@@ -192,7 +211,9 @@ class Arbiter(MainProcess):
         worker.exited.set()
         if not worker.ready:
             worker.started.set(worker.failure)
-        if worker.told_to_stop or self.stopping:
+        if worker.retiring and worker.status == EX_OK and not worker.told_to_stop:
+            log.info("%s, retired by a reload, exited: its last connection ended", worker)
+        if worker.told_to_stop or worker.retiring or self.stopping:
             if self.stopping and not self.workers:
                 self._stopped()
         elif worker.generation in self._starting:
@@ -243,6 +264,16 @@ class Arbiter(MainProcess):
                     log.error("%s; killing it", worker.failure)
                     self._kill(worker)
 
+    def _retire(self, worker: WorkerProcess) -> None:
+        """SIGUSR2: stop accepting, serve the live connections until they end, exit.
+
+        Once only, and never to a worker told to stop: it keeps its connections as long
+        as they last (a reload in one process does too); only a stop gives it a deadline."""
+        if worker.retiring or worker.told_to_stop:
+            return
+        worker.retiring = True
+        self._signal(worker, signal.SIGUSR2)
+
     def _tell_to_stop(self, worker: WorkerProcess) -> None:
         """SIGTERM: drain and exit; SIGKILL if it is still running at the deadline.
 
@@ -289,6 +320,7 @@ class Arbiter(MainProcess):
         log.info("%s: stopping; workers drain their connections for up to %gs "
                  "(send it again to stop at once)", reason,
                  self.config.settings.drain_timeout)
+        self._set_title(draining=True)
         for worker in list(self.workers):
             self._tell_to_stop(worker)
         if not self.workers:
@@ -327,13 +359,14 @@ class Arbiter(MainProcess):
         sockets, fresh = staged
         for worker in list(self.workers):
             if worker.generation != self._serving_generation:
-                self._tell_to_stop(worker)
+                self._retire(worker)
         for key, group in self.sockets.routes.items():
             if key not in sockets.routes:
                 for sock in group:
-                    sock.close()  # the old workers' copies close when they have drained
+                    sock.close()  # the retired workers' copies close as they stop accepting
         self.sockets = sockets
-        log.info("reloaded %s: %d route(s); %d new workers, the old ones drain", new.path,
+        log.info("reloaded %s: %d route(s); %d new workers; the old ones accept no more "
+                 "and serve their live connections until they end", new.path,
                  len(new.routes), len(fresh))
 
     # --- stats ---------------------------------------------------------------------------

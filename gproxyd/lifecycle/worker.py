@@ -6,6 +6,12 @@ hooks, serves its sockets and writes one JSON line on the pipe every REPORT_INTE
 `{"stats": ...}` (its numbers; also the arbiter's heartbeat). A worker that cannot start
 writes `{"failed": "one-line message"}` instead and exits (EX_CONFIG for a configuration
 problem): the arbiter shows that message, the worker's stderr shows nothing.
+
+Signals from the arbiter: SIGUSR2 retires the worker after a reload (stop accepting,
+exit once the last connection has ended, however long that takes); SIGTERM drains
+(drain-timeout; a second one closes everything at once); SIGUSR1 reopens the log file.
+Its process title says which worker it is and whether it drains:
+`gproxyd: worker 0 [web,api] (draining)`.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from ..hooks import HookLoadError, HookSet, load_route_hooks
 from ..listener import adopt_listening
-from . import Lifecycle, StartError, listen_key
+from . import Lifecycle, StartError, listen_key, set_process_title
 from .serving import Listeners
 
 log = logging.getLogger("gproxyd")
@@ -93,7 +99,8 @@ def serve_worker(config: Config, spec_text: str) -> int:
 
 class Worker(Lifecycle):
     """Serves the inherited sockets with the hooks it imported; reports to the arbiter
-    every REPORT_INTERVAL until it exits; drains on SIGTERM (a second one: at once)."""
+    every REPORT_INTERVAL until it exits; retires on SIGUSR2; drains on SIGTERM (a second
+    one: at once)."""
 
     def __init__(self, config: Config, spec: WorkerSpec,
                  sockets: dict[tuple, socket.socket], hooks: dict[str, HookSet]):
@@ -103,18 +110,53 @@ class Worker(Lifecycle):
         self._sockets = sockets
         self._hooks = hooks
         self.listeners = Listeners()
+        self.retiring = False
 
     def start(self) -> None:
         self.listeners.start(self.config.routes, self._sockets, self._hooks)
         self.install_signal_handlers()
+        self._set_title()
         gevent.spawn(self._report_until_orphaned)
+
+    def install_signal_handlers(self) -> None:
+        super().install_signal_handlers()
+        gevent.signal_handler(signal.SIGUSR2, self._queue.put, signal.SIGUSR2)
+
+    def _set_title(self, draining: bool = False) -> None:
+        routes = ",".join(route.name for route in self.config.routes)
+        set_process_title(f"gproxyd: worker {self.slot} [{routes}]"
+                          + (" (draining)" if draining else ""))
 
     def handle_hup(self) -> None:
         """Nothing: the arbiter reloads by starting new workers; this one keeps the config
         its sockets were bound for (a SIGHUP to the whole process group lands here too)."""
 
-    def begin_stop(self, name: str) -> None:
+    def handle_usr2(self) -> None:
+        """Retire: a newer generation serves. Stop accepting and exit once the last live
+        connection has ended, with no deadline: a reload in one process leaves live
+        connections alone, and so does a reload with workers. A SIGTERM later (the
+        daemon stops) still drains within drain-timeout."""
+        if self.stopping or self.retiring:
+            return
+        self.retiring = True
         self.listeners.close()
+        self._set_title(draining=True)
+        live = self.listeners.live_connections()
+        if live:
+            log.info("worker %d: retired by a reload: accepting no more; its %d live "
+                     "connection(s) go on until they end", self.slot, live)
+        gevent.spawn(self._stop_when_idle)
+
+    def _stop_when_idle(self) -> None:
+        while self.listeners.live_connections() and not self.stopping:
+            gevent.sleep(REPORT_INTERVAL)
+        if not self.stopping:
+            self._queue.put(signal.SIGTERM)  # nothing is left but lingering shadows
+
+    def begin_stop(self, name: str) -> None:
+        if not self.retiring:
+            self.listeners.close()
+        self._set_title(draining=True)
         gevent.spawn(self._drain_then_halt)
 
     def _drain_then_halt(self) -> None:
