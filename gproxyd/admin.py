@@ -1,6 +1,9 @@
 """The admin HTTP endpoint: GET /stats (JSON), /mismatches (JSON), /metrics (Prometheus), /healthz.
 
-It only reads: a `source()` callable returns {route name: RouteStats}. /stats and /metrics
+It only reads: a `source()` callable returns {route name: RouteStats}, and the lifecycle's
+ReloadStatus says which configuration serves and how the last reload went. /healthz
+answers 200 "ok", or 503 "draining" once the daemon is stopping (`draining`), so that a
+load balancer takes it out while its connections finish. /stats and /metrics
 are rendered from it at most once per `max_age` (1 s) and only when asked for, in a
 greenlet that lets the loop run between routes and backends, by a custom prometheus_client collector
 (serving traffic never touches prometheus_client's locks). The endpoint holds at most
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import parse_qs
 
@@ -52,12 +56,53 @@ def _let_the_loop_run() -> None:
     gevent.sleep(0.0001)
 
 
-def stats_document(source: StatsSource) -> dict:
-    """The /stats JSON: {"routes": {name: RouteStats.snapshot()}, "version", "time"}.
+@dataclass
+class ReloadStatus:
+    """Which configuration serves and how the last reload went: the main process (single
+    or arbiter) keeps it, /stats shows it as "reload" and /metrics as gproxyd_config_*.
 
-    `time` is when the numbers were read. Lets the loop run after each route.
+    `generation` is 1 at start and counts successful reloads; `time` is when the
+    configuration in use was loaded (start or reload); `ok` is False from a failed reload
+    until one succeeds, with `error` (one line) and `failed_at` from the last failure.
     """
-    document = {"version": __version__, "time": round(time.time(), 3), "routes": {}}
+    config: str
+    generation: int = 1
+    time: float = field(default_factory=time.time)
+    ok: bool = True
+    error: str | None = None
+    failed_at: float | None = None
+    failures: int = 0  # failed reloads since start
+
+    def succeeded(self, config: str) -> None:
+        self.config = config
+        self.generation += 1
+        self.time = time.time()
+        self.ok = True
+
+    def failed(self, error: str) -> None:
+        self.ok = False
+        self.error = " ".join(error.split())  # one line, for JSON readers and log greps
+        self.failed_at = time.time()
+        self.failures += 1
+
+    def document(self) -> dict:
+        return {"generation": self.generation, "time": round(self.time, 3),
+                "config": self.config, "ok": self.ok, "error": self.error,
+                "failed_at": round(self.failed_at, 3) if self.failed_at is not None
+                else None}
+
+
+def stats_document(source: StatsSource, reload_status: ReloadStatus | None = None) -> dict:
+    """The /stats JSON: {"routes": {name: RouteStats.snapshot()}, "version", "time"} and,
+    from a daemon (with a `reload_status`), "pid" and "reload" (ReloadStatus.document()).
+
+    `time` is when the numbers were read; `pid` is the process to signal (with workers,
+    the master: it serves the endpoint). Lets the loop run after each route.
+    """
+    document = {"version": __version__, "time": round(time.time(), 3)}
+    if reload_status is not None:
+        document.update(pid=os.getpid(), reload=reload_status.document())
+    document["routes"] = {}
     for name, stats in source().items():
         document["routes"][name] = stats.snapshot()
         _let_the_loop_run()
@@ -112,10 +157,16 @@ _BACKEND_COUNTERS = (
     ("bytes_received", "gproxyd_backend_received_bytes", "Bytes read from the backend", False),
     ("connect_failures", "gproxyd_connect_failures",
      "Connections to the backend that failed", False),
+    ("resets", "gproxyd_resets",
+     "Backend connections that broke mid-stream (reset, broken pipe) after connecting",
+     False),
     ("out_of_descriptors", "gproxyd_out_of_descriptors",
      "Connections to the backend not tried: gproxyd had no file descriptor left", False),
     ("timeouts", "gproxyd_timeouts",
      "Requests never answered (shadows: by the end of shadow-linger)", False),
+    ("mirrored", "gproxyd_shadow_mirrored",
+     "Client connections mirrored to the shadow, one shadow connection each (shadow-sample "
+     "picks them)", True),
     ("dropped", "gproxyd_shadow_dropped", "Shadow connections dropped for falling behind",
      True),
     ("compared", "gproxyd_shadow_compared",
@@ -158,14 +209,38 @@ def read_histogram(histogram: Histogram) -> tuple[list[int], list[float]]:
     return below, values
 
 
-class _Collector:
-    """Builds every metric family from `source()`, letting the loop run after each
-    backend and each family (generate_latest formats a family as it is yielded)."""
+def config_families(status: ReloadStatus) -> list[Metric]:
+    """gproxyd_config_*: the configuration in use and how the last reload went."""
+    generation = GaugeMetricFamily(
+        "gproxyd_config_generation",
+        "Configuration generation: 1 at start, plus one per successful reload",
+        value=status.generation)
+    success = GaugeMetricFamily(
+        "gproxyd_config_last_reload_success",
+        "Whether the last reload attempt succeeded (1) or failed, the previous "
+        "configuration still serving (0)", value=int(status.ok))
+    loaded = GaugeMetricFamily(
+        "gproxyd_config_last_reload_timestamp_seconds",
+        "Unix time the configuration in use was loaded (start or successful reload)",
+        value=status.time)
+    failures = CounterMetricFamily(
+        "gproxyd_config_reload_failures",
+        "Reloads that failed and kept the running configuration", value=status.failures)
+    return [generation, success, loaded, failures]
 
-    def __init__(self, source: StatsSource):
+
+class _Collector:
+    """Builds every metric family from `source()` (and the reload status, if any),
+    letting the loop run after each backend and each family (generate_latest formats a
+    family as it is yielded)."""
+
+    def __init__(self, source: StatsSource, reload_status: ReloadStatus | None = None):
         self._source = source
+        self._reload_status = reload_status
 
     def collect(self):
+        if self._reload_status is not None:
+            yield from config_families(self._reload_status)
         routes = [(GaugeMetricFamily if attr in _GAUGES else CounterMetricFamily)(
             name, doc, labels=["route"]) for attr, name, doc in _ROUTE_METRICS]
         counters = [CounterMetricFamily(name, doc, labels=["route", "backend"])
@@ -389,22 +464,26 @@ class _Server(WSGIServer):
 class AdminServer:
     """Serves the admin endpoint on `address` until stop().
 
-    It holds at most `max_connections` connections (see _Server), closes one that has not
-    sent a complete request `request_timeout` seconds after connecting or that stays idle
-    `idle_timeout` seconds between requests, and serves /stats and /metrics rendered at
-    most `max_age` seconds ago.
+    `reload_status` (a daemon's) is shown in /stats and /metrics; `draining`, set by the
+    daemon when it begins to stop, makes /healthz answer 503 "draining". It holds at most
+    `max_connections` connections (see _Server), closes one that has not sent a complete
+    request `request_timeout` seconds after connecting or that stays idle `idle_timeout`
+    seconds between requests, and serves /stats and /metrics rendered at most `max_age`
+    seconds ago.
     """
 
     def __init__(self, address: Address, source: StatsSource, sock=None, *,
-                 max_connections: int = 64, request_timeout: float = 10.0,
-                 idle_timeout: float = 5.0, max_age: float = 1.0):
+                 reload_status: ReloadStatus | None = None, max_connections: int = 64,
+                 request_timeout: float = 10.0, idle_timeout: float = 5.0,
+                 max_age: float = 1.0):
         self.address = address
         self._source = source
+        self.draining = False
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(source))
+        registry.register(_Collector(source, reload_status))
         self.metrics = Rendered(lambda: generate_latest(registry), max_age)
-        self.stats = Rendered(
-            lambda: json.dumps(stats_document(source), indent=1).encode() + b"\n", max_age)
+        self.stats = Rendered(lambda: json.dumps(stats_document(source, reload_status),
+                                                 indent=1).encode() + b"\n", max_age)
         self._server = _Server(sock or bind(address), self._app, max_connections,
                                request_timeout, idle_timeout)
 
@@ -453,6 +532,8 @@ class AdminServer:
             return _respond(start_response, "200 OK", self.metrics.get(),
                             "text/plain; version=0.0.4; charset=utf-8")
         if path == "/healthz":
+            if self.draining:
+                return _respond(start_response, "503 Service Unavailable", b"draining\n")
             return _respond(start_response, "200 OK", b"ok\n")
         return _respond(start_response, "404 Not Found",
                         b"not found: try /stats, /mismatches, /metrics or /healthz\n")

@@ -67,7 +67,9 @@ def test_unit_runs_the_installed_binary_with_the_default_config():
     assert unit["ExecStartPre"] == [f"{INSTALLED_BINARY} --check-config -c "
                                     "/etc/gproxyd/gproxyd.conf"]
     assert unit["ExecStart"] == [f"{INSTALLED_BINARY} -c /etc/gproxyd/gproxyd.conf"]
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # The check runs before the HUP, so that a broken config fails `systemctl reload`.
+    assert unit["ExecReload"] == [f"{INSTALLED_BINARY} --check-config -c "
+                                  "/etc/gproxyd/gproxyd.conf", "/bin/kill -HUP $MAINPID"]
     assert (unit["Type"], unit["NotifyAccess"], unit["KillMode"]) == \
         (["notify"], ["main"], ["mixed"])
 

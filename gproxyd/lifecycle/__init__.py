@@ -18,8 +18,9 @@ The shape, for both modes (`workers = 1` and `workers = N`):
 before daemonizing and dropping privileges; listeners are reconciled by listen address
 (`listen_key`) on reload in either mode, and a reload leaves live connections alone
 (with workers: the old generation serves them until they end). SIGTERM/SIGINT drain (a
-second one stops at once); SIGUSR1 reopens the log file; SIGHUP reloads. Exit statuses
-come from exitcodes.
+second one stops at once) while the admin endpoint keeps answering (/healthz: 503
+"draining"); SIGUSR1 reopens the log file; SIGHUP reloads, and the admin endpoint's
+ReloadStatus says how the last reload went. Exit statuses come from exitcodes.
 
 Imports go one way: the lifecycle uses config, listener, admin and hooks; nothing of
 theirs imports the lifecycle.
@@ -39,7 +40,7 @@ from gevent.queue import Queue
 from setproctitle import setproctitle
 
 from .. import logs, shadow
-from ..admin import AdminServer
+from ..admin import AdminServer, ReloadStatus
 from ..config import Config, ConfigError, Route, load_config
 from ..hooks import HookLoadError
 from ..listener import ListenError, bind
@@ -227,9 +228,11 @@ class MainProcess(Lifecycle):
         self._argv, self._env = argv, env
         self.sockets = sockets
         self._admin: AdminServer | None = None
+        self.reload_status = ReloadStatus(config.path)
 
     def start(self) -> None:
         """Start the admin endpoint and serving; raises StartError if serving cannot start."""
+        self.reload_status.time = time.time()
         if self.sockets.admin is not None:
             self._start_admin(self.config.settings.admin, self.sockets.admin)
             self.sockets.admin = None  # the admin server owns it now
@@ -255,12 +258,20 @@ class MainProcess(Lifecycle):
 
     def begin_stop(self, name: str) -> None:
         sd_notify("STOPPING=1")
-        self._stop_admin()
+        # The admin endpoint answers on while connections drain: /stats shows them
+        # finishing, /healthz says "draining" (503) so a load balancer takes us out.
+        if self._admin is not None:
+            self._admin.draining = True
         self.drain(name)
 
     def drain(self, reason: str) -> None:
         """Stop accepting, let live connections finish (drain-timeout), then `halt()`."""
         raise NotImplementedError
+
+    def halt(self, status: int) -> None:
+        """The admin endpoint goes last, when nothing is left to drain."""
+        self._stop_admin()
+        super().halt(status)
 
     # --- reload --------------------------------------------------------------------------
 
@@ -278,10 +289,12 @@ class MainProcess(Lifecycle):
             staged = self.stage(new)
         except (ConfigError, HookLoadError, ListenError, ReloadError) as error:
             log.error("reload failed: %s; keeping the running configuration", error)
+            self.reload_status.failed(str(error))
             return
         self._apply_settings(new)
         self.switch(new, staged)
         self.config = new
+        self.reload_status.succeeded(new.path)
 
     def stage(self, new: Config):
         """Prepare `new` (import, bind, start) without changing what serves; raise
@@ -311,7 +324,7 @@ class MainProcess(Lifecycle):
     # --- what runs beside the loop -------------------------------------------------------
 
     def _start_admin(self, address: Address, sock: socket.socket | None = None) -> None:
-        self._admin = AdminServer(address, self.stats, sock)
+        self._admin = AdminServer(address, self.stats, sock, reload_status=self.reload_status)
         self._admin.start()
         log.info("admin endpoint on http://%s/ (/stats, /metrics)", address)
 
@@ -333,3 +346,4 @@ class MainProcess(Lifecycle):
             if interval:
                 for name, stats in self.stats().items():
                     log.info("%s", summary_line(name, stats.snapshot()))
+
