@@ -28,8 +28,11 @@ theirs imports the lifecycle.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -224,11 +227,15 @@ class MainProcess(Lifecycle):
 
     def __init__(self, config: Config, argv: list[str], env: Mapping[str, str],
                  sockets: Sockets):
+        """Built before privileges are dropped (see keep_pid_file)."""
         super().__init__(config)
         self._argv, self._env = argv, env
         self.sockets = sockets
         self._admin: AdminServer | None = None
         self.reload_status = ReloadStatus(config.path)
+        settings = config.settings
+        if settings.pid_file and (settings.user or settings.group) and os.geteuid() == 0:
+            keep_pid_file(settings.pid_file)
 
     def start(self) -> None:
         """Start the admin endpoint and serving; raises StartError if serving cannot start."""
@@ -347,3 +354,50 @@ class MainProcess(Lifecycle):
                 for name, stats in self.stats().items():
                     log.info("%s", summary_line(name, stats.snapshot()))
 
+
+# --- the pid file, with user = ------------------------------------------------------------
+
+# Run by a process that keeps root's privileges: it waits for EOF on its stdin (the
+# daemon holds the write end; it closes when the daemon exits, however it exits), then
+# removes the pid file if it still names the daemon. Signals are ignored so that a Ctrl-C
+# or a signal to the process group does not end it before the daemon.
+_PID_FILE_KEEPER = """\
+import os, signal, stat, sys
+for name in ("SIGHUP", "SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+path, pid = sys.argv[1], sys.argv[2]
+try:
+    from setproctitle import setproctitle
+    setproctitle("gproxyd: pid-file keeper for " + pid + " " + path)
+except ImportError:
+    pass
+while os.read(0, 512):
+    pass
+try:
+    if stat.S_ISREG(os.lstat(path).st_mode):
+        with open(path, "rb") as handle:
+            if handle.read(64).strip() == pid.encode():
+                os.unlink(path)
+except OSError:
+    pass
+"""
+
+
+def keep_pid_file(path: str) -> None:
+    """Have the pid file removed when this process exits, though by then it runs as a
+    user that may not remove it (the file was written by root, often in a root-owned
+    directory such as /run): a small process started now, with root's privileges, waits
+    for this one to exit and removes the file. Call it before dropping privileges."""
+    waiting_end, held_end = os.pipe()  # both close-on-exec: workers do not inherit them
+    try:
+        command = [sys.executable, "-I", "-c", _PID_FILE_KEEPER, path, str(os.getpid())]
+        subprocess.Popen(command, stdin=waiting_end, stdout=subprocess.DEVNULL,
+                         close_fds=True, start_new_session=True)
+    except OSError as error:
+        os.close(held_end)
+        log.warning("pid-file: cannot start the process that removes %s at exit (%s); it "
+                    "will be left behind", path, error.strerror or error)
+    finally:
+        os.close(waiting_end)
+    # Once the keeper runs, `held_end` stays open and unwritten until this process exits:
+    # the kernel closing it is the keeper's EOF.

@@ -1,11 +1,14 @@
 """The lifecycle's failure paths, with real processes: hooks that cannot be imported at
-start and on reload, and the arbiter's supervision of workers that crash, hang or do not
-stop (see gproxyd/lifecycle/arbiter.py for the constants these tests rely on)."""
+start and on reload, the arbiter's supervision of workers that crash, hang or do not
+stop (see gproxyd/lifecycle/arbiter.py for the constants these tests rely on), and the
+pid file of a daemon that dropped its privileges."""
 from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,9 +142,10 @@ def test_a_restarted_worker_that_cannot_load_the_config_stops_the_arbiter(tmp_pa
     daemon.write_config(worker_config(port, backend.address) + "[route broken]\n")
     os.kill(workers[0], signal.SIGKILL)
     assert daemon.wait(timeout=30) == EX_CONFIG
+    # The config's first error (a loader that reports every error adds a line each).
     assert (f"cannot start: {daemon.config_path}:11: listen: missing in [route broken] "
-            "(expected listen = address); restarting it cannot fix the configuration: "
-            "stopping") in daemon.log()
+            "(expected listen = address)") in daemon.log()
+    assert "; restarting it cannot fix the configuration: stopping" in daemon.log()
     assert daemon.log().count("starting another") == 1
     assert not any(running(pid) for pid in workers)
 
@@ -223,6 +227,38 @@ def test_stop_kills_a_worker_still_running_past_drain_timeout_and_grace(tmp_path
     assert f"pid {other}) still running" not in daemon.log()
     assert "gproxyd stopped" in daemon.log()
     assert not running(stuck) and not running(other)
+
+
+# --- the pid file -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("daemonize", [False, True])
+def test_the_pid_file_goes_at_exit_after_a_privilege_drop(request, backend, daemons,
+                                                           daemonize):
+    """Root writes the pid file in a directory of its own, then the daemon runs as nobody,
+    who may not remove it: the process left with root's privileges for that does.
+    (One process: here nobody may not run this Python, which workers would need.)"""
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    home = Path(tempfile.mkdtemp(prefix="gproxyd-pid-"))
+    os.chmod(home, 0o755)  # nobody may read here, and create or remove nothing
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    pid_file = home / "gproxyd.pid"
+    port = free_port()
+    text = GLOBAL.replace("admin = off", "admin = off\nuser = nobody") + route_section(
+        "web", port, backend.address)
+    daemon = daemons(home, text, extra_args=["--pid-file", str(pid_file)]
+                     + (["--daemonize"] if daemonize else []))
+    daemon.start(wait_ready=not daemonize)
+    if daemonize:
+        assert daemon.wait() == EX_OK  # the caller, once the daemon serves
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                         what="pid file"))
+    assert pid == daemon.pid or daemonize
+    assert exchange(port, b"x") == b"a:x"
+    uid = [line for line in open(f"/proc/{pid}/status") if line.startswith("Uid:")][0]
+    assert uid.split()[1] != "0"
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not running(pid), what="the daemon's exit")
+    wait_until(lambda: not pid_file.exists(), timeout=5, what="the pid file removed")
 
 
 # --- shape ------------------------------------------------------------------------------------
