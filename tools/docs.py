@@ -210,7 +210,7 @@ def _global_option_item(option: Option) -> list[str]:
 
 # Which statuses each command can exit with; what a status means is exitcodes.EXIT_CODES'.
 GPROXYD_EXITS = (EX_OK, EX_FAILURE, EX_USAGE, EX_CONFIG)
-GPROXYCTL_EXITS = (EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG)
+GPROXYCTL_EXITS = (EX_OK, EX_FAILURE, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG)
 
 
 def _sysexits_name(code: int) -> str | None:
