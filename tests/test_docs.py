@@ -191,7 +191,7 @@ def test_an_option_or_subcommand_added_to_gproxyctl_shows_up_in_its_page():
 
 
 @pytest.mark.parametrize("relative, codes", [("man/gproxyd.8", [0, 1, 64, 78]),
-                                             ("man/gproxyctl.1", [0, 64, 69, 78])])
+                                             ("man/gproxyctl.1", [0, 1, 64, 69, 78])])
 def test_exit_status_is_rendered_from_exitcodes(relative, codes):
     section = _section(_committed(relative), "EXIT STATUS")
     assert [int(code) for code in re.findall(r"^\\fB\\%(\d+)\\fR", section, re.M)] == codes
