@@ -145,6 +145,18 @@ _ROUTE_METRICS = (
     ("overdue_seconds", "gproxyd_archive_overdue_seconds",
      "How late the oldest due job still in the archive is"),
 )
+# (RecordStats attribute, metric name, help): counters per route, on routes with record.
+_RECORD_METRICS = (
+    ("recorded", "gproxyd_record_recorded", "Requests appended to the route's record file"),
+    ("dropped", "gproxyd_record_dropped",
+     "Sampled requests not recorded: the recorder's memory bound was reached"),
+    ("skipped", "gproxyd_record_skipped",
+     "Sampled requests not recorded: larger than 16 MiB or record-max-size, or with "
+     "secrets that cannot be masked"),
+    ("bytes", "gproxyd_record_bytes", "Bytes of records appended to the record file"),
+    ("errors", "gproxyd_record_errors",
+     "Sampled requests lost to failed writes of the record file"),
+)
 _GAUGES = ("active", "archived", "overdue_seconds")
 _ARCHIVE = ("archived", "archived_total", "injected_total", "inject_failures",
             "overdue_seconds")  # only on routes with an archive
@@ -253,10 +265,15 @@ class _Collector:
         outcomes = CounterMetricFamily(
             "gproxyd_shadow_connections", "Shadow connections by how they ended",
             labels=["route", "backend", "outcome"])
+        records = [CounterMetricFamily(name, doc, labels=["route"])
+                   for _, name, doc in _RECORD_METRICS]
         for name, stats in self._source().items():
             for family, (attr, _, _) in zip(routes, _ROUTE_METRICS, strict=True):
                 if stats.archive or attr not in _ARCHIVE:
                     family.add_metric([name], getattr(stats, attr))
+            if stats.record is not None:
+                for family, (attr, _, _) in zip(records, _RECORD_METRICS, strict=True):
+                    family.add_metric([name], getattr(stats.record, attr))
             backends = [("production", stats.production)] + list(stats.shadows.items())
             for backend, numbers in backends:
                 for family, (attr, _, _, shadow_only) in zip(counters, _BACKEND_COUNTERS,
@@ -281,7 +298,7 @@ class _Collector:
                 quantiles.add_sample("gproxyd_request_latency_seconds_sum", where,
                                      histogram.total)
                 _let_the_loop_run()
-        for family in [*routes, *counters, outcomes, latency, quantiles]:
+        for family in [*routes, *records, *counters, outcomes, latency, quantiles]:
             yield family
             _let_the_loop_run()
 

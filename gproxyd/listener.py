@@ -332,10 +332,11 @@ class Listener:
     def _current_recorder(self) -> Recorder | None:
         return self.recorder
 
-    def close(self) -> None:
-        """Stop accepting; live sessions go on (see drain())."""
+    def close(self, remove_path: bool = True) -> None:
+        """Stop accepting; live sessions go on (see drain()). A unix socket's file goes
+        too, unless `remove_path` is False (another process serves the same socket)."""
         self._server.close()
-        if self.route.listen.family == socket.AF_UNIX:
+        if remove_path and self.route.listen.family == socket.AF_UNIX:
             try:
                 os.unlink(self.route.listen.path)
             except OSError:

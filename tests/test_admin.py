@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gproxyd.admin import AdminServer, read_histogram
 from gproxyd.listener import bind
 from gproxyd.settings import address
-from gproxyd.stats import Histogram, RouteStats
+from gproxyd.stats import Histogram, RecordStats, RouteStats
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"
 
@@ -343,3 +343,21 @@ def test_rendering_many_routes_lets_relays_through_meanwhile(proxy, servers, adm
     finally:
         trips.kill()
         client.close()
+
+
+def test_a_recording_routes_numbers_are_metrics_and_others_have_none(admin_server):
+    recording, plain = RouteStats(), RouteStats()
+    recording.record = RecordStats(file="/var/lib/gproxyd/web.rec", recorded=7, dropped=2,
+                                   skipped=1, bytes=900, errors=3)
+    admin = admin_server(lambda: {"web": recording, "api": plain})
+    families = {family.name: family for family in
+                text_string_to_metric_families(requests.get(base(admin) + "/metrics",
+                                                            timeout=5).text)}
+    got = {name: {sample.labels["route"]: sample.value for sample in families[name].samples
+                  if sample.name.endswith("_total")}
+           for name in ("gproxyd_record_recorded", "gproxyd_record_dropped",
+                        "gproxyd_record_skipped", "gproxyd_record_bytes",
+                        "gproxyd_record_errors")}
+    assert got == {"gproxyd_record_recorded": {"web": 7}, "gproxyd_record_dropped": {"web": 2},
+                   "gproxyd_record_skipped": {"web": 1}, "gproxyd_record_bytes": {"web": 900},
+                   "gproxyd_record_errors": {"web": 3}}

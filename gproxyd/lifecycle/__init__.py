@@ -42,7 +42,7 @@ import gevent
 from gevent.queue import Queue
 from setproctitle import setproctitle
 
-from .. import logs, shadow
+from .. import logs, shadow, watchdog
 from ..admin import AdminServer, ReloadStatus
 from ..config import Config, ConfigError, Route, load_config
 from ..hooks import HookLoadError
@@ -158,6 +158,7 @@ class Lifecycle:
         self._queue: Queue = Queue()  # also creates gevent's hub, before any privilege drop
         self.stopping = False
         shadow.LINGERING.limit = config.settings.shadow_max_connections
+        watchdog.configure(config.settings.hook_timeout)
 
     def install_signal_handlers(self) -> None:
         for signum in HANDLED_SIGNALS:
@@ -314,6 +315,7 @@ class MainProcess(Lifecycle):
 
     def _apply_settings(self, new: Config) -> None:
         shadow.LINGERING.limit = new.settings.shadow_max_connections
+        watchdog.configure(new.settings.hook_timeout)
         if new.settings.admin != self.config.settings.admin:
             self._stop_admin()
             if new.settings.admin is not None:

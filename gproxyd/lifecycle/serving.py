@@ -11,6 +11,7 @@ from ..exitcodes import EX_FAILURE
 from ..hooks import HookSet
 from ..interceptors.archive import ArchiveError
 from ..listener import Listener
+from ..record import RecordError
 from . import StartError, describe_route, listen_key
 
 log = logging.getLogger("gproxyd")
@@ -28,12 +29,14 @@ class Listeners:
     def start(self, routes: tuple[Route, ...], sockets: dict[tuple, socket.socket],
               hooks: dict[str, HookSet]) -> None:
         """Serve each route on its socket (`sockets`: listen key -> bound socket).
-        Raises StartError if a route's archive cannot be opened."""
+        Raises StartError if a route's archive or record file cannot be opened."""
         for route in routes:
             try:
                 self._add(route, sockets[listen_key(route)], hooks)
             except ArchiveError as error:
                 raise StartError(f"route {route.name}: archive: {error}", EX_FAILURE) from None
+            except RecordError as error:
+                raise StartError(f"route {route.name}: record: {error}", EX_FAILURE) from None
 
     def _add(self, route: Route, sock: socket.socket, hooks: dict[str, HookSet],
              archive_required: bool = True) -> None:
@@ -92,10 +95,11 @@ class Listeners:
     def live_connections(self) -> int:
         return sum(len(listener.sessions) for listener in self._all())
 
-    def close(self) -> None:
-        """Stop accepting on every address; live connections go on."""
+    def close(self, remove_paths: bool = True) -> None:
+        """Stop accepting on every address; live connections go on. `remove_paths`:
+        False leaves unix socket files for the processes that go on serving them."""
         for listener in self.serving.values():
-            listener.close()
+            listener.close(remove_paths)
 
     def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for live connections, then close the rest; returns how

@@ -139,7 +139,7 @@ class Worker(Lifecycle):
         if self.stopping or self.retiring:
             return
         self.retiring = True
-        self.listeners.close()
+        self.listeners.close(remove_paths=False)  # the new generation serves them
         self._set_title(draining=True)
         live = self.listeners.live_connections()
         if live:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 from service import GLOBAL, Daemon, TaggedEcho, exchange, free_port, route_section, wait_until
+
+from gproxyd.config import load_config
+from gproxyd.settings import ROUTE_OPTIONS
 
 
 def gproxyctl() -> list[str]:
@@ -87,3 +92,98 @@ def test_errors_say_what_to_do(tmp_path):
     assert result.returncode == 69
     assert "cannot read stats from http://127.0.0.1:" in result.stderr
     assert "is gproxyd running with this config?" in result.stderr
+
+
+def test_a_broken_file_on_disk_does_not_stop_gproxyctl_reaching_the_daemon(running):
+    """The daemon serves its last good config; gproxyctl needs only the admin address
+    (read from that one key, from GPROXYD_ADMIN, or from --admin)."""
+    daemon, _ = running
+    good = daemon.config_path.read_text()
+    admin = next(line.split("=", 1)[1].strip() for line in good.splitlines()
+                 if line.startswith("admin ="))
+    daemon.config_path.write_text(good + "\nthis line is broken\n[route web]\n")
+    result = run_ctl("stats", "--json", "-c", str(daemon.config_path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["routes"]["web"]["production"]["requests"] == 25
+    by_env = subprocess.run(gproxyctl() + ["stats", "--json"], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "GPROXYD_ADMIN": admin})
+    assert by_env.returncode == 0, by_env.stderr
+    assert "web" in json.loads(by_env.stdout)["routes"]
+    assert run_ctl("diff", "--admin", admin, "--json").returncode == 0
+
+
+def test_check_and_reload_show_the_daemons_view_of_its_config(running):
+    daemon, _ = running
+    result = run_ctl("check", "-c", str(daemon.config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"serving {daemon.config_path}, generation 1" in result.stdout
+    assert "last reload: none since start" in result.stdout
+    assert f"{daemon.config_path} on disk: loads" in result.stdout
+
+    good = daemon.config_path.read_text()
+    daemon.config_path.write_text(good.replace("drain-timeout = 10s", "drain-timeout = 9s"))
+    result = run_ctl("reload", "-c", str(daemon.config_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"reloaded {daemon.config_path}: generation 2\n"
+
+    # A broken file: reload refuses before signalling; check says a reload would fail.
+    daemon.config_path.write_text(good + "colour = blue\n")
+    result = run_ctl("reload", "-c", str(daemon.config_path))
+    assert result.returncode == 78
+    assert "colour: unknown key in [route web]" in result.stderr
+    assert "not reloading: the running daemon keeps its configuration" in result.stderr
+    result = run_ctl("check", "-c", str(daemon.config_path))
+    assert result.returncode == 78
+    assert "generation 2" in result.stdout and "last reload: succeeded" in result.stdout
+    assert "1 error(s), a reload would fail:" in result.stdout
+
+    # A reload that fails in the daemon (SIGHUP sent behind gproxyctl's back): check
+    # shows it, with the error, and the daemon still serves generation 2.
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: not json.loads(run_ctl("check", "--json", "-c",
+                                              str(daemon.config_path)).stdout)["reload"]["ok"],
+               what="the failed reload reported")
+    result = run_ctl("check", "-c", str(daemon.config_path))
+    assert result.returncode == 78
+    assert "last reload: FAILED at" in result.stdout
+    assert "still serving generation 2: " in result.stdout and "colour" in result.stdout
+    assert exchange(daemon_port(daemon), b"after") == b"p:after"
+
+
+def daemon_port(daemon) -> int:
+    text = daemon.config_path.read_text()
+    return int(next(line for line in text.splitlines()
+                    if line.startswith("listen =")).rsplit(":", 1)[1])
+
+
+def test_config_prints_the_effective_configuration_which_loads_back(tmp_path):
+    path = tmp_path / "gproxyd.conf"
+    path.write_text("[gproxyd]\nlog-level = debug\n[route web]\nlisten = 127.0.0.1:8080\n"
+                    "production = 127.0.0.1:8081\nshadow-sample = 12.5%\nidle-timeout = 90s\n"
+                    "[route jobs]\nlisten = 127.0.0.1:11301\nproduction = 127.0.0.1:11300\n"
+                    "protocol = beanstalkd\narchive = mysql://app:s3cret@db:3306/jobs\n")
+    result = subprocess.run(gproxyctl() + ["config", "-c", str(path)], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "GPROXYD_WORKERS": "2"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "log-level = debug" in lines and "workers = 2" in lines
+    assert "shadow-sample = 12.5%" in lines and "idle-timeout = 90s" in lines
+    assert any(line.startswith("drain-timeout = 30s") and line.endswith("; default")
+               for line in lines)
+    assert "archive = mysql://app:***@db:3306/jobs" in lines
+    assert "s3cret" not in result.stdout
+    # What it prints is a config gproxyd reads the same way (the password aside).
+    again = tmp_path / "effective.conf"
+    again.write_text(result.stdout.replace("***", "s3cret"))
+    printed, read = load_config(str(again), [], {}), load_config(str(path), [], {
+        "GPROXYD_WORKERS": "2"})
+    assert printed.settings == read.settings
+    assert [[getattr(route, option.attr) for option in ROUTE_OPTIONS]
+            for route in printed.routes] == [[getattr(route, option.attr)
+                                              for option in ROUTE_OPTIONS]
+                                             for route in read.routes]
+    broken = tmp_path / "broken.conf"
+    broken.write_text("[route web]\nlisten = 127.0.0.1:8080\n")
+    result = run_ctl("config", "-c", str(broken))
+    assert result.returncode == 78
+    assert "production: missing in [route web]" in result.stderr

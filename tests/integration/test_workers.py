@@ -191,9 +191,6 @@ def test_a_hung_retired_worker_is_killed_not_restarted(tmp_path, backend, daemon
     assert "starting another" not in daemon.log()
 
 
-@pytest.mark.xfail(strict=True, reason="a retired worker's Listener.close() removes the "
-                   "unix socket file the new generation serves (needs listener.py's "
-                   "close(remove_path=False))")
 def test_a_reload_with_workers_keeps_a_unix_listen_address(backend, daemons):
     directory = Path(tempfile.mkdtemp(prefix="gpx", dir="/tmp"))  # sun_path is short
     path = directory / "web.sock"
