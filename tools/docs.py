@@ -360,7 +360,11 @@ def render_man8() -> str:
               "shadow requests, errors, dropped, mismatches and latency_ms p50, p90, p99, "
               "p999, max), GET /mismatches (see COMPARING ANSWERS), GET /metrics "
               "(Prometheus text, metric names prefixed gproxyd_, "
-              "labels route and backend) and GET /healthz. /stats and /metrics are rendered "
+              "labels route and backend) and GET /healthz (200 ok, or 503 draining once the "
+              "daemon is stopping; the endpoint answers until the drain is over). /stats "
+              "also has pid (the process to signal) and reload: generation, time, config, "
+              "ok, error and failed_at of the last reload; /metrics has them as "
+              "gproxyd_config_*. /stats and /metrics are rendered "
               "at most once a second, so either may be up to 1 s old (time in /stats says "
               "when its numbers were read). The endpoint holds at most 64 connections (a new "
               "one closes the one that has waited longest for a request, or itself if every "
@@ -450,8 +454,13 @@ def render_man8() -> str:
         _text("With workers = N above 1, a master process binds every TCP listen address N "
               "times with SO_REUSEPORT, starts N worker processes on those sockets, merges "
               "their statistics for the admin endpoint, restarts a worker that dies, and on "
-              "SIGHUP starts new workers on the same sockets before the old ones drain, so "
-              "a reload refuses no connection. Signals go to the master."),
+              "SIGHUP starts new workers on the same sockets before the old ones are "
+              "retired, so a reload refuses no connection. A retired worker stops "
+              "accepting, serves the connections it has for as long as they last, and "
+              "exits after the last one, as one process leaves live connections alone on "
+              "a reload. Signals go to the master. Processes are titled gproxyd: master "
+              "[N workers] -c FILE and gproxyd: worker K [routes], with (draining) while "
+              "they finish."),
         ".PP",
         _text("Every worker reports to the master process twice a second; a worker that "
               "has sent no report for 1.5 seconds (three reports) is considered hung: the "
@@ -464,9 +473,9 @@ def render_man8() -> str:
               "gproxyd exits with status 78 and prints the worker's one-line error; on "
               "SIGHUP the reload fails and the running workers keep serving; for a worker "
               "restarted after a crash, the master stops and exits with status 78. On "
-              "SIGTERM or SIGINT, and for the old workers after a reload, a worker still "
-              "running drain-timeout plus 5 seconds after it was told to stop is killed "
-              "with SIGKILL, and the kill is logged."),
+              "SIGTERM or SIGINT every worker, retired ones included, drains for up to "
+              "drain-timeout; one still running drain-timeout plus 5 seconds after it was "
+              "told to stop is killed with SIGKILL, and the kill is logged."),
         ".SH SIGNALS",
         ".TP",
         _bold("SIGHUP"),
@@ -474,14 +483,17 @@ def render_man8() -> str:
               "command line. If it is good it is applied: routes are matched by listen "
               "address, so an unchanged address keeps its socket and gets the new settings, "
               "a removed route stops accepting while its connections finish, and a new "
-              "route starts. Live connections keep the settings they were accepted with. If "
-              "the new configuration has an error, or a new address cannot be bound, the "
-              "error is logged and the running configuration stays in force."),
+              "route starts. Live connections keep the settings they were accepted with and "
+              "are left alone for as long as they last (drain-timeout does not apply to a "
+              "reload), with workers too. If the new configuration has an error, or a new "
+              "address cannot be bound, the error is logged, /stats shows it under reload, "
+              "and the running configuration stays in force."),
         ".TP",
         f"{_bold('SIGTERM')}, {_bold('SIGINT')}",
         _text("Graceful stop: stop accepting, let live connections finish for up to "
-              "drain-timeout, then close what is left and exit. A second SIGTERM or SIGINT "
-              "closes every connection at once."),
+              "drain-timeout, then close what is left and exit. The admin endpoint answers "
+              "until then, /healthz with 503 draining. A second SIGTERM or SIGINT closes "
+              "every connection at once."),
         ".TP",
         _bold("SIGUSR1"),
         _text("Reopen the log file, after logrotate(8) has moved it away."),
