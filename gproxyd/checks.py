@@ -75,13 +75,13 @@ def clashes(routes, admin: Address | None) -> Iterator[tuple[object, str, str]]:
     every IPv4 address, so 127.0.0.1:P too), or the admin endpoint's on a route's."""
     for index, route in enumerate(routes):
         for earlier in routes[:index]:
-            if _overlap(route.listen, earlier.listen):
+            if overlaps(route.listen, earlier.listen):
                 same = "is" if route.listen.sockaddr == earlier.listen.sockaddr else \
                     "overlaps"
                 yield route, "listen", f"{route.listen} {same} route {earlier.name}'s " \
                                        f"listen address {earlier.listen} (expected one " \
                                        "route per address and port)"
-        if admin is not None and _overlap(admin, route.listen):
+        if admin is not None and overlaps(admin, route.listen):
             yield route, "admin", f"{admin} overlaps route {route.name}'s listen address " \
                                   f"{route.listen} (expected the admin endpoint on an " \
                                   "address and port of its own)"
@@ -144,7 +144,7 @@ def _is_local(ip: str) -> bool:
     return True
 
 
-def _overlap(one: Address, other: Address) -> bool:
+def overlaps(one: Address, other: Address) -> bool:
     """Whether binding both would fail with "address in use" (IPv6 listeners are
     bound IPv6-only, so [::]:P and 0.0.0.0:P coexist)."""
     if one.family == socket.AF_UNIX or other.family == socket.AF_UNIX:

@@ -44,6 +44,7 @@ from setproctitle import setproctitle
 
 from .. import logs, shadow, watchdog
 from ..admin import AdminServer, ReloadStatus
+from ..checks import overlaps
 from ..config import Config, ConfigError, Route, load_config
 from ..hooks import HookLoadError
 from ..listener import ListenError, bind
@@ -103,11 +104,16 @@ class Sockets:
 
 
 def bind_all(routes: tuple[Route, ...] | list[Route], copies: int = 1,
-             admin: Address | None = None) -> Sockets:
+             admin: Address | None = None,
+             running: tuple[Route, ...] | list[Route] = ()) -> Sockets:
     """Bind each route's listen address `copies` times (more than one: SO_REUSEPORT, one
-    socket per worker; a unix address once) and the admin address if given.
+    socket per worker; a unix address once) and the admin address if given, with
+    listen-mode and listen-owner for unix addresses.
 
-    Raises ListenError naming the first address that fails; then nothing stays bound.
+    `running`: on a reload, the routes served now. The new addresses are bound before
+    those close, so one that overlaps them fails: said as our own doing, not as "another
+    process listens there". Raises ListenError naming the first address that fails;
+    then nothing stays bound.
     """
     bound = Sockets()
     try:
@@ -117,8 +123,18 @@ def bind_all(routes: tuple[Route, ...] | list[Route], copies: int = 1,
             except ListenError as error:
                 raise ListenError(f"admin: {error}") from None
         for route in routes:
+            serving = next((old for old in running if overlaps(route.listen, old.listen)),
+                           None)
+            if serving is not None:
+                raise ListenError(
+                    f"cannot listen on {route.listen}: gproxyd itself listens on "
+                    f"{serving.listen} (route {serving.name} of the running configuration); "
+                    "new addresses are bound before the old ones close, so an address that "
+                    "overlaps one in use takes two reloads (remove it, then add the new "
+                    "one) or a restart")
             if copies == 1 or route.listen.family == socket.AF_UNIX:
-                bound.routes[listen_key(route)] = [bind(route.listen)]
+                bound.routes[listen_key(route)] = [bind(route.listen, mode=route.listen_mode,
+                                                        owner=route.listen_owner)]
             else:
                 bound.routes[listen_key(route)] = [bind(route.listen, reuse_port=True)
                                                    for _ in range(copies)]

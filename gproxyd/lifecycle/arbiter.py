@@ -345,7 +345,8 @@ class Arbiter(MainProcess):
                         self.count, new.settings.workers)
         wanted = {listen_key(route) for route in new.routes}
         added = bind_all([route for route in new.routes
-                          if listen_key(route) not in self.sockets.routes], self.count)
+                          if listen_key(route) not in self.sockets.routes], self.count,
+                         running=self.config.routes)
         kept = {key: group for key, group in self.sockets.routes.items() if key in wanted}
         sockets = Sockets(routes={**kept, **added.routes})
         try:

@@ -39,7 +39,8 @@ class SingleProcess(MainProcess):
         """Import the new hooks (again: a reload picks up edits), then bind the added
         listen addresses; either failing leaves everything as it was."""
         hooks = load_route_hooks(new.routes)
-        added = bind_all(self.listeners.added_routes(new.routes))
+        added = bind_all(self.listeners.added_routes(new.routes),
+                         running=self.config.routes)
         return hooks, {key: group[0] for key, group in added.routes.items()}
 
     def switch(self, new: Config, staged: tuple[dict, dict]) -> None:

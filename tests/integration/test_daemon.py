@@ -1,6 +1,7 @@
 """The installed gproxyd as a service: start, serve, reload, drain, stop, daemonize, logs."""
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -470,3 +471,41 @@ def test_periodic_summary_line_per_route(tmp_path, backends, daemons):
     line = [entry for entry in daemon.log().splitlines()
             if "stats route=web connections=0/3" in entry][0]
     assert "production: requests=3 errors=0 p50=" in line
+
+
+def test_a_reload_onto_an_address_gproxyd_itself_holds_says_so(tmp_path, backends, daemons):
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL + route_section("web", port, backends["a"].address)
+                     .replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}", 1))
+    daemon.start()
+    daemon.write_config(GLOBAL + route_section("api", port, backends["a"].address))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("reload failed")
+    line = next(line for line in daemon.log().splitlines() if "reload failed" in line)
+    assert f"cannot listen on 127.0.0.1:{port}: gproxyd itself listens on 0.0.0.0:{port} " \
+           "(route web of the running configuration)" in line
+    assert "another process" not in line
+    assert exchange(port, b"still") == b"a:still"
+
+
+def test_a_unix_listen_socket_of_the_daemon_gets_its_mode_and_owner(tmp_path, backends,
+                                                                     daemons):
+    assert os.geteuid() == 0, "chown to another user needs root (CI runs the tests as root)"
+    folder = tempfile.mkdtemp(prefix="gpx", dir="/tmp")
+    try:
+        path = os.path.join(folder, "web.sock")
+        daemon = daemons(tmp_path, GLOBAL + f"[route web]\nlisten = unix:{path}\n"
+                         f"production = {backends['a'].address}\nlisten-mode = 0660\n"
+                         "listen-owner = nobody:nogroup\n")
+        daemon.start()
+        info = os.stat(path)
+        assert oct(info.st_mode & 0o777) == oct(0o660)
+        assert (info.st_uid, info.st_gid) == (pwd.getpwnam("nobody").pw_uid,
+                                              grp.getgrnam("nogroup").gr_gid)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(path)
+            client.sendall(b"hi")
+            assert client.recv(100) == b"a:hi"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
