@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import gevent
+from gevent import GreenletExit
 from gevent.queue import Queue
 from setproctitle import setproctitle
 
@@ -173,6 +174,12 @@ class Lifecycle:
         self.config = config
         self._queue: Queue = Queue()  # also creates gevent's hub, before any privilege drop
         self.stopping = False
+        # A daemon stops by its signals only: SystemExit or KeyboardInterrupt raised in a
+        # greenlet (one a hook spawned: gevent.spawn(sys.exit)) ends that greenlet and is
+        # printed with its traceback, instead of ending the process from the hub.
+        hub = gevent.get_hub()
+        hub.SYSTEM_ERROR = (SystemError,)
+        hub.NOT_ERROR = (GreenletExit,)
         shadow.LINGERING.limit = config.settings.shadow_max_connections
         watchdog.configure(config.settings.hook_timeout)
 

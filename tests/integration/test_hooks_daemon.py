@@ -58,6 +58,8 @@ def on_data(conn, data):
         gevent.Timeout(0.05).start()
     elif word == b"leave-exit":
         gevent.Timeout(0.05, SystemExit(9)).start()
+    elif word == b"spawn-exit":
+        gevent.spawn(sys.exit, 7)
     return data
 '''
 
@@ -239,6 +241,24 @@ def test_whatever_a_hook_raises_or_leaves_behind_closes_its_connection_only(tmp_
     assert exchange(setup.hooked, b"fine") == b"a:fine"
     stop(daemon)
     assert "Traceback" not in daemon.process.stderr.read().decode()
+
+
+def test_a_greenlet_a_hook_spawns_cannot_exit_the_daemon(tmp_path, backend, daemons):
+    """gevent's hub ends the process when a greenlet raises SystemExit; the daemon's
+    does not: that greenlet ends, its traceback goes to standard error."""
+    setup = Setup(tmp_path, backend, daemons)
+    daemon = setup.daemon.start()
+    sock = setup.connect()
+    sock.sendall(b"spawn-exit")
+    assert sock.recv(100) == b"a:spawn-exit"
+    time.sleep(0.3)  # the spawned greenlet has run
+    assert daemon.process.poll() is None, "a greenlet's SystemExit stopped the daemon"
+    sock.sendall(b"more")
+    assert sock.recv(100) == b"a:more"
+    sock.close()
+    assert exchange(setup.hooked, b"fine") == b"a:fine"
+    stop(daemon)
+    assert "SystemExit: 7" in daemon.process.stderr.read().decode()
 
 
 # --- a hooks file whose import calls sys.exit() --------------------------------------------------
