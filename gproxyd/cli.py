@@ -118,6 +118,26 @@ def _with_config(argv: list[str], path: str) -> list[str]:
     return ["-c", path, *out]
 
 
+# Not needed by a serving daemon: gproxyctl's, the demo's, and their large optional
+# dependencies (matplotlib, locust).
+_NOT_SERVING = ("gproxyd.replay", "gproxyd.demo", "gproxyd.ctl", "gproxyd.__main__")
+
+
+def _import_while_privileged() -> None:
+    """Import every module a serving process may import later, before privileges are
+    dropped: the user gproxyd becomes may not be able to read the installation (a Python
+    under /root), and an import failing mid-connection is a crash. The stdlib's own lazy
+    imports on the serving path come too (the IDNA codec, for host names)."""
+    import importlib
+    import pkgutil
+
+    import gproxyd
+    for module in pkgutil.walk_packages(gproxyd.__path__, "gproxyd."):
+        if not module.name.startswith(_NOT_SERVING):
+            importlib.import_module(module.name)
+    importlib.import_module("encodings.idna")
+
+
 def _check(config) -> int:
     """--check-config: the config, and the hooks imported in a child process (this one
     runs no user code)."""
@@ -186,6 +206,8 @@ def _serve(config, argv: list[str]) -> int:
             from .lifecycle.single import SingleProcess
             main_process = SingleProcess(config, argv, os.environ, sockets,
                                          load_route_hooks(config.routes))
+        if settings.user or settings.group:
+            _import_while_privileged()
         try:
             switched = drop_privileges(settings.user, settings.group)
         except PrivilegeError as error:

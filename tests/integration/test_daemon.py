@@ -509,3 +509,36 @@ def test_a_unix_listen_socket_of_the_daemon_gets_its_mode_and_owner(tmp_path, ba
             assert client.recv(100) == b"a:hi"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+LOADED_MODULES_HOOK = '''\
+import sys
+
+
+def on_connect(conn):
+    conn.reply(" ".join(sorted(name for name in sys.modules
+                               if name.startswith("gproxyd"))).encode() + b"\\n")
+    conn.close()
+'''
+
+
+def test_with_user_every_module_is_imported_before_the_drop(tmp_path, backends, daemons):
+    """The dropped user may not be able to read the installation (a Python under /root):
+    whatever a serving process imports later must be imported before the drop."""
+    assert os.getuid() == 0, "this test checks the root -> user switch; run the suite as root"
+    import pkgutil
+
+    import gproxyd
+    from gproxyd.cli import _NOT_SERVING
+    expected = {module.name for module in pkgutil.walk_packages(gproxyd.__path__, "gproxyd.")
+                if not module.name.startswith(_NOT_SERVING)}
+    (tmp_path / "hooks").mkdir(mode=0o755)  # root's: hooks files must be trusted
+    hooks = tmp_path / "hooks" / "loaded.py"
+    hooks.write_text(LOADED_MODULES_HOOK)
+    os.chmod(tmp_path, 0o777)  # the log file's directory stays usable after the switch
+    port = free_port()
+    daemon = daemons(tmp_path, GLOBAL.replace("admin = off", "admin = off\nuser = nobody")
+                     + route_section("web", port, backends["a"].address, hooks=str(hooks)))
+    daemon.start()
+    loaded = set(exchange(port, b"").decode().split())
+    assert expected - loaded == set()
