@@ -81,3 +81,12 @@ def test_stop_timeout_leaves_room_for_the_default_drain():
 
 def test_config_and_usage_errors_are_not_restarted():
     assert set(_directives()["RestartPreventExitStatus"][0].split()) == {"64", "78"}
+
+
+def test_the_unit_gives_the_service_the_directories_its_defaults_write_to():
+    """ProtectSystem=strict makes everything else read-only: logs, the pid file and unix
+    sockets, and the record files and SQLite archive the docs put in /var/lib/gproxyd."""
+    text = UNIT.read_text()
+    assert "ProtectSystem=strict" in text
+    for line in ("LogsDirectory=gproxyd", "RuntimeDirectory=gproxyd", "StateDirectory=gproxyd"):
+        assert line in text.splitlines(), line
