@@ -11,8 +11,7 @@ import sys
 
 import gevent
 import pytest
-from gevent.pool import Pool
-from gevent.server import StreamServer
+from http_backend import HTTPServer
 
 import gproxyd.replay
 from gproxyd.recordfile import RecordWriter
@@ -24,32 +23,6 @@ RECORDED = [b"GET /a HTTP/1.1\r\nHost: shop.example\r\n\r\n",
             b"GET /c HTTP/1.1\r\nHost: shop.example\r\n\r\n"]
 
 
-class CountingServer:
-    """Answers each GET with 200 on kept-alive connections; keeps every request head."""
-
-    def __init__(self):
-        self.requests: list[bytes] = []
-        self._server = StreamServer(("127.0.0.1", 0), self._handle, spawn=Pool(100))
-        self._server.start()
-        self.port = self._server.server_port
-
-    def _handle(self, sock, _peer):
-        pending = b""
-        while True:
-            while b"\r\n\r\n" not in pending:
-                data = sock.recv(65536)
-                if not data:
-                    sock.close()
-                    return
-                pending += data
-            head, _, pending = pending.partition(b"\r\n\r\n")
-            self.requests.append(head + b"\r\n\r\n")
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    def stop(self):
-        self._server.stop(timeout=1)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,7 +31,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server():
-    started = CountingServer()
+    started = HTTPServer()
     yield started
     started.stop()
 
@@ -75,7 +48,7 @@ def test_a_master_and_two_workers_replay_a_recording(tmp_path, server):
         [LOCUST, *common, "--master", "--master-bind-host", "127.0.0.1",
          "--master-bind-port", str(master_port), "--headless", "--expect-workers", "2",
          "-u", "4", "-r", "4", "--run-time", "3s", "--host",
-         f"http://127.0.0.1:{server.port}", "--replay-file", str(recording),
+         f"http://{server.address}", "--replay-file", str(recording),
          "--replay-rate", "5", "--csv", str(tmp_path / "stats"), "--only-summary"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     workers = [subprocess.Popen(
@@ -100,5 +73,6 @@ def test_a_master_and_two_workers_replay_a_recording(tmp_path, server):
     assert {"/a", "/b", "/c"} <= set(stats)  # named by path, the query left out
     # Every request Locust counted reached the server, as recorded (Host included).
     gevent.sleep(0.1)
-    assert len(server.requests) >= total
-    assert set(server.requests) == set(RECORDED)
+    heads = [request for _, request in server.requests]
+    assert len(heads) >= total
+    assert set(heads) == set(RECORDED)

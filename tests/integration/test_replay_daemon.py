@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
 
-from gevent.pool import Pool
-from gevent.server import StreamServer
+from http_backend import HTTPServer
 from service import GLOBAL, free_port, route_section, wait_until
 
 from gproxyd.recordfile import RecordReader
@@ -23,39 +21,6 @@ REQUESTS = [
     b"GET /b?page=2 HTTP/1.1\r\nHost: shop.example\r\nAccept: */*\r\n\r\n",
     b"HEAD /c HTTP/1.1\r\nHost: shop.example\r\n\r\n",
 ]
-
-
-class Backend:
-    """Answers every request 200 (no body to HEAD) on kept-alive connections and keeps
-    each request's bytes."""
-
-    def __init__(self):
-        self.requests: list[bytes] = []
-        self._server = StreamServer(("127.0.0.1", 0), self._handle, spawn=Pool(100))
-        self._server.start()
-        self.address = f"127.0.0.1:{self._server.server_port}"
-
-    def _handle(self, sock, _peer):
-        pending = b""
-        while True:
-            while b"\r\n\r\n" not in pending:
-                data = sock.recv(65536)
-                if not data:
-                    sock.close()
-                    return
-                pending += data
-            head, _, rest = pending.partition(b"\r\n\r\n")
-            match = re.search(rb"\ncontent-length:\s*(\d+)", head, re.I)
-            length = int(match.group(1)) if match else 0
-            while len(rest) < length:
-                rest += sock.recv(65536)
-            self.requests.append(head + b"\r\n\r\n" + rest[:length])
-            pending = rest[length:]
-            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
-            sock.sendall(answer if head.startswith(b"HEAD ") else answer + b"ok\n")
-
-    def stop(self):
-        self._server.stop(timeout=1)
 
 
 def _send_through(port: int, requests: list[bytes]) -> None:
@@ -72,7 +37,7 @@ def _send_through(port: int, requests: list[bytes]) -> None:
 
 
 def test_the_daemons_recording_replays_byte_for_byte(tmp_path, daemons):
-    backend = Backend()
+    backend = HTTPServer()
     try:
         port = free_port()
         recording = tmp_path / "requests.rec"
@@ -94,7 +59,7 @@ def test_the_daemons_recording_replays_byte_for_byte(tmp_path, daemons):
         assert process.returncode == 0, process.stderr
         (row,) = json.loads(out.read_text())
         assert row["answered"] == row["status_2xx"] == 8 and row["errors"] == 0
-        assert backend.requests == REQUESTS * 2
+        assert [request for _, request in backend.requests] == REQUESTS * 2
         assert "knee: 8.0 req/s" in process.stdout
     finally:
         backend.stop()
