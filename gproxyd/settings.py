@@ -421,6 +421,17 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
            "(shadow-linger); past it the oldest is dropped (counted, outcome dropped) so "
            "that lingering shadows never take the descriptors production needs. 0: a "
            "quarter of the open-files limit.", "NUMBER"),
+    Option("shadow-memory", size, "256MiB",
+           "Most memory one process holds for bytes waiting to be written to shadows, over "
+           "all its connections (a queue counts in whole 64 KiB blocks past its first 64 "
+           "KiB): one shadow connection may hold up to shadow-buffer while this has room; "
+           "when it is full, the shadow connection furthest behind (the most waiting) is "
+           "dropped (counted as over-budget), so memory stays bounded whatever the number "
+           "of connections. Each worker process has its own. It also sizes the kernel send "
+           "buffers of shadow sockets as they connect: an eighth of it shared among those "
+           "open (at least 32 KiB; at most shadow-buffer and tcp_wmem's maximum, which is "
+           "left to autotuning), and half of it at most for all of them.",
+           "SIZE"),
     Option("hook-timeout", duration, "2s",
            "Longest a hook may hold the event loop without yielding (a CPU loop): past it "
            "the hook is interrupted, logged with its name and stack, and its connection "
@@ -442,8 +453,10 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("shadow-seed", optional_int, "",
            "Seed for choosing which connections are mirrored (empty: unpredictable); "
            "a fixed seed makes the choice repeatable.", "NUMBER"),
-    Option("shadow-buffer", size, "4MiB",
-           "Bytes buffered for one shadow connection before that shadow is dropped.", "SIZE"),
+    Option("shadow-buffer", size, "64MiB",
+           "Most bytes one shadow connection may have waiting (while shadow-memory has "
+           "room); past it that shadow connection is dropped (counted as over-buffer).",
+           "SIZE"),
     Option("shadow-write-delay", duration, "0",
            "Longest a client byte may wait before it is written to a shadow; what the same "
            "client sends meanwhile goes out in the same write. 0 (the default): a chunk "

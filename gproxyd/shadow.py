@@ -6,9 +6,10 @@ written at once when nothing else waits in this turn of the event loop, else que
 and written once the loop has served what was waiting (production first; see
 _SpareTime); with `shadow-write-delay`, it is queued and written with whatever else the
 same client sent within the delay. What the shadow's socket does not take stays
-queued until it is writable. The queue holds at most `shadow-buffer` bytes, and a
-shadow that would overflow it is dropped (counted, logged once) while production
-carries on untouched. Connecting, flushing the queue and reading (and discarding) the
+queued until it is writable. One queue holds at most `shadow-buffer` bytes, and all
+the queues of the process together at most `shadow-memory` (BUDGET): a shadow
+connection past either is dropped (counted, logged once) while production carries on
+untouched. Connecting, flushing the queue and reading (and discarding) the
 shadow's answers are driven by libev callbacks on the shadow's own socket: no greenlet
 per shadow, so a healthy shadow costs little and a dead one nothing.
 """
@@ -20,7 +21,8 @@ import resource
 import socket
 import weakref
 from collections import deque
-from itertools import islice
+from heapq import heapify, heappop, heappush, heapreplace
+from itertools import count, islice
 from time import monotonic
 from typing import Callable
 
@@ -32,6 +34,8 @@ from gevent.queue import SimpleQueue
 from .channel import STAMP_SPACE, Channel, arrival, is_disconnect
 from .config import Route
 from .relay import FreeList, discard_buffer
+from .settings import GLOBAL_OPTIONS
+from .stats import ShadowMemoryStats
 from .upstream import Upstream
 
 log = logging.getLogger("gproxyd.shadow")
@@ -55,7 +59,7 @@ class _Lingering:
         while len(self._sinks) > bound:
             oldest = next(iter(self._sinks))
             del self._sinks[oldest]
-            oldest.cut("over-shadow-max-connections")
+            oldest.drop("over-shadow-max-connections")
             now = monotonic()
             if now - self._logged > 10:
                 self._logged = now
@@ -68,14 +72,181 @@ class _Lingering:
 
 LINGERING = _Lingering()
 
+
+def _default(name: str):
+    option = next(option for option in GLOBAL_OPTIONS if option.name == name)
+    return option.parse(option.default)
+
+
+def _autotuning_most() -> int:
+    """The largest send buffer the kernel's autotuning gives a TCP socket (tcp_wmem's
+    third value; 4 MiB unless the host says otherwise)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as values:
+            return int(values.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 * 1024 * 1024
+
+
+_AUTOTUNING_MOST = _autotuning_most()
+# The smallest kernel send buffer a shadow socket gets however many there are (the
+# kernel's size, which is twice what SO_SNDBUF asks for).
+SEND_BUFFER_FLOOR = 32 * 1024
+
+
+def send_buffer_for(memory: int, most: int, sockets: int, granted: int,
+                    autotuning_most: int = _AUTOTUNING_MOST) -> int | None:
+    """The kernel send buffer (in the kernel's count: twice SO_SNDBUF) a shadow socket
+    gets as it connects, or None: leave it to the kernel's autotuning, as production's.
+
+    An eighth of shadow-memory (`memory`) shared among the shadow sockets open, itself
+    included (`sockets` + 1); at most `most` (shadow-buffer) and autotuning's largest
+    (which is left to autotuning: the buffer grows only as far as the connection needs),
+    at least SEND_BUFFER_FLOOR. All of them together (`granted` so far) get at most half
+    of shadow-memory: past it, a new one gets the floor. A stalled shadow fills its
+    socket's buffer once; from then on a chunk costs an append to its queue (counted in
+    shadow-memory), not a send() copying into fresh kernel memory.
+    """
+    size = min(most, autotuning_most, memory // 8 // (sockets + 1))
+    if granted + size > memory // 2:
+        return SEND_BUFFER_FLOOR
+    if size >= autotuning_most:
+        return None
+    return max(SEND_BUFFER_FLOOR, size)
+
+
+# A shadow connection enters the budget's heap each time its queue grows past another
+# 16 KiB: "furthest behind" is exact to within that much.
+_STEP_BITS = 14
+_COMPACT_AT = 4096  # heap entries before the first clean-up of superseded ones
+
+
+class _Budget:
+    """shadow-memory: the memory holding what waits to be written to shadows in this
+    process, over all routes and connections, and which shadow connection is furthest
+    behind; also the kernel send buffers of shadow sockets (send_buffer_for).
+
+    A ShadowSink adds what its queue grows by to `queued` (the queue's `held`: whole 64
+    KiB blocks, as they are resident) and takes off what it writes or lets go. Past
+    `limit`, the shadow connection whose queue holds the most is dropped (over-budget),
+    then the next, until the total fits again: the sink that just queued is dropped only
+    if it is that one. Finding it stays cheap with many connections: a sink enters a
+    max-heap each time its queue grows past another 16 KiB, and an entry whose queue has
+    shrunk since is put back at its size of now when it comes up (lazily), so a drop
+    costs O(log n) amortised, and queueing a chunk an add and three compares.
+
+    `limit` is the option's default until the lifecycle sets it (start and reload).
+    """
+
+    def __init__(self):
+        self.limit: int = _default("shadow-memory")
+        self.queued = 0
+        self.high_water = 0
+        self.sockets = 0        # TCP shadow sockets open, each with its send buffer...
+        self.send_buffers = 0   # ...granted (the kernel's sizes), in total
+        self.drops: dict[str, int] = {}          # cause -> shadow connections
+        self.dropped_bytes: dict[str, int] = {}  # cause -> bytes let go unwritten
+        # (-(held >> _STEP_BITS), serial, [sink]), lazily kept: the sink's own one-item
+        # list, emptied when it ends, so that stale entries do not keep it alive.
+        self._heap: list = []
+        self._serial = count()
+        self._compact_at = _COMPACT_AT
+
+    def grew(self, sink: "ShadowSink") -> None:
+        """`sink`'s queue has grown past its last step: enter it at its size of now."""
+        step = sink.held >> _STEP_BITS
+        sink.budget_step = step
+        if sink.budget_entry is None:
+            sink.budget_entry = [sink]
+        heappush(self._heap, (-step, next(self._serial), sink.budget_entry))
+        if len(self._heap) > self._compact_at:
+            self._compact()
+
+    def make_room(self, feeding: "ShadowSink") -> bool:
+        """Over the limit: drop the shadow connections furthest behind until the total
+        fits; False if `feeding` (it has just queued a chunk) was one of them."""
+        while self.queued > self.limit:
+            # Every queue under one step (thousands of connections): any is as far behind.
+            sink = self._furthest_behind() or feeding
+            sink.drop("over-budget", f"furthest behind ({sink.queued} bytes waiting) when "
+                                     f"{self.queued} bytes waited for shadows (shadow-memory)")
+            if sink is feeding:
+                return False
+        return True
+
+    def let_go(self, sink: "ShadowSink", cause: str | None) -> None:
+        """`sink` is ending: what its queue holds is let go; `cause`: why (one of
+        stats.DROP_CAUSES), None if it was not dropped and nothing waited."""
+        self.queued -= sink.held
+        if cause is not None:
+            self.drops[cause] = self.drops.get(cause, 0) + 1
+            self.dropped_bytes[cause] = self.dropped_bytes.get(cause, 0) + sink.queued
+        if sink.budget_entry is not None:
+            sink.budget_entry[0] = None
+
+    def size_send_buffer(self, sock: socket.socket, most: int) -> int:
+        """Give a TCP shadow socket its kernel send buffer (send_buffer_for); returns
+        what it was granted, for release_send_buffer() when it closes."""
+        size = send_buffer_for(self.limit, most, self.sockets, self.send_buffers)
+        if size is None:
+            granted = _AUTOTUNING_MOST
+        else:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // 2)
+                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                return 0
+        self.sockets += 1
+        self.send_buffers += granted
+        return granted
+
+    def release_send_buffer(self, granted: int) -> None:
+        self.sockets -= 1
+        self.send_buffers -= granted
+
+    def stats(self) -> ShadowMemoryStats:
+        return ShadowMemoryStats(limit=self.limit, queued=self.queued,
+                                 high_water=self.high_water, send_buffers=self.send_buffers,
+                                 drops=dict(self.drops), dropped_bytes=dict(self.dropped_bytes))
+
+    def _furthest_behind(self) -> "ShadowSink | None":
+        heap = self._heap
+        while heap:
+            negative, _, entry = heap[0]
+            sink = entry[0]
+            if sink is None or sink.budget_step != -negative:
+                heappop(heap)  # ended, or entered again since at a larger size
+                continue
+            step = sink.held >> _STEP_BITS
+            if step == -negative:
+                return sink  # no one else's queue is larger than its entry says
+            sink.budget_step = step  # it has written some since: put it back as it is now
+            if step:
+                heapreplace(heap, (-step, next(self._serial), entry))
+            else:
+                heappop(heap)
+        return None
+
+    def _compact(self) -> None:
+        """Forget the superseded entries (amortised: at most once per as many pushes)."""
+        current = {id(entry): (negative, entry) for negative, _, entry in self._heap
+                   if entry[0] is not None and entry[0].budget_step == -negative}
+        self._heap = [(negative, next(self._serial), entry)
+                      for negative, entry in current.values()]
+        heapify(self._heap)
+        self._compact_at = max(_COMPACT_AT, 2 * len(self._heap))
+
+
+BUDGET = _Budget()
+
+
+def memory_stats() -> ShadowMemoryStats:
+    """shadow-memory in this process now: for /stats ("shadow_memory") and /metrics."""
+    return BUDGET.stats()
+
+
 _discard_buffers = [discard_buffer]  # for recvmsg_into
 _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
-# The kernel's send buffer of a shadow socket (it doubles this). Left to autotuning it
-# grows to tcp_wmem's maximum (4 MiB): a stalled shadow would then be fed by a send()
-# per chunk, each copying into fresh kernel memory, until megabytes are queued there.
-# Capped, the kernel is full within a few hundred KiB, and from then on a chunk costs
-# an append to the shadow's own queue (no syscall) until shadow-buffer drops it.
-_SEND_BUFFER = 128 * 1024
 # Bytes waiting for the write delay that are written at once instead: a bulk stream
 # gains nothing from waiting, and waiting must never fill shadow-buffer by itself.
 _WRITE_NOW = 64 * 1024
@@ -134,12 +305,16 @@ class _Queue:
     of anonymous memory (mmap): freed heap objects would leave the process's heap
     fragmented at the peak of every past stall, while blocks are reused or unmapped as
     soon as they are drained, or the shadow dropped.
+
+    `size` counts the bytes waiting; `held` the memory holding them (the bytes pieces,
+    and each block whole, however little of it waits): that is what shadow-memory counts.
     """
-    __slots__ = ("_pieces", "size")
+    __slots__ = ("_pieces", "size", "held")
 
     def __init__(self):
         self._pieces: deque = deque()   # bytes, and then _Blocks
         self.size = 0
+        self.held = 0
 
     def append(self, data) -> None:
         """Copy `data` (any bytes-like object) in at the end."""
@@ -147,12 +322,12 @@ class _Queue:
         if not size:
             return
         pieces = self._pieces
-        behind = self.size >= _WRITE_NOW
         self.size += size
-        if not behind:
+        if self.size <= _WRITE_NOW:
             pieces.append(bytes(data))
+            self.held += size
             return
-        last = pieces[-1]
+        last = pieces[-1] if pieces else None
         if type(last) is _Block and _BLOCK - last.end >= size:  # most appends: one copy
             last.memory.write(data)
             last.end += size
@@ -162,6 +337,7 @@ class _Queue:
             if type(last) is not _Block or last.end == _BLOCK:
                 last = _Block()
                 pieces.append(last)
+                self.held += _BLOCK
             view = view[last.fill(view):]
 
     def pieces(self, limit: int | None = None) -> list:
@@ -190,6 +366,7 @@ class _Queue:
             if count < size:
                 if type(piece) is bytes:
                     pieces[0] = piece[count:]
+                    self.held -= count
                 else:
                     piece.start += count
                 return
@@ -197,6 +374,9 @@ class _Queue:
             pieces.popleft()
             if type(piece) is _Block:
                 piece.release()
+                self.held -= _BLOCK
+            else:
+                self.held -= size
 
     def clear(self) -> None:
         for piece in self._pieces:
@@ -204,6 +384,7 @@ class _Queue:
                 piece.release()
         self._pieces.clear()
         self.size = 0
+        self.held = 0
 
 
 class _SpareTime:
@@ -258,7 +439,8 @@ class ShadowSink:
     """Owns one shadow connection (an Upstream): its queue and its part of the traffic.
 
     States: connecting -> open -> one outcome (stats.OUTCOMES), decided when linger()
-    ends: done (finished normally), dropped (fell behind by more than the buffer),
+    ends: done (finished normally), dropped (fell behind by more than shadow-buffer, or
+    furthest behind when shadow-memory was full, or lingering past shadow-max-connections),
     failed (could not connect), reset (broke mid-stream), timeout (requests still
     unanswered when linger ended), diverged (it closed or reset while production
     carried on, or its answers differ from production's in size or error rate; see
@@ -283,6 +465,9 @@ class ShadowSink:
         self._stats = upstream.stats
         self._label = label
         self._queue = _Queue()
+        self.budget_step = 0        # BUDGET's bookkeeping: the step of its newest heap entry,
+        self.budget_entry = None    # and what its heap entries hold (see _Budget)
+        self._send_buffer = 0       # the kernel send buffer BUDGET granted its socket
         # Each shadow connection times its own delay: one timer for all would write to
         # every shadow at the same moment, and a shadow would get its requests in
         # bursts production never saw (queueing in the shadow, measured as its latency).
@@ -322,6 +507,16 @@ class ShadowSink:
     @property
     def alive(self) -> bool:
         return self.state in ("connecting", "open")
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting to be written to the shadow."""
+        return self._queue.size
+
+    @property
+    def held(self) -> int:
+        """The memory holding them, as shadow-memory counts it (see _Queue)."""
+        return self._queue.held
 
     # --- what the session calls ----------------------------------------------------------
 
@@ -371,14 +566,23 @@ class ShadowSink:
             self._spare_time.add(self)
 
     def _enqueue(self, chunk) -> bool:
+        """Queue a copy of `chunk`; False if that dropped this shadow connection (past
+        shadow-buffer, or the furthest behind when shadow-memory is full)."""
+        queue = self._queue
         size = len(chunk)
-        if self._queue.size + size > self._limit:
-            self._stats.dropped += 1
-            log.warning("%s: shadow %s dropped: more than %d bytes waiting (shadow-buffer)",
-                        self._label, self.address, self._limit)
-            self._end("dropped")
+        if queue.size + size > self._limit:
+            self.drop("over-buffer", f"more than {self._limit} bytes waiting (shadow-buffer)")
             return False
-        self._queue.append(chunk)
+        held = queue.held
+        queue.append(chunk)
+        budget = BUDGET
+        budget.queued += queue.held - held
+        if queue.held >> _STEP_BITS > self.budget_step:
+            budget.grew(self)
+        if budget.queued > budget.limit and not budget.make_room(self):
+            return False
+        if budget.queued > budget.high_water:
+            budget.high_water = budget.queued
         return True
 
     def finish(self) -> None:
@@ -422,9 +626,12 @@ class ShadowSink:
         if self._answer_greenlet is not None:
             self._answer_greenlet.join(timeout=1)
 
-    def cut(self, why: str) -> None:
-        """Drop this shadow connection now (too many lingering: see _Lingering)."""
+    def drop(self, why: str, message: str = "") -> None:
+        """Drop this shadow connection now, `why` being one of stats.DROP_CAUSES;
+        `message` (what was exceeded) is logged."""
         if self.alive:
+            if message:
+                log.warning("%s: shadow %s dropped: %s", self._label, self.address, message)
             self._stats.dropped += 1
             self.why = why
             self._end("dropped")
@@ -466,10 +673,7 @@ class ShadowSink:
         if self._stamped:
             channel.stamp_arrivals()
         if channel.sock.family != socket.AF_UNIX:
-            try:
-                channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-            except OSError:
-                pass
+            self._send_buffer = BUDGET.size_send_buffer(channel.sock, self._limit)
         channel.start_reading(self._readable)
         if self._queue.size:
             channel.start_writing(self._writable)
@@ -537,7 +741,9 @@ class ShadowSink:
             sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
             if sent is None:
                 return
+            held = queue.held
             queue.consume(sent)
+            BUDGET.queued -= held - queue.held
             if sent < sum(map(len, pieces)):
                 return
         self._channel.stop_writing()
@@ -708,7 +914,14 @@ class ShadowSink:
         if not self.alive:
             return
         self.state = state
+        cause = self.why if state == "dropped" else "shadow-failed" if self.queued else None
+        BUDGET.let_go(self, cause)
+        if cause is not None:
+            self._stats.drops[cause] = self._stats.drops.get(cause, 0) + 1
         self._queue.clear()
+        if self._send_buffer:
+            BUDGET.release_send_buffer(self._send_buffer)
+            self._send_buffer = 0
         for timer in (self._delay_timer, self._turn_timer):
             if timer is not None:
                 timer.stop()

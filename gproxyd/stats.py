@@ -142,6 +142,13 @@ class BackendStats:
 # How a shadow connection can end (see shadow.ShadowSink).
 OUTCOMES = ("done", "dropped", "failed", "reset", "timeout", "diverged")
 
+# Why bytes waiting for a shadow were let go unwritten (see shadow.py): gproxyd dropped
+# the shadow connection (over-buffer: past shadow-buffer; over-budget: the furthest behind
+# when shadow-memory was full; over-shadow-max-connections: too many lingering), or it
+# ended first (shadow-failed: could not connect, broke, or shadow-linger ran out).
+DROP_CAUSES = ("over-buffer", "over-budget", "shadow-failed",
+               "over-shadow-max-connections")
+
 
 # Most distinct differing paths counted per shadow (and noise paths per route); the
 # rest are counted under OTHER_PATHS, so that a field with random names cannot grow memory.
@@ -164,7 +171,10 @@ def _top(paths: dict, count: int = TOP_PATHS) -> dict:
 class ShadowStats(BackendStats):
     """A shadow backend: also how often it was mirrored to, dropped, and disagreed."""
     mirrored: int = 0          # client connections copied to this shadow
-    dropped: int = 0           # shadow-buffer overflowed: that shadow connection was dropped
+    dropped: int = 0           # shadow connections dropped (by gproxyd: see drops)
+    # Shadow connections by why waiting bytes were let go (DROP_CAUSES): the dropped ones,
+    # and those that ended with bytes still waiting (shadow-failed).
+    drops: dict = field(default_factory=dict)
     compared: int = 0          # answers compared with production's answer to the same request
     mismatches: int = 0        # compared answers that differ from production's
     noise: int = 0             # differing answers whose every difference the baseline makes too
@@ -191,12 +201,45 @@ class ShadowStats(BackendStats):
     def snapshot(self) -> dict:
         numbers = super().snapshot()
         numbers.update(
-            mirrored=self.mirrored, dropped=self.dropped, compared=self.compared,
+            mirrored=self.mirrored, dropped=self.dropped,
+            drops={cause: self.drops.get(cause, 0) for cause in DROP_CAUSES},
+            compared=self.compared,
             mismatches=self.mismatches, noise=self.noise, uncompared=self.uncompared,
             mismatch_paths=_top(self.mismatch_paths), turn_timeouts=self.turn_timeouts,
             outcomes={outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES},
             latency_diff_ms=self.paired.summary())
         return numbers
+
+
+@dataclass
+class ShadowMemoryStats:
+    """shadow-memory: what one process holds for its shadows over all routes (see
+    shadow.memory_stats()); merged over worker processes by adding them up (each has a
+    shadow-memory of its own, so `limit` and `high_water` are sums too)."""
+    limit: int = 0            # shadow-memory
+    queued: int = 0           # bytes waiting to be written to shadows now
+    high_water: int = 0       # most bytes waiting at once since start
+    send_buffers: int = 0     # kernel send buffers of the open shadow sockets (their caps)
+    drops: dict = field(default_factory=dict)          # cause -> shadow connections
+    dropped_bytes: dict = field(default_factory=dict)  # cause -> bytes let go unwritten
+
+    def export(self) -> dict:
+        return dict(vars(self), drops=dict(self.drops), dropped_bytes=dict(self.dropped_bytes))
+
+    def add(self, exported: dict) -> None:
+        for key in ("limit", "queued", "high_water", "send_buffers"):
+            setattr(self, key, getattr(self, key) + exported[key])
+        for key in ("drops", "dropped_bytes"):
+            counts = getattr(self, key)
+            for cause, count in exported[key].items():
+                counts[cause] = counts.get(cause, 0) + count
+
+    def snapshot(self) -> dict:
+        return {"limit": self.limit, "queued": self.queued, "high_water": self.high_water,
+                "send_buffers": self.send_buffers,
+                "drops": {cause: self.drops.get(cause, 0) for cause in DROP_CAUSES},
+                "dropped_bytes": {cause: self.dropped_bytes.get(cause, 0)
+                                  for cause in DROP_CAUSES}}
 
 
 @dataclass

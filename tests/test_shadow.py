@@ -184,11 +184,11 @@ def test_a_failing_shadow_never_disturbs_production(servers, proxy, caplog, kind
 
 def test_a_healthy_shadow_keeps_up_with_a_client_sending_at_full_speed(
         servers, proxy, caplog):
-    """A shadow that reads as fast as production is not dropped at the default
-    shadow-buffer (4MiB) just because the client sends fast: the relay must let the
-    shadow's writer run between chunks, not read the client dry first."""
+    """A shadow that reads as fast as production is not dropped at a shadow-buffer of
+    4MiB (the default before #19) just because the client sends fast: the relay must let
+    the shadow's writer run between chunks, not read the client dry first."""
     production, shadow = servers.sink(), servers.sink()
-    proxied = proxy(production, shadow=[shadow])
+    proxied = proxy(production, shadow=[shadow], shadow_buffer="4MiB")
     data = os.urandom(32 * MiB)
 
     assert exchange(proxied, data) == (sha256(b""), 0)
@@ -296,9 +296,10 @@ def test_a_bulk_stream_and_the_eof_are_not_held_back_by_the_write_delay(
         servers, proxy, caplog):
     """Past 64 KiB waiting, bytes go to the shadow at once, and the client's EOF sends
     the rest: with a delay far longer than the transfer, 32 MiB at full speed pass
-    without filling shadow-buffer (4 MiB), and the shadow is done well before it."""
+    without filling a shadow-buffer of 4 MiB, and the shadow is done well before it."""
     production, shadow = servers.sink(), servers.sink()
-    proxied = proxy(production, shadow=[shadow], shadow_write_delay="30s")
+    proxied = proxy(production, shadow=[shadow], shadow_write_delay="30s",
+                    shadow_buffer="4MiB")
     data = os.urandom(32 * MiB)
 
     assert exchange(proxied, data) == (sha256(b""), 0)
