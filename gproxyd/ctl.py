@@ -30,7 +30,7 @@ from urllib.parse import urlencode
 from .config import DEFAULT_PATH, ConfigError, admin_in_file, effective_text, load_config
 from .exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from .replay.cli import add_replay_command, run_replay
-from .report import differences, table
+from .report import differences, recent, table
 from .settings import BadValue, address
 
 
@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     _where(stats)
     stats.add_argument("--json", action="store_true", help="print /stats as JSON and exit")
     stats.add_argument("--watch", action="store_true",
-                       help="refresh the table every --interval seconds until Ctrl-C")
+                       help="refresh the table every --interval seconds until Ctrl-C; "
+                            "p50 and p99 are those of the last second (from gproxyd's "
+                            "/stats/history), not since start")
     stats.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                        help="seconds between two samples (req/s is measured over it)")
     stats.add_argument("--count", type=int, default=0, metavar="N",
@@ -231,6 +233,22 @@ def _reload(address, timeout: float) -> int:
     return EX_UNAVAILABLE
 
 
+def _intervals(address, seconds: float) -> dict | None:
+    """report.recent()'s numbers from the daemon's /stats/history over the last `seconds`;
+    None from a gproxyd without it (older: then --watch shows since-start percentiles)."""
+    try:
+        history = fetch(address, f"/stats/history?since={max(2.0, seconds + 1):g}")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+    except OSError as error:  # over a unix socket: _get_unix says what it answered
+        if " 404 " in str(error):
+            return None
+        raise
+    return recent(history, seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "replay":
@@ -267,12 +285,20 @@ def main(argv: list[str] | None = None) -> int:
             return EX_OK
         previous, taken = fetch(address), time.monotonic()
         shown = 0
+        with_history = args.watch
         while True:
             time.sleep(args.interval)
             document, now = fetch(address), time.monotonic()
+            intervals = None
+            if with_history:
+                intervals = _intervals(address, args.interval)
+                with_history = intervals is not None
             if args.watch:
                 sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
                 sys.stdout.write(time.strftime("%H:%M:%S ") + f"gproxyd at {address}\n")
+                if intervals is not None:
+                    sys.stdout.write(f"req/s over the last {args.interval:g}s; p50 and p99 "
+                                     "of the last second's requests\n")
             # Rates over the time between the two readings of the numbers (the daemon's
             # `time`: /stats may be served from a cache up to a second old; the same
             # reading twice shows no rate).
@@ -280,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = document["time"] - previous["time"]
             else:
                 elapsed = now - taken
-            sys.stdout.write(table(document, previous, elapsed))
+            sys.stdout.write(table(document, previous, elapsed, intervals))
             sys.stdout.flush()
             shown += 1
             if not args.watch or (args.count and shown >= args.count):

@@ -116,8 +116,35 @@ def _rate(now: dict, before: dict | None, elapsed: float) -> str:
     return f"{max(0, now['requests'] - before['requests']) / elapsed:.1f}"
 
 
-def table(document: dict, previous: dict | None = None, elapsed: float = 0.0) -> str:
-    """Side-by-side view of every route: production against each shadow."""
+def recent(history: dict, seconds: float) -> dict:
+    """From a /stats/history document: per route and backend, {"rate": requests a second
+    over its points of the last `seconds` (at least its newest point), "p50", "p99": ms of
+    the newest point, None if nothing was answered in it}."""
+    earliest = history["time"] - seconds
+    numbers: dict = {}
+    for route, backends in history["routes"].items():
+        for backend, kept in backends.items():
+            points = kept["points"]
+            if not points:
+                continue
+            window = [point for point in points if point["time"] > earliest] or points[-1:]
+            length = sum(point["seconds"] for point in window)
+            newest = points[-1]
+            answered = newest["requests"] > 0
+            numbers.setdefault(route, {})[backend] = {
+                "rate": sum(point["requests"] for point in window) / length if length else 0.0,
+                "p50": newest["p50_ms"] if answered else None,
+                "p99": newest["p99_ms"] if answered else None}
+    return numbers
+
+
+def table(document: dict, previous: dict | None = None, elapsed: float = 0.0,
+          intervals: dict | None = None) -> str:
+    """Side-by-side view of every route: production against each shadow.
+
+    `intervals` (recent()'s numbers): req/s and the p50/p99 of the last interval, where a
+    backend has them; else req/s between `previous` and `document`, and the percentiles
+    since start."""
     lines = []
     for route, snapshot in document["routes"].items():
         before = (previous or {}).get("routes", {}).get(route)
@@ -132,10 +159,16 @@ def table(document: dict, previous: dict | None = None, elapsed: float = 0.0) ->
                  for name, shadow in snapshot["shadows"].items()]
         for name, numbers, old in rows:
             latency = numbers["latency_ms"]
+            rate, p50, p99 = (_rate(numbers, old, elapsed), f"{latency['p50']:.2f}",
+                              f"{latency['p99']:.2f}")
+            interval = (intervals or {}).get(route, {}).get(name)
+            if interval is not None:
+                rate = f"{interval['rate']:.1f}"
+                p50, p99 = (f"{interval[key]:.2f}" if interval[key] is not None else "-"
+                            for key in ("p50", "p99"))
             drops = str(numbers["dropped"]) if "dropped" in numbers else "-"
-            lines.append(f"  {name:<28} {_rate(numbers, old, elapsed):>9} "
-                         f"{numbers['requests']:>9} {latency['p50']:>9.2f} "
-                         f"{latency['p99']:>9.2f} {numbers['errors']:>7} {drops:>6}")
+            lines.append(f"  {name:<28} {rate:>9} {numbers['requests']:>9} {p50:>9} "
+                         f"{p99:>9} {numbers['errors']:>7} {drops:>6}")
         threshold = snapshot.get("verdict_threshold_ms")
         for name, shadow in snapshot["shadows"].items():
             lines.append(f"  {name}: {verdict(snapshot['production'], shadow, threshold)}")
