@@ -7,19 +7,24 @@ stats (a single process's own, or an arbiter's merged over its workers), keeps f
 backend the difference from the sample before: the requests, errors, drops, compared
 answers and mismatches of that interval, and the percentiles of the latencies recorded in
 it, read off the difference of the two cumulative histograms (the buckets are fixed, so
-the difference is the histogram of that interval alone).
+the difference is the histogram of that interval alone). The percentiles are what
+Histogram.percentile() would say of that interval's values alone (a bucket's midpoint,
+~3%), but for the interval's top bucket when it set no new all-time maximum: there the
+midpoint is capped by the all-time maximum, not by the interval's own.
 
 Two tiers (TIERS): a point per second for the last 15 minutes, and a point per 10
 seconds for the last hour. A tier's interval ends at the first sample past a multiple of
 its step (wall clock), so a late sample makes a longer interval, never a lost one; each
-point carries its length in seconds. A counter that went down (a route removed and added
-again starts at zero) counts from zero.
+point carries its length in seconds. The first sample is where counting begins; a route
+or backend that appears later counts from zero since the sample before it appeared. A
+counter that went down (a route removed and added again starts at zero) counts from
+zero.
 
 Memory is bounded: a point is POINT_FIELDS doubles (88 bytes), so a backend holds
 (900 + 360) x 88 = 111 KB of points (each tier's allocated whole with its first point),
 and 2 x 16 KiB for the histogram counts each tier began its current interval with: 144
-KB per backend (production or a shadow) of each route, however long the daemon runs. A route or shadow that is no longer in the
-stats is forgotten at the next sample.
+KB per backend (production or a shadow) of each route, however long the daemon runs. A
+route or shadow that is no longer in the stats is forgotten at the next sample.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ _SHARES = (0.50, 0.90, 0.99)
 _WIDTH = len(POINT_FIELDS)
 _SLOTS = len(Histogram().counts)
 _ZEROS = array("q", bytes(8 * _SLOTS))
+_NOTHING = (0,) * len(_COUNTERS)
 
 
 class _Ring:
@@ -181,6 +187,10 @@ class History:
                 history = kept.get(backend)
                 if history is None:
                     history = kept[backend] = _Backend(role)
+                    if self.sampled is not None:
+                        # Not there at the last sample: all it counted is since then.
+                        history.started = [_Reading(self.sampled, _NOTHING, _ZEROS, 0, 0.0)
+                                           for _ in self.tiers]
                 history.role = role
                 self._sample_backend(now, numbers, history)
                 tick()
@@ -238,15 +248,15 @@ class History:
 
 def sample_forever(history: History, source: Callable[[], dict[str, RouteStats]],
                    step: float = 1.0) -> None:
-    """Forever, just after each whole `step` of the wall clock: `history.sample()` of
-    `source()`, letting the loop run between backends. A failing sample is logged and
-    the next one is tried (run it in a greenlet of its own; kill it to stop)."""
+    """`history.sample()` of `source()` now, then forever just after each whole `step`
+    of the wall clock, letting the loop run between backends. A failing sample is logged
+    and the next one is tried (run it in a greenlet of its own; kill it to stop)."""
     while True:
-        gevent.sleep(step - time.time() % step + 0.001)
         try:
             history.sample(time.time(), source(), tick=_let_the_loop_run)
         except Exception:
             log.exception("history: sampling the stats failed; trying again in %gs", step)
+        gevent.sleep(step - time.time() % step + 0.001)
 
 
 def _let_the_loop_run() -> None:

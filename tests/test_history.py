@@ -247,6 +247,28 @@ def test_stats_that_began_again_count_from_zero():
         (round(reference.percentile(0.5) * 1e3, 3), 3.0)
 
 
+def test_what_appears_after_the_first_sample_counts_from_zero():
+    """The first sample is where counting begins; a route or shadow added later (a
+    reload) counts everything since the sample before it appeared."""
+    web = RouteStats()
+    for _ in range(7):
+        web.production.record(0.001)
+    history = History()
+    history.sample(START, {"web": web})
+    web.shadow("new").record(0.004)
+    api = RouteStats()
+    api.production.record(0.002)
+    api.production.record(0.002)
+    history.sample(START + 1, {"web": web, "api": api})
+    document = history.document(START + 1, since=60)["routes"]
+    assert document["web"]["production"]["points"][0]["requests"] == 0  # the 7: before
+    for route, backend, requests in (("web", "new", 1), ("api", "production", 2)):
+        point = document[route][backend]["points"][0]
+        assert (point["time"], point["seconds"], point["requests"]) == \
+            (START + 1, 1.0, requests)
+    assert document["web"]["new"]["points"][0]["p50_ms"] == 4.0
+
+
 def test_routes_and_shadows_gone_are_forgotten():
     stats = RouteStats()
     stats.shadow("a")
