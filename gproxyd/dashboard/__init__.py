@@ -148,7 +148,8 @@ def handle(path: str, query: str, source: Callable[[], dict[str, RouteStats]],
 
     `source()`: {route: RouteStats}, as for /stats; `stats_json()`: the /stats document
     as the endpoint serves it (so the page shows the very numbers of /stats; without it,
-    rendered here from `source()`); `history`: what /stats/history reads (None: 503).
+    rendered here from `source()`); `history`: what /stats/history reads (None: no
+    /stats/history here, as from a gproxyd without it).
     """
     if path in ("/", "/index.html"):
         if "token" in parse_qs(query):
@@ -168,9 +169,7 @@ def handle(path: str, query: str, source: Callable[[], dict[str, RouteStats]],
                          "*.css): reinstall it\n")
         return ("200 OK", [("Content-Type", kind), ("Cache-Control", "no-cache"),
                            ("Content-Security-Policy", _SAME_ORIGIN_ONLY), *_COMMON], body)
-    if path == "/stats/history":
-        if history is None:
-            return _text("503 Service Unavailable", "no history is kept here\n")
+    if path == "/stats/history" and history is not None:
         try:
             document = history_document(history, query, now())
         except LookupError as error:
