@@ -181,6 +181,7 @@ class Lifecycle:
         hub.SYSTEM_ERROR = (SystemError,)
         hub.NOT_ERROR = (GreenletExit,)
         shadow.LINGERING.limit = config.settings.shadow_max_connections
+        shadow.BUDGET.limit = config.settings.shadow_memory
         watchdog.configure(config.settings.hook_timeout)
 
     def install_signal_handlers(self) -> None:
@@ -338,6 +339,7 @@ class MainProcess(Lifecycle):
 
     def _apply_settings(self, new: Config) -> None:
         shadow.LINGERING.limit = new.settings.shadow_max_connections
+        shadow.BUDGET.limit = new.settings.shadow_memory
         watchdog.configure(new.settings.hook_timeout)
         if new.settings.admin != self.config.settings.admin:
             self._stop_admin()

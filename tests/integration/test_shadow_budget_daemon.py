@@ -128,3 +128,40 @@ def test_thousands_of_connections_to_a_stalled_shadow_stay_within_shadow_memory(
         assert daemon.log().count("(shadow-memory)") == over_budget  # one line each
     finally:
         daemon.stop()
+
+
+# --- once gproxyd/lifecycle/__init__.py sets shadow.BUDGET.limit (start and reload) ------
+
+def test_shadow_memory_from_the_config_at_start_and_on_reload(servers, tmp_path):
+    """shadow-memory = 8MiB at start: a connection 5 MiB behind survives alone and is
+    dropped over-budget when a second one fills the rest; after a reload to 256MiB the
+    same pushes drop nothing."""
+    production, stalled = servers.sink(), servers.stall()
+    port = free_port()
+    route = route_section("stalled", port, production.address, shadow=stalled.address,
+                          shadow_linger="200ms")
+    daemon = Daemon(tmp_path, GLOBAL.replace("[gproxyd]\n", "[gproxyd]\nshadow-memory = "
+                                             "8MiB\n") + route).start()
+    try:
+        def behind_then_full(round_: int) -> list:
+            first, second = (gevent.socket.create_connection(("127.0.0.1", port), timeout=30)
+                             for _ in range(2))
+            for client, size in ((first, 6 * MiB), (second, 4 * MiB)):
+                client.sendall(os.urandom(size))
+            wait_until(lambda: sum(conn.received for conn in production.conns)
+                       == round_ * 10 * MiB, timeout=30, what="the pushes at production")
+            for client in (first, second):
+                client.close()
+            wait_until(lambda: len(connection_lines(daemon)) == 2 * round_, timeout=10,
+                       what=f"{2 * round_} connection lines")
+            return connection_lines(daemon)[-2:]
+
+        lines = behind_then_full(1)
+        behind = next(line for line in lines if f" up={6 * MiB} " in line)
+        other = next(line for line in lines if f" up={4 * MiB} " in line)
+        assert "=dropped(over-budget)" in behind and "dropped" not in other
+        daemon.write_config(GLOBAL + route)
+        daemon.reload()
+        assert not any("dropped" in line for line in behind_then_full(2))
+    finally:
+        daemon.stop()
