@@ -51,6 +51,7 @@ from ..hooks import HookLoadError
 from ..listener import ListenError, bind
 from ..report import summary_line
 from ..settings import Address
+from ..stats import ShadowMemoryStats
 from ..systemd import sd_notify, watchdog_interval
 
 log = logging.getLogger("gproxyd")
@@ -287,6 +288,11 @@ class MainProcess(Lifecycle):
     def stats(self) -> dict:
         """{route name: RouteStats}, for the admin endpoint and the summary lines."""
         raise NotImplementedError
+
+    def shadow_memory(self) -> ShadowMemoryStats:
+        """What waits for shadows in this process (shadow-memory), for the admin
+        endpoint; the arbiter sums its workers'."""
+        return shadow.memory_stats()
 
     def begin_stop(self, name: str) -> None:
         sd_notify("STOPPING=1")

@@ -49,7 +49,7 @@ from gevent.fileobject import FileObject
 
 from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
-from ..stats import RouteStats
+from ..stats import RouteStats, ShadowMemoryStats
 from . import (
     MainProcess,
     ReloadError,
@@ -78,6 +78,7 @@ class WorkerProcess:
     def __init__(self, slot: int, generation: int, process: gevent_subprocess.Popen):
         self.slot, self.generation, self.process = slot, generation, process
         self.stats: dict = {}
+        self.shadow_memory: dict | None = None  # its last ShadowMemoryStats.export()
         self.failure = ""          # why it failed: its own one-line message, or how it exited
         self.ready = False         # it has reported in
         self.started = AsyncResult()  # True once it reports in; its failure if it exits first
@@ -109,6 +110,7 @@ class Arbiter(MainProcess):
         self._starting: set[int] = set()  # generations whose start is being waited for
         self._crashes: deque[float] = deque()
         self._retired: dict[str, RouteStats] = {}  # stats of exited workers, by route
+        self._retired_memory = ShadowMemoryStats()  # drops of exited workers' shadows
         self._exit_status = EX_OK
 
     # --- start ---------------------------------------------------------------------------
@@ -190,6 +192,7 @@ class Arbiter(MainProcess):
                     worker.failure = report["failed"]
                 elif "stats" in report:
                     worker.stats = report["stats"]
+                    worker.shadow_memory = report.get("shadow_memory")
                     if not worker.ready:
                         worker.ready = True
                         worker.started.set(True)
@@ -205,6 +208,9 @@ class Arbiter(MainProcess):
             retired = self._retired.setdefault(
                 name, RouteStats(samples=deque(maxlen=_KEPT_SAMPLES)))
             retired.add(dict(numbers, active=0))
+        if worker.shadow_memory is not None:  # it holds nothing now; its drops stay counted
+            self._retired_memory.add(dict(worker.shadow_memory, limit=0, queued=0,
+                                          high_water=0, send_buffers=0))
         if not worker.failure:
             worker.failure = f"{worker} exited with status {worker.status}" + (
                 "" if worker.ready else " before it reported in")
@@ -371,6 +377,16 @@ class Arbiter(MainProcess):
                  len(new.routes), len(fresh))
 
     # --- stats ---------------------------------------------------------------------------
+
+    def shadow_memory(self) -> ShadowMemoryStats:
+        """Summed over the live workers (each has its own shadow-memory), plus the drops
+        of those that have exited."""
+        merged = ShadowMemoryStats()
+        merged.add(self._retired_memory.export())
+        for worker in list(self.workers):
+            if worker.shadow_memory is not None:
+                merged.add(worker.shadow_memory)
+        return merged
 
     def stats(self) -> dict[str, RouteStats]:
         """Every route's stats, summed over live workers and those that have exited."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import gevent
 
-from .. import logs
+from .. import logs, shadow
 from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from ..hooks import HookLoadError, HookSet, load_route_hooks
@@ -184,7 +184,9 @@ class Worker(Lifecycle):
         """Send this worker's stats to the arbiter; False if the arbiter is gone."""
         from gevent import os as gevent_os
         stats = {name: numbers.export() for name, numbers in self.listeners.stats().items()}
-        data = memoryview(json.dumps({"stats": stats}).encode() + b"\n")
+        data = memoryview(json.dumps({"stats": stats,
+                                      "shadow_memory": shadow.memory_stats().export()}
+                                     ).encode() + b"\n")
         try:
             while data:
                 data = data[gevent_os.nb_write(self._report_fd, data):]
