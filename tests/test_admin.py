@@ -16,12 +16,34 @@ import pytest
 import requests
 from backends import recv_exactly, sees_eof, sha256, wait_until
 from gevent.event import Event
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from gproxyd.admin import AdminServer, read_histogram
+from gproxyd import __version__
+from gproxyd.admin import (
+    _ARCHIVE,
+    _BACKEND_COUNTERS,
+    _GAUGES,
+    _RECORD_METRICS,
+    _ROUTE_METRICS,
+    AdminServer,
+    LoopBudget,
+    ReloadStatus,
+    _Slicer,
+    metrics_text,
+    mismatches_text,
+    read_histogram,
+    stats_text,
+)
 from gproxyd.listener import bind
 from gproxyd.settings import address
-from gproxyd.stats import Histogram, RecordStats, RouteStats
+from gproxyd.stats import OUTCOMES, Histogram, RecordStats, RouteStats
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"
 
@@ -99,6 +121,8 @@ def relays_exactly(proxied, size: int = 256 * 1024) -> bool:
     [0.001] * 999 + [7.5],
     [random.Random(seed).lognormvariate(-6, 2) for seed in range(5000)],
     [random.Random(seed).uniform(0, 0.02) for seed in range(3000)],
+    [0.0005, 0.001, 0.0025, 0.01, 10.0, 0.000999, 0.0010001],  # on and around the bounds
+    [1e6, 3.5, 0.2],  # far beyond the last bound
 ])
 def test_one_pass_reads_what_count_below_and_percentile_say(values):
     histogram = Histogram()
@@ -109,6 +133,238 @@ def test_one_pass_reads_what_count_below_and_percentile_say(values):
               10.0)
     assert below == [histogram.count_below(bound) for bound in bounds]
     assert quantiles == [histogram.percentile(share) for share in (0.5, 0.9, 0.99, 0.999)]
+
+
+# --- the renderers write what they wrote before ------------------------------------------
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0)
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+class ReferenceCollector:
+    """/metrics as prometheus_client's families and generate_latest() made it before the
+    endpoint wrote the text itself: the oracle for metrics_text()."""
+
+    def __init__(self, routes: dict, status: ReloadStatus | None):
+        self.routes, self.status = routes, status
+
+    def collect(self):
+        status = self.status
+        if status is not None:
+            yield GaugeMetricFamily(
+                "gproxyd_config_generation",
+                "Configuration generation: 1 at start, plus one per successful reload",
+                value=status.generation)
+            yield GaugeMetricFamily(
+                "gproxyd_config_last_reload_success",
+                "Whether the last reload attempt succeeded (1) or failed, the previous "
+                "configuration still serving (0)", value=int(status.ok))
+            yield GaugeMetricFamily(
+                "gproxyd_config_last_reload_timestamp_seconds",
+                "Unix time the configuration in use was loaded (start or successful reload)",
+                value=status.time)
+            yield CounterMetricFamily(
+                "gproxyd_config_reload_failures",
+                "Reloads that failed and kept the running configuration", value=status.failures)
+        routes = [(GaugeMetricFamily if attr in _GAUGES else CounterMetricFamily)(
+            name, doc, labels=["route"]) for attr, name, doc in _ROUTE_METRICS]
+        counters = [CounterMetricFamily(name, doc, labels=["route", "backend"])
+                    for _, name, doc, _ in _BACKEND_COUNTERS]
+        latency = HistogramMetricFamily("gproxyd_request_duration_seconds",
+                                        "Request latency per backend",
+                                        labels=["route", "backend"])
+        quantiles = Metric("gproxyd_request_latency_seconds",
+                           "Request latency quantiles per backend", "summary")
+        outcomes = CounterMetricFamily(
+            "gproxyd_shadow_connections", "Shadow connections by how they ended",
+            labels=["route", "backend", "outcome"])
+        records = [CounterMetricFamily(name, doc, labels=["route"])
+                   for _, name, doc in _RECORD_METRICS]
+        for name, stats in self.routes.items():
+            for family, (attr, _, _) in zip(routes, _ROUTE_METRICS, strict=True):
+                if stats.archive or attr not in _ARCHIVE:
+                    family.add_metric([name], getattr(stats, attr))
+            if stats.record is not None:
+                for family, (attr, _, _) in zip(records, _RECORD_METRICS, strict=True):
+                    family.add_metric([name], getattr(stats.record, attr))
+            for backend, numbers in [("production", stats.production),
+                                     *stats.shadows.items()]:
+                for family, (attr, _, _, shadow_only) in zip(counters, _BACKEND_COUNTERS,
+                                                             strict=True):
+                    if backend != "production" or not shadow_only:
+                        family.add_metric([name, backend], getattr(numbers, attr))
+                if backend != "production":
+                    for outcome in OUTCOMES:
+                        outcomes.add_metric([name, backend, outcome],
+                                            numbers.outcomes.get(outcome, 0))
+                histogram = numbers.latency
+                buckets = [(str(bound), histogram.count_below(bound)) for bound in BUCKETS]
+                latency.add_metric([name, backend], buckets + [("+Inf", histogram.count)],
+                                   histogram.total)
+                where = {"route": name, "backend": backend}
+                for share in QUANTILES:
+                    quantiles.add_sample("gproxyd_request_latency_seconds",
+                                         dict(where, quantile=str(share)),
+                                         histogram.percentile(share))
+                quantiles.add_sample("gproxyd_request_latency_seconds_count", where,
+                                     histogram.count)
+                quantiles.add_sample("gproxyd_request_latency_seconds_sum", where,
+                                     histogram.total)
+        yield from [*routes, *records, *counters, outcomes, latency, quantiles]
+
+
+def reference_metrics(routes: dict, status: ReloadStatus | None = None) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ReferenceCollector(routes, status))
+    return generate_latest(registry)
+
+
+def many_routes(count: int = 3, requests: int = 400) -> dict[str, RouteStats]:
+    """Routes with a production and a shadow each, latencies spread over many buckets,
+    shadow outcomes, paired latencies; odd values and names in some."""
+    rng = random.Random(count)
+    routes = {}
+    for number in range(count):
+        stats = routes[f"r{number}"] = RouteStats(total=requests, active=number)
+        shadow = stats.shadow("127.0.0.1:8082")
+        for _ in range(requests):
+            production = rng.lognormvariate(-7, 1.5)
+            shadow.paired.add(production, production * rng.uniform(0.8, 1.5))
+            stats.production.record(production, error=rng.random() < 0.01)
+            shadow.record(production * rng.uniform(0.8, 1.5))
+        shadow.ended("done")
+        shadow.ended("diverged")
+    return routes
+
+
+def odd_routes() -> tuple[dict[str, RouteStats], ReloadStatus]:
+    routes = many_routes()
+    routes["r1"].record = RecordStats(file="/var/lib/gproxyd/r1.rec", recorded=7, dropped=2,
+                                      skipped=1, bytes=900, errors=3)
+    routes["r2"].archive = "sqlite:///var/lib/gproxyd/a.db"
+    routes["r2"].archived, routes["r2"].overdue_seconds = 5, 1.5
+    routes['we"ird\\name\n'] = routes.pop("r0")  # label escaping
+    routes["r1"].production.bytes_sent = 12345678901  # written with an exponent, as Go does
+    routes["r1"].shadows["127.0.0.1:8082"].mirrored = 10 ** 17
+    routes["idle"] = RouteStats()  # empty histograms
+    status = ReloadStatus("/etc/gproxyd/gproxyd.conf")
+    status.time = 1700000000.25
+    status.failed("cannot listen\non 0.0.0.0:80")
+    return routes, status
+
+
+def test_metrics_text_is_the_text_generate_latest_wrote():
+    routes, status = odd_routes()
+    assert metrics_text(routes, status) == reference_metrics(routes, status)
+    assert metrics_text(routes) == reference_metrics(routes)
+    assert metrics_text({}) == reference_metrics({})
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics_text(routes).decode())
+               for sample in family.samples}
+    assert samples[("gproxyd_backend_sent_bytes_total",
+                    (("backend", "production"), ("route", "r1")))] == 12345678901
+    assert samples[("gproxyd_connections_active", (("route", 'we"ird\\name\n'),))] == 0
+
+
+def test_stats_text_is_the_json_of_every_routes_snapshot():
+    """What json.dumps(document, indent=1) writes, each route's text written on its own."""
+    for routes, status in [odd_routes(), (many_routes(1), None), ({}, None)]:
+        body = stats_text(routes, status)
+        document = json.loads(body)
+        expected = {"version": __version__, "time": document["time"]}
+        if status is not None:
+            expected.update(pid=os.getpid(), reload=status.document())
+        expected["routes"] = {name: stats.snapshot() for name, stats in routes.items()}
+        assert body == json.dumps(expected, indent=1).encode() + b"\n"
+
+
+def add_mismatches(routes: dict[str, RouteStats]) -> None:
+    """Differing exchanges, as compare.py keeps them, in every route."""
+    for number, (name, stats) in enumerate(routes.items()):
+        for index in range(3):
+            stats.samples.append({
+                "time": 1700000000 + number + index / 10, "route": name,
+                "shadow": f"127.0.0.1:{8082 + index % 2}",
+                "request": {"method": "GET", "path": f"/items/{index}"},
+                "paths": ["$.price"], "production": {"status": 200, "body": '{"price": 1}'},
+                "candidate": {"status": 200, "body": '{"price": 2}\n"é"'}})
+
+
+@pytest.mark.parametrize("query", ["", "route=r1", "shadow=127.0.0.1:8083",
+                                   "route=r2&shadow=127.0.0.1:8082&limit=1", "limit=4",
+                                   "route=nowhere"])
+def test_mismatches_text_is_the_json_of_the_exchanges_asked_for(query):
+    routes, _ = odd_routes()
+    add_mismatches(routes)
+    body = mismatches_text(routes, query)
+    document = json.loads(body)
+    asked = dict(part.split("=") for part in query.split("&") if part)
+    expected = sorted((sample for name, stats in routes.items()
+                       if asked.get("route", name) == name for sample in stats.samples
+                       if asked.get("shadow", sample["shadow"]) == sample["shadow"]),
+                      key=lambda sample: sample["time"], reverse=True)
+    if "limit" in asked:
+        expected = expected[:int(asked["limit"])]
+    reference = {"version": __version__, "time": document["time"], "mismatches": expected}
+    assert body == json.dumps(reference, indent=1).encode() + b"\n"
+
+
+def test_a_rendering_ticks_after_every_backend_and_every_route():
+    routes, status = odd_routes()
+    backends = sum(1 + len(stats.shadows) for stats in routes.values())
+    add_mismatches(routes)
+    ticks = []
+    metrics_text(routes, status, lambda: ticks.append("metrics"))
+    stats_text(routes, status, lambda: ticks.append("stats"))
+    mismatches_text(routes, "", lambda: ticks.append("mismatches"))
+    assert (ticks.count("metrics"), ticks.count("stats"), ticks.count("mismatches")) == (
+        backends, len(routes), sum(len(stats.samples) for stats in routes.values()))
+
+
+def test_a_slicer_lets_the_loop_turn_once_a_slice_is_used_up():
+    loop = gevent.get_hub().loop
+    every, never = _Slicer(length=0), _Slicer(length=3600)
+    turns = []
+    for _ in range(5):
+        before = loop.iteration
+        every.tick()
+        turns.append(loop.iteration - before)
+        never.tick()
+    assert every.yields == 5 and min(turns) >= 1
+    assert never.yields == 0
+
+
+def test_a_budget_fills_at_its_share_up_to_its_burst():
+    now = [100.0]
+    budget = LoopBudget(share=0.05, burst=0.02, clock=lambda: now[0])
+    assert budget.left() == 0.02
+    budget.spend(0.03)
+    assert budget.left() == pytest.approx(-0.01)
+    now[0] += 0.1  # 0.1 s go by: 5 ms come back
+    assert budget.left() == pytest.approx(-0.005)
+    now[0] += 3600
+    assert budget.left() == 0.02  # never more than the burst
+
+
+def test_a_budget_in_debt_waits_until_it_is_paid_back():
+    budget = LoopBudget(share=1.0, burst=0.0)
+    budget.wait()
+    assert budget.waits == 0
+    budget.spend(0.002)
+    budget.wait()
+    assert budget.waits >= 1 and budget.left() >= 0
+
+
+def test_answers_are_spent_from_the_budget_and_renderings_are_not(admin_server):
+    """max_age bounds the renderings; the budget bounds how often anyone is answered."""
+    routes, _ = odd_routes()
+    admin = admin_server(lambda: routes, loop_share=1e-9, loop_burst=10.0)
+    admin.metrics.get()
+    admin.stats.get()
+    assert admin.budget.left() == 10.0
+    assert requests.get(base(admin) + "/healthz", timeout=5).text == "ok\n"
+    assert admin.budget.left() < 10.0
 
 
 # --- a connection flood ------------------------------------------------------------------
@@ -343,6 +599,53 @@ def test_rendering_many_routes_lets_relays_through_meanwhile(proxy, servers, adm
     finally:
         trips.kill()
         client.close()
+
+
+def test_requests_pipelined_on_one_connection_each_wait_for_a_turn_of_the_loop(
+        admin_server):
+    """A client that asks again before its answer is out (or right after) finds its next
+    request already read: each is still answered in a turn of the loop of its own, so that
+    one connection cannot hold the loop for as long as it asks."""
+    loop = gevent.get_hub().loop
+    turns = []
+
+    def source():
+        turns.append(loop.iteration)
+        return {}
+
+    admin = admin_server(source)
+    client = connect(admin)
+    client.sendall(b"GET /mismatches HTTP/1.1\r\nHost: admin\r\n\r\n" * 20)
+    received = b""
+    while received.count(b"HTTP/1.1 200 OK") < 20 or not received.endswith(b"]\n}\n"):
+        received += client.recv(65536)
+    client.close()
+    assert len(turns) == 20 and len(set(turns)) == 20
+
+
+def test_a_scrape_loop_gets_answers_at_the_pace_of_the_loop_share(admin_server):
+    """With no burst, whatever one answer took must be paid back (at loop_share of the
+    time going by) before the next one: a client asking back to back waits every time."""
+    admin = admin_server(dict, loop_share=0.05, loop_burst=0)
+    client = connect(admin)
+    for _ in range(10):
+        client.sendall(HEALTHZ)
+        assert answer(client).endswith(b"ok\n")
+    client.close()
+    assert admin.budget.waits >= 9
+
+
+def test_answers_are_not_held_back_for_the_clients_ack(admin_server):
+    """pywsgi writes the head and the body apart: without TCP_NODELAY the body waits for
+    the ACK of the head, which the client delays (~40 ms an answer on a kept-alive
+    connection)."""
+    admin = admin_server(dict)
+    client = connect(admin)
+    client.sendall(HEALTHZ)
+    assert answer(client).endswith(b"ok\n")
+    held = [connection.sock for connection in admin._server.connections.values()]
+    assert [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for sock in held] == [1]
+    client.close()
 
 
 def test_a_recording_routes_numbers_are_metrics_and_others_have_none(admin_server):
