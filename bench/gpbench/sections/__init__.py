@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..section import Section
 from . import (
     aa,
+    admin,
     beanstalkd,
     bulk,
     compare,
@@ -31,6 +32,7 @@ SECTIONS: tuple[Section, ...] = (
     aa.SECTION,
     compare.SECTION,
     beanstalkd.SECTION,
+    admin.SECTION,
 )
 NAMES = tuple(section.name for section in SECTIONS)
 
