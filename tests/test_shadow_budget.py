@@ -358,7 +358,7 @@ def test_a_queue_counts_the_memory_it_holds(steps):
             queue.append(bytes(size))
         else:
             queue.consume(min(size, sum(len(piece) for piece in queue.pieces(size))))
-        assert queue.size <= queue.held < queue.size + 2 * shadow._BLOCK or \
+        assert queue.size <= queue.held <= queue.size + 2 * shadow._BLOCK or \
             queue.held == queue.size == 0
         heap_bytes = sum(len(piece) for piece in queue._pieces if type(piece) is bytes)
         blocks = sum(type(piece) is shadow._Block for piece in queue._pieces)
