@@ -7,22 +7,21 @@ ConfigErrors with FILE:LINE.
 """
 from __future__ import annotations
 
-import grp
 import ipaddress
 import os
-import pwd
 import socket
 from functools import lru_cache
 from typing import Iterator
 
+from .daemon import group_id, user_entry
 from .settings import Address
 
 
 def settings_problems(settings) -> Iterator[tuple[str, str]]:
-    if settings.user and not _exists(pwd.getpwnam, pwd.getpwuid, settings.user):
+    if settings.user and not _exists(user_entry, settings.user):
         yield "user", f"no such user {settings.user!r} on this host (expected a user in " \
                       "/etc/passwd, e.g. gproxyd)"
-    if settings.group and not _exists(grp.getgrnam, grp.getgrgid, settings.group):
+    if settings.group and not _exists(group_id, settings.group):
         yield "group", f"no such group {settings.group!r} on this host (expected a group " \
                        "in /etc/group)"
     if settings.admin is not None:
@@ -47,9 +46,9 @@ def route_problems(route) -> Iterator[tuple[str, str]]:
                    "no listen-mode or listen-owner on a TCP listen address)"
     if route.listen_owner:
         user, _, group = route.listen_owner.partition(":")
-        if not _exists(pwd.getpwnam, pwd.getpwuid, user):
+        if not _exists(user_entry, user):
             yield "listen-owner", f"no such user {user!r} on this host"
-        elif group and not _exists(grp.getgrnam, grp.getgrgid, group):
+        elif group and not _exists(group_id, group):
             yield "listen-owner", f"no such group {group!r} on this host"
     targets = [("production", route.production), *(("shadow", s) for s in route.shadow)]
     if route.baseline is not None:
@@ -89,9 +88,9 @@ def clashes(routes, admin: Address | None) -> Iterator[tuple[object, str, str]]:
 
 # --- addresses ------------------------------------------------------------------------
 
-def _exists(by_name, by_id, name: str) -> bool:
+def _exists(lookup, name: str) -> bool:
     try:
-        (by_id if name.isdigit() else by_name)(int(name) if name.isdigit() else name)
+        lookup(name)
     except KeyError:
         return False
     return True

@@ -11,14 +11,25 @@ class PrivilegeError(Exception):
     """Privileges could not be dropped as configured; the daemon must not go on."""
 
 
+def user_entry(user: str) -> pwd.struct_passwd:
+    """The passwd entry of a user name or numeric id; KeyError if this host has none
+    (the one lookup that user, listen-owner and --check-config share)."""
+    return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+
+
+def group_id(group: str) -> int:
+    """The id of a group name or numeric id; KeyError if this host has no such group."""
+    return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
 def _target(user: str, group: str) -> tuple[pwd.struct_passwd, int]:
     """The user entry and group id `user` and `group` name (defaults: ours, its group)."""
     try:
-        entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+        entry = user_entry(user) if user else pwd.getpwuid(os.getuid())
     except KeyError:
         raise PrivilegeError(f"user: no such user {user!r}") from None
     try:
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+        gid = group_id(group) if group else entry.pw_gid
     except KeyError:
         raise PrivilegeError(f"group: no such group {group!r}") from None
     return entry, gid

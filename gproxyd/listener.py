@@ -14,10 +14,8 @@ from __future__ import annotations
 import _socket
 import dataclasses
 import errno
-import grp
 import logging
 import os
-import pwd
 import random
 import socket
 import stat
@@ -32,6 +30,7 @@ from gevent.server import StreamServer
 
 from .channel import Channel
 from .config import Route
+from .daemon import group_id, user_entry
 from .hooks import HookSet
 from .interceptors.archive import ArchiveError
 from .interceptors.beanstalkd import Archive
@@ -92,12 +91,11 @@ def _set_mode_and_owner(path: str, mode: int | None, owner: str) -> None:
     if owner:
         user, _, group = owner.partition(":")
         try:
-            uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+            uid = user_entry(user).pw_uid
         except KeyError:
             raise OSError(errno.EINVAL, f"listen-owner: no such user {user!r}") from None
         try:
-            gid = -1 if not group else int(group) if group.isdigit() else \
-                grp.getgrnam(group).gr_gid
+            gid = group_id(group) if group else -1
         except KeyError:
             raise OSError(errno.EINVAL, f"listen-owner: no such group {group!r}") from None
         os.chown(path, uid, gid)

@@ -34,7 +34,7 @@ from gevent.queue import SimpleQueue
 from .channel import STAMP_SPACE, Channel, arrival, is_disconnect
 from .config import Route
 from .relay import FreeList, discard_buffer
-from .settings import GLOBAL_OPTIONS
+from .settings import GLOBAL_BY_NAME
 from .stats import ShadowMemoryStats
 from .upstream import Upstream
 
@@ -71,11 +71,6 @@ class _Lingering:
 
 
 LINGERING = _Lingering()
-
-
-def _default(name: str):
-    option = next(option for option in GLOBAL_OPTIONS if option.name == name)
-    return option.parse(option.default)
 
 
 def _autotuning_most() -> int:
@@ -139,7 +134,8 @@ class _Budget:
     """
 
     def __init__(self):
-        self.limit: int = _default("shadow-memory")
+        option = GLOBAL_BY_NAME["shadow-memory"]
+        self.limit: int = option.parse(option.default)
         self.queued = 0
         self.high_water = 0
         self.sockets = 0        # TCP shadow sockets open, each with its send buffer...
