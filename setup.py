@@ -17,6 +17,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["gproxyd", "gproxyd.*"]),
+    # The dashboard's page, script and style, served by the admin endpoint at GET /.
+    package_data={"gproxyd.dashboard": ["index.html", "app.js", "style.css"]},
     install_requires=[
         "gevent>=23.9",
         "configargparse>=1.7",
@@ -48,6 +50,8 @@ setup(
         ("share/man/man5", ["man/gproxyd.conf.5"]),
         ("share/doc/gproxyd", ["etc/gproxyd.conf", "systemd/gproxyd.service",
                                "etc/logrotate.d/gproxyd", "README.md"]),
+        ("share/doc/gproxyd/grafana", ["etc/grafana/gproxyd.json"]),
+        ("share/doc/gproxyd/prometheus", ["etc/prometheus/gproxyd-alerts.yml"]),
     ],
     classifiers=[
         "Environment :: No Input/Output (Daemon)",

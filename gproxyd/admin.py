@@ -34,14 +34,16 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from . import __version__
+from . import __version__, dashboard
+from .history import History
 from .listener import bind
 from .settings import Address
-from .stats import OUTCOMES, Histogram, RouteStats
+from .stats import DROP_CAUSES, OUTCOMES, Histogram, RouteStats, ShadowMemoryStats
 
 log = logging.getLogger("gproxyd.admin")
 
 StatsSource = Callable[[], dict[str, RouteStats]]
+MemorySource = Callable[[], ShadowMemoryStats]
 
 # Prometheus histogram buckets (seconds), read off the fine-grained HDR histogram.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -189,10 +191,12 @@ class _Slicer:
 
 
 def stats_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | None = None,
-               tick: Callable[[], None] = _no_tick) -> bytes:
-    """The /stats JSON: {"version", "time", "pid", "reload", "routes": {name:
-    RouteStats.snapshot()}}, as json.dumps(indent=1) writes it; "pid" and "reload"
-    (ReloadStatus.document()) only from a daemon (with a `reload_status`).
+               tick: Callable[[], None] = _no_tick,
+               shadow_memory: ShadowMemoryStats | None = None) -> bytes:
+    """The /stats JSON: {"version", "time", "pid", "reload", "shadow_memory", "routes":
+    {name: RouteStats.snapshot()}}, as json.dumps(indent=1) writes it; "pid" and "reload"
+    (ReloadStatus.document()) only from a daemon (with a `reload_status`), "shadow_memory"
+    (ShadowMemoryStats.snapshot(): shadow-memory's bytes and drops) with `shadow_memory`.
 
     `time` is when the numbers were read; `pid` is the process to signal (with workers,
     the master: it serves the endpoint). Calls `tick()` after each route: each route's
@@ -202,6 +206,8 @@ def stats_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | None
     document = {"version": __version__, "time": round(time.time(), 3)}
     if reload_status is not None:
         document.update(pid=os.getpid(), reload=reload_status.document())
+    if shadow_memory is not None:
+        document["shadow_memory"] = shadow_memory.snapshot()
     document["routes"] = {}
     head = json.dumps(document, indent=1)
     parts = []
@@ -374,10 +380,13 @@ _LE = tuple(str(bound) for bound in _BUCKETS)
 
 
 def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | None = None,
-                 tick: Callable[[], None] = _no_tick) -> bytes:
-    """The /metrics text: gproxyd_config_* (with a `reload_status`), then per route and
-    per backend the families of _ROUTE_METRICS, _RECORD_METRICS, _BACKEND_COUNTERS,
-    gproxyd_shadow_connections, the gproxyd_request_duration_seconds histogram and the
+                 tick: Callable[[], None] = _no_tick,
+                 shadow_memory: ShadowMemoryStats | None = None) -> bytes:
+    """The /metrics text: gproxyd_config_* (with a `reload_status`), gproxyd_shadow_memory_*
+    and gproxyd_shadow_send_buffer_bytes (with `shadow_memory`), then per route and per
+    backend the families of _ROUTE_METRICS, _RECORD_METRICS, _BACKEND_COUNTERS,
+    gproxyd_shadow_drops, gproxyd_shadow_connections, the
+    gproxyd_request_duration_seconds histogram and the
     gproxyd_request_latency_seconds summary; the same text prometheus_client's
     generate_latest() writes for those families (labels in name order). Calls `tick()`
     after each backend (~0.1 ms of work each).
@@ -385,6 +394,7 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
     routed = [[] for _ in _ROUTE_METRICS]
     recorded = [[] for _ in _RECORD_METRICS]
     counted = [[] for _ in _BACKEND_COUNTERS]
+    drops: list[str] = []
     outcomes: list[str] = []
     latency: list[str] = []
     quantiles: list[str] = []
@@ -407,6 +417,9 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
                     lines.append(
                         f"{metric}_total{{{labels}}} {_number(getattr(numbers, attr))}\n")
             if backend != "production":
+                drops.extend(
+                    f'gproxyd_shadow_drops_total{{{named},cause="{cause}",{route}}} '
+                    f"{_number(numbers.drops.get(cause, 0))}\n" for cause in DROP_CAUSES)
                 outcomes.extend(
                     f'gproxyd_shadow_connections_total{{{named},outcome="{outcome}",{route}}} '
                     f"{_number(numbers.outcomes.get(outcome, 0))}\n" for outcome in OUTCOMES)
@@ -427,19 +440,58 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
             quantiles.append(f"gproxyd_request_latency_seconds_sum{{{labels}}} {total}\n")
             tick()
     parts = _config_lines(reload_status) if reload_status is not None else []
+    if shadow_memory is not None:
+        parts += _shadow_memory_lines(shadow_memory)
     for (attr, metric, doc), lines in zip(_ROUTE_METRICS, routed, strict=True):
         parts += [_head(metric, doc, "gauge" if attr in _GAUGES else "counter"), *lines]
     for (_, metric, doc), lines in zip(_RECORD_METRICS, recorded, strict=True):
         parts += [_head(metric, doc, "counter"), *lines]
     for (_, metric, doc, _), lines in zip(_BACKEND_COUNTERS, counted, strict=True):
         parts += [_head(metric, doc, "counter"), *lines]
-    parts += [_head("gproxyd_shadow_connections", "Shadow connections by how they ended",
+    parts += [_head("gproxyd_shadow_drops", _SHADOW_DROPS, "counter"), *drops,
+              _head("gproxyd_shadow_connections", "Shadow connections by how they ended",
                     "counter"), *outcomes,
               _head("gproxyd_request_duration_seconds", "Request latency per backend",
                     "histogram"), *latency,
               _head("gproxyd_request_latency_seconds",
                     "Request latency quantiles per backend", "summary"), *quantiles]
     return "".join(parts).encode()
+
+
+_SHADOW_DROPS = ("Shadow connections whose waiting bytes were let go, by cause: dropped "
+                 "past shadow-buffer (over-buffer), as the furthest behind when "
+                 "shadow-memory was full (over-budget), past shadow-max-connections, or "
+                 "ended first with bytes waiting (shadow-failed)")
+
+
+def _shadow_memory_lines(memory: ShadowMemoryStats) -> list[str]:
+    """gproxyd_shadow_memory_* and gproxyd_shadow_send_buffer_bytes: shadow-memory, the
+    process-wide budget for bytes waiting to be written to shadows (summed over workers)."""
+    lines = []
+    for metric, doc, value in (
+            ("gproxyd_shadow_memory_limit_bytes",
+             "shadow-memory: most bytes held for shadows at once (summed over workers)",
+             memory.limit),
+            ("gproxyd_shadow_memory_queued_bytes",
+             "Bytes waiting to be written to shadows now", memory.queued),
+            ("gproxyd_shadow_memory_high_water_bytes",
+             "Most bytes waiting to be written to shadows at once since start",
+             memory.high_water),
+            ("gproxyd_shadow_send_buffer_bytes",
+             "Kernel send buffers of the open shadow sockets (their sizes as set)",
+             memory.send_buffers)):
+        lines += [_head(metric, doc, "gauge"), f"{metric} {_number(value)}\n"]
+    for metric, doc, counts in (
+            ("gproxyd_shadow_memory_drops",
+             "Shadow connections whose waiting bytes were let go, by cause "
+             "(all routes)", memory.drops),
+            ("gproxyd_shadow_memory_dropped_bytes",
+             "Bytes waiting for shadows that were let go unwritten, by cause",
+             memory.dropped_bytes)):
+        lines.append(_head(metric, doc, "counter"))
+        lines += [f'{metric}_total{{cause="{cause}"}} {_number(counts.get(cause, 0))}\n'
+                  for cause in DROP_CAUSES]
+    return lines
 
 
 def _config_lines(status: ReloadStatus) -> list[str]:
@@ -687,10 +739,21 @@ class AdminServer:
     seconds ago, rendered in slices of ~_SLICE seconds of the loop's time. Reading and
     answering requests take at most `loop_share` of the loop's time, `loop_burst` seconds
     of it at once (see LoopBudget), so that a scrape loop slows itself, not the relays.
+
+    In front of it all is the dashboard (dashboard.middleware): GET / (the page),
+    /stats/history (from `history`, a History the caller samples; None: 404), and the
+    check of who may ask, `access()` giving admin-allow's networks and admin-token's
+    token (loopback clients only, without it). `shadow_memory()` (shadow-memory's numbers,
+    ShadowMemoryStats) adds "shadow_memory" to /stats and gproxyd_shadow_memory_* to
+    /metrics.
     """
 
     def __init__(self, address: Address, source: StatsSource, sock=None, *,
-                 reload_status: ReloadStatus | None = None, max_connections: int = 64,
+                 reload_status: ReloadStatus | None = None,
+                 history: History | None = None,
+                 access: Callable[[], tuple] = lambda: ((), ""),
+                 shadow_memory: MemorySource | None = None,
+                 max_connections: int = 64,
                  request_timeout: float = 10.0, idle_timeout: float = 5.0,
                  max_age: float = 1.0, loop_share: float = _LOOP_SHARE,
                  loop_burst: float = _LOOP_BURST):
@@ -698,11 +761,14 @@ class AdminServer:
         self._source = source
         self.draining = False
         self.budget = LoopBudget(loop_share, loop_burst)
-        self.metrics = Rendered(lambda tick: metrics_text(source(), reload_status, tick),
-                                max_age)
-        self.stats = Rendered(lambda tick: stats_text(source(), reload_status, tick),
-                              max_age)
-        self._server = _Server(sock or bind(address), self._app, max_connections,
+        memory = shadow_memory or (lambda: None)
+        self.metrics = Rendered(
+            lambda tick: metrics_text(source(), reload_status, tick, memory()), max_age)
+        self.stats = Rendered(
+            lambda tick: stats_text(source(), reload_status, tick, memory()), max_age)
+        application = dashboard.middleware(self._app, source, history, self.stats.get,
+                                           access)
+        self._server = _Server(sock or bind(address), application, max_connections,
                                request_timeout, idle_timeout, self.budget)
 
     @property
@@ -759,7 +825,8 @@ class AdminServer:
                 return _respond(start_response, "503 Service Unavailable", b"draining\n")
             return _respond(start_response, "200 OK", b"ok\n")
         return _respond(start_response, "404 Not Found",
-                        b"not found: try /stats, /mismatches, /metrics or /healthz\n")
+                        b"not found: try / (the dashboard), /stats, /stats/history, "
+                        b"/mismatches, /metrics or /healthz\n")
 
 
 def _fresh(document: Rendered, environ: dict) -> bytes:

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Iterator
 
 from .daemon import group_id, user_entry
+from .dashboard import TokenError, read_token
 from .settings import Address
 
 
@@ -28,6 +29,10 @@ def settings_problems(settings) -> Iterator[tuple[str, str]]:
         problem = _unix_folder_problem(settings.admin)
         if problem:
             yield "admin", problem
+    try:
+        read_token(settings.admin_token)
+    except TokenError as error:
+        yield "admin-token", str(error).removeprefix("admin-token: ")
 
 
 def route_problems(route) -> Iterator[tuple[str, str]]:

@@ -1,16 +1,18 @@
 """`gproxyctl`: ask a running gproxyd how production and its shadows compare.
 
-    gproxyctl stats [--watch] [--json] [-c FILE | --admin ADDRESS]
+    gproxyctl stats [--watch] [--json] [-c FILE | --admin ADDRESS] [--admin-token FILE]
     gproxyctl diff [--route NAME] [--shadow ADDRESS] [--limit N] [--json]
-                   [-c FILE | --admin ADDRESS]
-    gproxyctl check [-c FILE | --admin ADDRESS]
-    gproxyctl reload [-c FILE] [--admin ADDRESS] [--timeout SECONDS]
+                   [-c FILE | --admin ADDRESS] [--admin-token FILE]
+    gproxyctl check [-c FILE | --admin ADDRESS] [--admin-token FILE]
+    gproxyctl reload [-c FILE] [--admin ADDRESS] [--admin-token FILE] [--timeout SECONDS]
     gproxyctl config [-c FILE]
     gproxyctl replay [FILE | --urls FILE | --access-log FILE] --target HOST:PORT ...
 
 It finds the admin endpoint with --admin, else GPROXYD_ADMIN, else the admin key of the
 config file gproxyd uses (-c, GPROXYD_CONFIG, /etc/gproxyd/gproxyd.conf; read even when
-the rest of the file has errors), and talks to it (GET /stats, GET /mismatches).
+the rest of the file has errors), and talks to it (GET /stats, GET /mismatches), with
+the bearer token of --admin-token FILE, else GPROXYD_ADMIN_TOKEN (a file), when the
+endpoint is on another host and asks for one (admin-token).
 `config` only reads the file; `replay` (gproxyd/replay/) talks to no daemon: it sends
 load to --target and measures it.
 """
@@ -28,6 +30,7 @@ import urllib.request
 from urllib.parse import urlencode
 
 from .config import DEFAULT_PATH, ConfigError, admin_in_file, effective_text, load_config
+from .dashboard import TokenError, read_token
 from .exitcodes import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from .replay.cli import add_replay_command, run_replay
 from .report import differences, recent, table
@@ -96,15 +99,34 @@ def _where(command: argparse.ArgumentParser) -> None:
     group.add_argument("--admin", metavar="ADDRESS",
                        help="the admin endpoint's host:port or unix:/path (default: "
                             "GPROXYD_ADMIN, else the config file's admin key)")
+    command.add_argument("--admin-token", metavar="FILE", default=None,
+                         help="a file holding the endpoint's bearer token (its admin-token), "
+                              "for an endpoint on another host (default: "
+                              "GPROXYD_ADMIN_TOKEN)")
 
 
-def fetch(address, path: str = "/stats", timeout: float = 5.0) -> dict:
-    """GET an admin endpoint path as JSON. address: settings.Address."""
+class Endpoint:
+    """The admin endpoint gproxyctl talks to: its address (settings.Address) and the
+    bearer token to present ('' for none)."""
+
+    def __init__(self, address, token: str = ""):
+        self.address, self.token = address, token
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+def fetch(endpoint, path: str = "/stats", timeout: float = 5.0) -> dict:
+    """GET an admin endpoint path as JSON. endpoint: an Endpoint, or a settings.Address
+    (no token)."""
+    address, token = getattr(endpoint, "address", endpoint), getattr(endpoint, "token", "")
     if address.family == socket.AF_UNIX:
         return json.loads(_get_unix(address.path, path, timeout))
     host = f"[{address.host}]" if address.family == socket.AF_INET6 else address.host
-    with urllib.request.urlopen(f"http://{host}:{address.port}{path}",
-                                timeout=timeout) as response:
+    request = urllib.request.Request(f"http://{host}:{address.port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -154,6 +176,18 @@ def _admin_address(args):
               "stats)", file=sys.stderr)
         sys.exit(EX_CONFIG)
     return found
+
+
+def _admin_token(args) -> str:
+    """The bearer token in --admin-token FILE, else GPROXYD_ADMIN_TOKEN's file ('' for
+    none); exits on errors."""
+    path = getattr(args, "admin_token", None) or os.environ.get("GPROXYD_ADMIN_TOKEN", "")
+    try:
+        return read_token(path)
+    except TokenError as error:
+        print(f"gproxyctl: {error}".replace("admin-token:", "--admin-token:", 1),
+              file=sys.stderr)
+        sys.exit(EX_USAGE)
 
 
 def _file_errors(path: str) -> list[str]:
@@ -262,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gproxyctl: {line}", file=sys.stderr)
             return EX_CONFIG
         return EX_OK
-    address = _admin_address(args)
+    address = Endpoint(_admin_address(args), _admin_token(args))
     path = "/stats"
     try:
         if args.command == "check":
@@ -312,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.watch or (args.count and shown >= args.count):
                 return EX_OK
             previous, taken = document, now
+    except urllib.error.HTTPError as error:
+        if error.code != 403:
+            raise
+        print(f"gproxyctl: gproxyd at {address} refused {path.split('?')[0]} (403): this "
+              "host is not in its admin-allow, or it wants a bearer token (--admin-token "
+              "FILE or GPROXYD_ADMIN_TOKEN)", file=sys.stderr)
+        return EX_UNAVAILABLE
     except (OSError, urllib.error.URLError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         print(f"gproxyctl: cannot read {path.split('?')[0][1:]} from http://{address}{path}: "

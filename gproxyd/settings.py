@@ -357,6 +357,21 @@ def optional_path(text: str) -> str:
     return raw
 
 
+def networks(text: str) -> tuple:
+    """Comma-separated networks or addresses (10.0.0.0/8, 192.0.2.7, ::1), as
+    ipaddress networks; empty means none."""
+    found = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if not part:
+            continue
+        try:
+            found.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise BadValue(f"bad network {part!r} (expected an address or a network such "
+                           "as 10.0.0.0/8 or fd00::/8, separated by commas)") from None
+    return tuple(found)
+
+
 def optional_address(text: str) -> Address | None:
     return address(text) if text.strip() else None
 
@@ -391,7 +406,20 @@ class Option:
 
 GLOBAL_OPTIONS: tuple[Option, ...] = (
     Option("admin", admin_address, "127.0.0.1:9901",
-           "Admin HTTP endpoint (/stats, /metrics) as host:port, or 'off'.", "ADDRESS"),
+           "Admin HTTP endpoint (the dashboard at /, /stats, /stats/history, /mismatches, "
+           "/metrics, /healthz) as host:port, unix:/path, or 'off'.", "ADDRESS"),
+    Option("admin-allow", networks, "",
+           "Source addresses besides loopback that may use the admin endpoint: networks "
+           "or addresses separated by commas (10.0.0.0/8, ::1). Loopback clients (and a "
+           "unix admin socket, which its file mode guards) always may; any other client "
+           "is refused (403) unless it is in one of these. Only matters when admin listens "
+           "on an address other hosts reach.", "NETWORKS"),
+    Option("admin-token", optional_path, "",
+           "A file holding a bearer token (one line, at least 16 characters: e.g. "
+           "'openssl rand -hex 32'): clients not on loopback must also present it, as "
+           "'Authorization: Bearer TOKEN' (gproxyctl --admin-token FILE), or in a browser "
+           "by opening /?token=TOKEN once (kept in a cookie). /healthz needs none. Read at "
+           "start and on each reload, as gproxyd's user.", "FILE"),
     Option("log-file", text_value, "-",
            "Where the log goes: a file path, or '-' for standard error (journald under systemd).",
            "PATH"),

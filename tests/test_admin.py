@@ -32,6 +32,7 @@ from gproxyd.admin import (
     _GAUGES,
     _RECORD_METRICS,
     _ROUTE_METRICS,
+    _SHADOW_DROPS,
     AdminServer,
     LoopBudget,
     ReloadStatus,
@@ -43,7 +44,14 @@ from gproxyd.admin import (
 )
 from gproxyd.listener import bind
 from gproxyd.settings import address
-from gproxyd.stats import OUTCOMES, Histogram, RecordStats, RouteStats
+from gproxyd.stats import (
+    DROP_CAUSES,
+    OUTCOMES,
+    Histogram,
+    RecordStats,
+    RouteStats,
+    ShadowMemoryStats,
+)
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"
 
@@ -146,8 +154,9 @@ class ReferenceCollector:
     """/metrics as prometheus_client's families and generate_latest() made it before the
     endpoint wrote the text itself: the oracle for metrics_text()."""
 
-    def __init__(self, routes: dict, status: ReloadStatus | None):
-        self.routes, self.status = routes, status
+    def __init__(self, routes: dict, status: ReloadStatus | None,
+                 memory: ShadowMemoryStats | None = None):
+        self.routes, self.status, self.memory = routes, status, memory
 
     def collect(self):
         status = self.status
@@ -167,6 +176,21 @@ class ReferenceCollector:
             yield CounterMetricFamily(
                 "gproxyd_config_reload_failures",
                 "Reloads that failed and kept the running configuration", value=status.failures)
+        memory = self.memory
+        if memory is not None:
+            for name, value in (("limit", memory.limit), ("queued", memory.queued),
+                                ("high_water", memory.high_water)):
+                yield GaugeMetricFamily(f"gproxyd_shadow_memory_{name}_bytes",
+                                        SHADOW_MEMORY_HELP[name], value=value)
+            yield GaugeMetricFamily("gproxyd_shadow_send_buffer_bytes",
+                                    SHADOW_MEMORY_HELP["send_buffers"],
+                                    value=memory.send_buffers)
+            for name in ("drops", "dropped_bytes"):
+                family = CounterMetricFamily(f"gproxyd_shadow_memory_{name}",
+                                             SHADOW_MEMORY_HELP[name], labels=["cause"])
+                for cause in DROP_CAUSES:
+                    family.add_metric([cause], getattr(memory, name).get(cause, 0))
+                yield family
         routes = [(GaugeMetricFamily if attr in _GAUGES else CounterMetricFamily)(
             name, doc, labels=["route"]) for attr, name, doc in _ROUTE_METRICS]
         counters = [CounterMetricFamily(name, doc, labels=["route", "backend"])
@@ -176,6 +200,8 @@ class ReferenceCollector:
                                         labels=["route", "backend"])
         quantiles = Metric("gproxyd_request_latency_seconds",
                            "Request latency quantiles per backend", "summary")
+        drops = CounterMetricFamily("gproxyd_shadow_drops", _SHADOW_DROPS,
+                                    labels=["route", "backend", "cause"])
         outcomes = CounterMetricFamily(
             "gproxyd_shadow_connections", "Shadow connections by how they ended",
             labels=["route", "backend", "outcome"])
@@ -195,6 +221,8 @@ class ReferenceCollector:
                     if backend != "production" or not shadow_only:
                         family.add_metric([name, backend], getattr(numbers, attr))
                 if backend != "production":
+                    for cause in DROP_CAUSES:
+                        drops.add_metric([name, backend, cause], numbers.drops.get(cause, 0))
                     for outcome in OUTCOMES:
                         outcomes.add_metric([name, backend, outcome],
                                             numbers.outcomes.get(outcome, 0))
@@ -211,13 +239,31 @@ class ReferenceCollector:
                                      histogram.count)
                 quantiles.add_sample("gproxyd_request_latency_seconds_sum", where,
                                      histogram.total)
-        yield from [*routes, *records, *counters, outcomes, latency, quantiles]
+        yield from [*routes, *records, *counters, drops, outcomes, latency, quantiles]
 
 
-def reference_metrics(routes: dict, status: ReloadStatus | None = None) -> bytes:
+SHADOW_MEMORY_HELP = {
+    "limit": "shadow-memory: most bytes held for shadows at once (summed over workers)",
+    "queued": "Bytes waiting to be written to shadows now",
+    "high_water": "Most bytes waiting to be written to shadows at once since start",
+    "send_buffers": "Kernel send buffers of the open shadow sockets (their sizes as set)",
+    "drops": "Shadow connections whose waiting bytes were let go, by cause (all routes)",
+    "dropped_bytes": "Bytes waiting for shadows that were let go unwritten, by cause",
+}
+
+
+def reference_metrics(routes: dict, status: ReloadStatus | None = None,
+                      memory: ShadowMemoryStats | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ReferenceCollector(routes, status))
+    registry.register(ReferenceCollector(routes, status, memory))
     return generate_latest(registry)
+
+
+def some_shadow_memory() -> ShadowMemoryStats:
+    return ShadowMemoryStats(limit=512 * 2 ** 20, queued=70000, high_water=3 * 2 ** 20,
+                             send_buffers=4 * 2 ** 20,
+                             drops={"over-budget": 2, "shadow-failed": 5},
+                             dropped_bytes={"over-budget": 900000, "shadow-failed": 12})
 
 
 def many_routes(count: int = 3, requests: int = 400) -> dict[str, RouteStats]:
@@ -247,6 +293,7 @@ def odd_routes() -> tuple[dict[str, RouteStats], ReloadStatus]:
     routes['we"ird\\name\n'] = routes.pop("r0")  # label escaping
     routes["r1"].production.bytes_sent = 12345678901  # written with an exponent, as Go does
     routes["r1"].shadows["127.0.0.1:8082"].mirrored = 10 ** 17
+    routes["r1"].shadows["127.0.0.1:8082"].drops = {"over-buffer": 3, "shadow-failed": 1}
     routes["idle"] = RouteStats()  # empty histograms
     status = ReloadStatus("/etc/gproxyd/gproxyd.conf")
     status.time = 1700000000.25
@@ -257,6 +304,9 @@ def odd_routes() -> tuple[dict[str, RouteStats], ReloadStatus]:
 def test_metrics_text_is_the_text_generate_latest_wrote():
     routes, status = odd_routes()
     assert metrics_text(routes, status) == reference_metrics(routes, status)
+    memory = some_shadow_memory()
+    assert metrics_text(routes, status, shadow_memory=memory) == \
+        reference_metrics(routes, status, memory)
     assert metrics_text(routes) == reference_metrics(routes)
     assert metrics_text({}) == reference_metrics({})
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -269,12 +319,16 @@ def test_metrics_text_is_the_text_generate_latest_wrote():
 
 def test_stats_text_is_the_json_of_every_routes_snapshot():
     """What json.dumps(document, indent=1) writes, each route's text written on its own."""
-    for routes, status in [odd_routes(), (many_routes(1), None), ({}, None)]:
-        body = stats_text(routes, status)
+    for (routes, status), memory in [(odd_routes(), some_shadow_memory()),
+                                     (odd_routes(), None), ((many_routes(1), None), None),
+                                     (({}, None), None)]:
+        body = stats_text(routes, status, shadow_memory=memory)
         document = json.loads(body)
         expected = {"version": __version__, "time": document["time"]}
         if status is not None:
             expected.update(pid=os.getpid(), reload=status.document())
+        if memory is not None:
+            expected["shadow_memory"] = memory.snapshot()
         expected["routes"] = {name: stats.snapshot() for name, stats in routes.items()}
         assert body == json.dumps(expected, indent=1).encode() + b"\n"
 

@@ -9,7 +9,7 @@ import gevent
 import pytest
 from http_backend import OK, HTTPServer
 
-from gproxyd import ctl, dashboard
+from gproxyd import ctl
 from gproxyd.admin import AdminServer
 from gproxyd.history import History, sample_forever
 from gproxyd.listener import bind
@@ -40,11 +40,9 @@ def endpoint(proxy):
         route = proxy(production.address, shadow=[shadow.address], protocol="http")
         source = lambda: {"web": route.stats}  # noqa: E731
         listening = bind(address("127.0.0.1:0", lowest_port=0))
-        admin = AdminServer(address(f"127.0.0.1:{listening.getsockname()[1]}"), source,
-                            listening)
         history = History()
-        if with_history:
-            admin._server.application = dashboard.middleware(admin._app, source, history)
+        admin = AdminServer(address(f"127.0.0.1:{listening.getsockname()[1]}"), source,
+                            listening, history=history if with_history else None)
         admin.start()
 
         def send():

@@ -164,9 +164,10 @@ def test_gproxyctl_page_documents_every_option_and_subcommand_of_its_parser():
     page = _committed("man/gproxyctl.1")
     _assert_documents(page, ctl.build_parser())
     synopsis = _plain(_section(page, "SYNOPSIS"))
-    assert ("gproxyctl stats [ -c FILE ] [ --admin ADDRESS ] [ --json ] [ --watch ] "
-            "[ --interval SECONDS ] [ --count N ]") in synopsis
-    assert ("gproxyctl diff [ -c FILE ] [ --admin ADDRESS ] [ --route NAME ] "
+    assert ("gproxyctl stats [ -c FILE ] [ --admin ADDRESS ] [ --admin-token FILE ] "
+            "[ --json ] [ --watch ] [ --interval SECONDS ] [ --count N ]") in synopsis
+    assert ("gproxyctl diff [ -c FILE ] [ --admin ADDRESS ] [ --admin-token FILE ] "
+            "[ --route NAME ] "
             "[ --shadow ADDRESS ] [ --limit N ] [ --json ]") in synopsis
     assert "Default: 1.0" in _plain(_section(page, "OPTIONS"))
 

@@ -42,7 +42,9 @@ SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxy
                      "PATHS": "$.timestamp, $.items[*].updated_at",
                      "ADDRESS": "127.0.0.1:8084", "FILTER": "GET HEAD OPTIONS",
                      "DURATION": "2ms", "URL": "sqlite:////var/lib/gproxyd/jobs.db",
-                     "MODE": "0660", "OWNER": "gproxyd:www-data"}
+                     "MODE": "0660", "OWNER": "gproxyd:www-data",
+                     "NETWORKS": "10.0.0.0/8, fd00::/8",
+                     "FILE": "/etc/gproxyd/admin.token"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -640,6 +642,13 @@ def render_man5() -> str:
               "sqlite:///relative.db) for an embedded SQLite file, or "
               "mysql://user:password@host:3306/database for a MySQL or MariaDB server shared "
               "by several gproxyd."),
+        ".TP",
+        _italic("NETWORKS"),
+        _text("IP networks or single addresses separated by commas, e.g. 10.0.0.0/8, "
+              "192.0.2.7, fd00::/8."),
+        ".TP",
+        _italic("FILE"),
+        _text("The absolute path of a file gproxyd reads (see the key)."),
         ".TP",
         _italic("MODULE"),
         _text("A Python module: a dotted name importable by gproxyd (gproxyd.trace logs "

@@ -27,6 +27,7 @@ theirs imports the lifecycle.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -47,6 +48,9 @@ from .. import logs, shadow, watchdog
 from ..admin import AdminServer, ReloadStatus
 from ..checks import overlaps
 from ..config import Config, ConfigError, Route, load_config
+from ..dashboard import TokenError, read_token
+from ..exitcodes import EX_CONFIG
+from ..history import History, sample_forever
 from ..hooks import HookLoadError
 from ..listener import ListenError, bind
 from ..report import summary_line
@@ -144,6 +148,13 @@ def bind_all(routes: tuple[Route, ...] | list[Route], copies: int = 1,
         bound.close()
         raise
     return bound
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def set_process_title(title: str) -> None:
@@ -244,9 +255,11 @@ def reloading():
 class MainProcess(Lifecycle):
     """The process systemd and the operator talk to (SingleProcess or Arbiter).
 
-    It owns the admin endpoint, notifies readiness, pings the watchdog, logs the summary
-    lines, and reloads on SIGHUP: the config is read again, `stage(new)` prepares
-    everything that can fail without changing what serves, then the settings and
+    It owns the admin endpoint and the history its dashboard shows (sampled every second
+    from `stats()` while the endpoint is on: merged over workers, as /stats), notifies
+    readiness, pings the watchdog, logs the summary lines, and reloads on SIGHUP: the
+    config is read again, `stage(new)` prepares everything that can fail without
+    changing what serves, then the settings and
     `switch(new, staged)` apply it. A subclass implements `start_serving()`, `stage()`,
     `switch()` and `stats()`.
     """
@@ -259,6 +272,9 @@ class MainProcess(Lifecycle):
         self.sockets = sockets
         self._admin: AdminServer | None = None
         self.reload_status = ReloadStatus(config.path)
+        self.history = History()
+        self._sampler: gevent.Greenlet | None = None
+        self._admin_token = ""  # admin-token's token, read at start and on reload
         settings = config.settings
         if settings.pid_file and (settings.user or settings.group) and os.geteuid() == 0:
             keep_pid_file(settings.pid_file)
@@ -266,6 +282,10 @@ class MainProcess(Lifecycle):
     def start(self) -> None:
         """Start the admin endpoint and serving; raises StartError if serving cannot start."""
         self.reload_status.time = time.time()
+        try:
+            self._admin_token = read_token(self.config.settings.admin_token)
+        except TokenError as error:
+            raise StartError(str(error), EX_CONFIG) from None
         if self.sockets.admin is not None:
             self._start_admin(self.config.settings.admin, self.sockets.admin)
             self.sockets.admin = None  # the admin server owns it now
@@ -324,11 +344,13 @@ class MainProcess(Lifecycle):
         """Re-read the config; apply it if it is good, keep the running one if not."""
         try:
             new = load_config(self.config.path, self._argv, self._env)
+            token = read_token(new.settings.admin_token)
             staged = self.stage(new)
-        except (ConfigError, HookLoadError, ListenError, ReloadError) as error:
+        except (ConfigError, TokenError, HookLoadError, ListenError, ReloadError) as error:
             log.error("reload failed: %s; keeping the running configuration", error)
             self.reload_status.failed(str(error))
             return
+        self._admin_token = token
         self._apply_settings(new)
         self.switch(new, staged)
         self.config = new
@@ -364,14 +386,30 @@ class MainProcess(Lifecycle):
     # --- what runs beside the loop -------------------------------------------------------
 
     def _start_admin(self, address: Address, sock: socket.socket | None = None) -> None:
-        self._admin = AdminServer(address, self.stats, sock, reload_status=self.reload_status)
+        self._admin = AdminServer(address, self.stats, sock,
+                                  reload_status=self.reload_status, history=self.history,
+                                  access=self._admin_access,
+                                  shadow_memory=self.shadow_memory)
         self._admin.start()
-        log.info("admin endpoint on http://%s/ (/stats, /metrics)", address)
+        if self._sampler is None:
+            self._sampler = gevent.spawn(sample_forever, self.history, self.stats)
+        if address.family != socket.AF_UNIX and not _is_loopback(address.host) \
+                and not self.config.settings.admin_allow:
+            log.warning("admin endpoint on %s answers loopback clients only (403 to others): "
+                        "set admin-allow (and admin-token) to let other hosts in", address)
+        log.info("admin endpoint on http://%s/ (the dashboard; /stats, /metrics)", address)
+
+    def _admin_access(self) -> tuple:
+        """admin-allow's networks and admin-token's token, as they are now."""
+        return self.config.settings.admin_allow, self._admin_token
 
     def _stop_admin(self) -> None:
         if self._admin is not None:
             self._admin.stop()
             self._admin = None
+        if self._sampler is not None:
+            self._sampler.kill(block=False)
+            self._sampler = None
 
     def _watchdog(self, interval: float) -> None:
         while True:

@@ -1,12 +1,12 @@
 """The dashboard in headless Chromium against a live gproxyd route with traffic.
 
 gproxyd serves an http route (production and a candidate shadow, answers compared) in this
-process; its admin endpoint is an AdminServer with the dashboard in front, as the daemon
-wires it (dashboard.middleware), and history.sample_forever samples the route every
-second. Chromium loads the page once and is never told to reload: the test waits for
-the charts to draw, makes the candidate slower, and waits for the later points to show
-it; the numbers in the page's table must equal /stats; a screenshot is kept
-(GPROXYD_TEST_ARTIFACTS, else a folder in the temporary directory). Traffic that
+process; its admin endpoint is an AdminServer (the dashboard in front, as in the
+daemon), and history.sample_forever samples the route every second. Chromium loads
+the page once and is never told to reload: the test waits for the charts to draw, makes
+the candidate slower, and waits for the later points to show it; the numbers in the
+page's table must equal /stats; a screenshot is kept (GPROXYD_TEST_ARTIFACTS, else a
+folder in the temporary directory). Traffic that
 carries markup (a request line with <script>, a body with an onerror handler) must show
 as text.
 """
@@ -25,7 +25,6 @@ import requests
 from chromium import Chromium
 from http_backend import HTTPServer
 
-from gproxyd import dashboard
 from gproxyd.admin import AdminServer
 from gproxyd.history import History, sample_forever
 from gproxyd.listener import bind
@@ -79,10 +78,7 @@ class Stack:
         self.sampler = gevent.spawn(sample_forever, self.history, source)
         listening = bind(address("127.0.0.1:0", lowest_port=0))
         self.admin = AdminServer(address(f"127.0.0.1:{listening.getsockname()[1]}"), source,
-                                 listening)
-        # What the daemon's AdminServer does with the dashboard (see the wiring).
-        self.admin._server.application = dashboard.middleware(
-            self.admin._app, source, self.history, self.admin.stats.get)
+                                 listening, history=self.history)
         self.admin.start()
         self.url = f"http://{self.admin.address}/"
         self.session = requests.Session()

@@ -18,7 +18,11 @@ def test_install_service_puts_files_under_the_prefix_and_the_copy_runs(tmp_path)
     prefix = root / "usr/local"
     for path in ("bin/gproxyd", "bin/gproxyctl", "share/man/man8/gproxyd.8",
                  "share/man/man5/gproxyd.conf.5", "share/man/man1/gproxyctl.1",
-                 "lib/gproxyd/gproxyd/cli.py"):
+                 "lib/gproxyd/gproxyd/cli.py",
+                 # the dashboard's page (package data: GET / answers 500 without it)
+                 "lib/gproxyd/gproxyd/dashboard/index.html",
+                 "lib/gproxyd/gproxyd/dashboard/app.js",
+                 "lib/gproxyd/gproxyd/dashboard/style.css"):
         assert (prefix / path).is_file(), path
     assert not (prefix / "local").exists()  # Debian's pip scheme would have made /usr/local/local
     launcher = (prefix / "bin/gproxyd").read_text()
