@@ -371,8 +371,22 @@ def render_man8() -> str:
               "when its numbers were read). The endpoint holds at most 64 connections (a new "
               "one closes the one that has waited longest for a request, or itself if every "
               "one is being answered) and closes a connection that has not sent a complete "
-              "request 10 s after connecting or sits idle 5 s between requests. Every "
+              "request 10 s after connecting or sits idle 5 s between requests. /stats also "
+              "has shadow_memory (shadow-memory: limit, queued, high_water, send_buffers, "
+              "drops and dropped_bytes by cause), /metrics gproxyd_shadow_memory_*. Every "
               "stats-interval a summary line per route is logged."),
+        ".PP",
+        _text("GET / is a dashboard for a browser: per route, production and each shadow "
+              "side by side, updated every second (requests a second, p50 and p99 over "
+              "time, errors, drops, mismatches and the paths that differ, the latency "
+              "verdict); it needs nothing from the Internet. GET /stats/history?route=NAME"
+              "&since=SECONDS returns what it draws: per backend, a point a second for the "
+              "last 15 minutes and a point per 10 s for the last hour (requests, errors, "
+              "dropped, compared, mismatches and the p50, p90, p99 and max latency of that "
+              "interval), 144 KB per backend; with workers, of the merged numbers. Clients "
+              "on loopback may always use the endpoint; others only from admin-allow's "
+              "networks, and with admin-token's bearer token when it is set (403 "
+              "otherwise; /healthz needs no token)."),
         ".BR gproxyctl (1)",
         _text("prints production against each shadow from the same config file."),
         ".SH \"COMPARING ANSWERS\"",
