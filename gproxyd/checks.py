@@ -55,6 +55,9 @@ def route_problems(route) -> Iterator[tuple[str, str]]:
             yield "listen-owner", f"no such user {user!r} on this host"
         elif group and not _exists(group_id, group):
             yield "listen-owner", f"no such group {group!r} on this host"
+    if route.source not in (None, "client") and not _is_local(route.source):
+        yield "source", f"{route.source} is not an address of this host (expected one of " \
+                        "its addresses, or source = client)"
     targets = [("production", route.production), *(("shadow", s) for s in route.shadow)]
     if route.baseline is not None:
         targets.append(("baseline", route.baseline))

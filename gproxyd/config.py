@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Mapping
 
@@ -19,6 +20,7 @@ from .exitcodes import EX_USAGE
 from .settings import (
     GLOBAL_BY_NAME,
     GLOBAL_OPTIONS,
+    ORIGINAL_DST,
     ROUTE_BY_NAME,
     ROUTE_OPTIONS,
     Address,
@@ -276,8 +278,41 @@ def _route(path: str, section: _Section, name: str, errors: _Errors) -> Route | 
     return route
 
 
+def _transparency_conflicts(route: Route):
+    """(key, problem) for transparent-mode and PROXY protocol options that cannot work
+    with the route's addresses."""
+    unix_listen = route.listen.family == socket.AF_UNIX
+    original_dst = route.production is ORIGINAL_DST
+    if original_dst and unix_listen and route.accept_proxy == "off":
+        yield "production", "original-dst: a unix socket's clients dialled nothing else " \
+                            "(expected a TCP listen address, or accept-proxy to take the " \
+                            "destination from the PROXY header)"
+    if route.listen_transparent and unix_listen:
+        yield "listen-transparent", "TPROXY diverts TCP connections (expected a TCP listen " \
+                                    "address with listen-transparent)"
+    if route.source is None:
+        return
+    if route.production.family == socket.AF_UNIX:
+        yield "source", "a unix socket connection has no source address (expected source " \
+                        "= off with a unix:/path production)"
+    elif not route.production.numeric and not original_dst:
+        yield "source", f"production {route.production} is a host name, which may resolve " \
+                        "to another IP version than the source (expected production as an " \
+                        "IP address, or original-dst)"
+    elif route.source == "client":
+        if unix_listen and route.accept_proxy == "off":
+            yield "source", "a unix socket's clients have no IP address to connect from " \
+                            "(expected a TCP listen address, or accept-proxy to take the " \
+                            "client's address from the PROXY header)"
+    elif not original_dst and (":" in route.source) != \
+            (route.production.family == socket.AF_INET6):
+        yield "source", f"{route.source} and production {route.production} are not the " \
+                        "same IP version (expected a source address of production's family)"
+
+
 def _conflicts(route: Route):
     """(key, problem) for each option the route's other options make meaningless."""
+    yield from _transparency_conflicts(route)
     protocol = route.protocol
     if route.compare == "status" and protocol != "http":
         yield "compare", f"status compares HTTP status codes (expected body or off on a " \

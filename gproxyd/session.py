@@ -37,6 +37,7 @@ from .request_filter import RequestFilter
 from .settings import Address
 from .shadow import ShadowSink
 from .stats import RouteStats
+from .transparent import Endpoints
 from .upstream import Upstream
 
 log = logging.getLogger("gproxyd.session")
@@ -52,14 +53,16 @@ class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
                  "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
                  "_client_writes", "_production_done", "_on_end", "_candidates",
-                 "_answered_mark", "_filter", "_archive")
+                 "_answered_mark", "_filter", "_archive", "_destination")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn,
-                 archive: Archive | None = None):
+                 archive: Archive | None = None, endpoints: Endpoints | None = None):
         """`hooks`: the route's, loaded; `spawn` starts the session's greenlets (the
         listener's pool, so that draining waits for them); `archive`: the route's
-        beanstalkd archive, which then answers some commands itself (Interception)."""
+        beanstalkd archive, which then answers some commands itself (Interception);
+        `endpoints`: who the client is and where it was going (transparent.endpoints),
+        for original-dst, source and send-proxy."""
         self.route = route  # the route as it was when accepted; reloads don't change it
         self.client = client
         self.peer = peer
@@ -79,6 +82,9 @@ class Session:
         self._answered_mark = 0  # production's answer bytes at the client's last chunk
         self._on_end: Callable[["Session"], None] | None = None
         self._archive = archive
+        # production = original-dst: the address this client dialled, else production's.
+        self._destination = endpoints.production if endpoints is not None and \
+            endpoints.production is not None else route.production
         self.dispatch: HookDispatch | None = None
         # With hooks, conn.reply() writes to the client from other greenlets than the
         # relay's: all client writes then go through this lock, one at a time.
@@ -87,7 +93,7 @@ class Session:
         if route.baseline is not None and mirror:
             shadows = (*shadows, route.baseline)
         if hooks is not None:
-            self.dispatch = HookDispatch(hooks, route.name, peer, route.production.text,
+            self.dispatch = HookDispatch(hooks, route.name, peer, self._destination.text,
                                          [address.text for address in shadows],
                                          self._reply, self.abort)
             self._client_writes = Semaphore()
@@ -106,6 +112,26 @@ class Session:
             if route.shadow_filter:
                 self._filter = RequestFilter(route.protocol, route.shadow_filter,
                                              comparison.decided)
+        if endpoints is not None:
+            self._connect_as(endpoints)
+
+    def _connect_as(self, endpoints: Endpoints) -> None:
+        """Where production and shadows are connected from and what PROXY header each
+        gets first: set before any of them can be connected (a connect answers from a
+        later turn of the loop)."""
+        route = self.route
+        self.production.address = self._destination
+        if route.source == "client":
+            if endpoints.client_ip is not None:  # else (a unix client): from our own
+                self.production.source = (endpoints.client_ip, True)
+        elif route.source is not None:
+            self.production.source = (route.source, False)
+        if route.send_proxy != "off":
+            self.production.preamble = endpoints.proxy_header(route.send_proxy)
+        if route.shadow_send_proxy != "off":
+            header = endpoints.proxy_header(route.shadow_send_proxy)
+            for sink in self.shadows:
+                sink.upstream.preamble = header
 
     def _pair_answers(self) -> Comparison:
         """Hand production's answers and each shadow's to one Comparison (compare.py)."""
@@ -136,10 +162,10 @@ class Session:
         if self.dispatch is not None and self.dispatch.hooks.on_connect is not None:
             self._spawn(self._hooked_connect)
         else:
-            self._connect([self.route.production])
+            self._connect([self._destination])
 
     def _hooked_connect(self) -> None:
-        candidates = self.dispatch.connect(self.route.production)
+        candidates = self.dispatch.connect(self._destination)
         if candidates is None or self.reason:  # failed, refused, or closed by the hook
             self._end()
         else:
@@ -449,7 +475,7 @@ class Session:
                               + (f"({sink.why})" if sink.why else "") for sink in self.shadows)
             # The same as keys of their own, for log-format = json.
             fields = {"route": self.route.name, "client": self.peer,
-                      "production": self.route.production.text,
+                      "production": self._destination.text,
                       "duration": round(duration, 6), "up": self.production.sent.bytes,
                       "down": self.production.received.bytes,
                       "shadows": {sink.address.text: {"outcome": sink.state,
@@ -457,7 +483,7 @@ class Session:
                                   for sink in self.shadows},
                       "close": self.reason or EOF}
             log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "
-                     "close=%s", self.route.name, self.peer, self.route.production,
+                     "close=%s", self.route.name, self.peer, self._destination,
                      duration, self.production.sent.bytes,
                      self.production.received.bytes, shadows, self.reason or EOF,
                      extra={"fields": fields})

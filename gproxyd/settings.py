@@ -381,6 +381,30 @@ def threshold(text: str) -> float | None:
     return duration(text) if text.strip() else None
 
 
+# Transparent mode (issue #20): production = original-dst stands for the address each
+# client originally dialled, known only once it has connected.
+ORIGINAL_DST = Address("original-dst", socket.AF_UNSPEC, numeric=False)
+
+
+def production_address(text: str) -> Address:
+    """An address(), or original-dst."""
+    return ORIGINAL_DST if text.strip().lower() == "original-dst" else address(text)
+
+
+def source_address(text: str) -> str | None:
+    """'off' (the kernel chooses), 'client', or an IP address of this host."""
+    value = text.strip().lower()
+    if value in ("off", ""):
+        return None
+    if value == "client":
+        return value
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise BadValue(f"bad source {text!r} (expected off, client, or an IP address such "
+                       "as 10.0.0.2)") from None
+
+
 # --- the registry ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -470,8 +494,10 @@ GLOBAL_OPTIONS: tuple[Option, ...] = (
 ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("listen", address, None,
            "Where clients connect: host:port, [ipv6]:port or unix:/path.", "ADDRESS"),
-    Option("production", address, None,
-           "The production backend every byte is relayed to: host:port or unix:/path.",
+    Option("production", production_address, None,
+           "The production backend every byte is relayed to: host:port or unix:/path; or "
+           "original-dst, the address each client originally dialled, for a listener that "
+           "iptables/nftables rules divert connections to (see Transparent mode).",
            "ADDRESS"),
     Option("shadow", address_list, "",
            "Zero or more shadow backends (comma-separated) that get a copy of every client "
@@ -516,6 +542,27 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("max-connections", positive_int, "10000",
            "Most client connections served at once; clients over it are closed at once.",
            "NUMBER"),
+    # Transparent mode and the PROXY protocol (issue #20).
+    Option("accept-proxy", choice("off", "v1", "v2", "any"), "off",
+           "Require a PROXY protocol header (HAProxy's: v1 text, v2 binary, or any of "
+           "them) at the start of every client connection, within connect-timeout: the "
+           "client address in it is the one logs, hooks (conn.client), stats and source = "
+           "client use. A connection without a valid header is closed (logged at most "
+           "every 10 s) before anything reaches production. Only for listeners that "
+           "nothing but your proxies can reach.", "VERSION"),
+    Option("send-proxy", choice("off", "v1", "v2"), "off",
+           "Begin each production connection with a PROXY protocol header (v1 or v2) "
+           "carrying the client's address and the address it connected to.", "VERSION"),
+    Option("shadow-send-proxy", choice("off", "v1", "v2"), "off",
+           "The same towards each shadow and the baseline.", "VERSION"),
+    Option("source", source_address, "off",
+           "The address production connections come from: off (the kernel chooses), "
+           "client (the client's own address, with IP_TRANSPARENT: production sees real "
+           "clients; needs CAP_NET_ADMIN and the policy routing under Transparent mode), "
+           "or an IP address of this host.", "SOURCE"),
+    Option("listen-transparent", boolean, "no",
+           "Set IP_TRANSPARENT on the listener, so it accepts connections a TPROXY rule "
+           "diverts to it for any destination (needs CAP_NET_ADMIN).", "yes|no"),
     Option("hooks", hook_spec, "",
            "Python hooks that see and may change the traffic: a dotted module name or a "
            "path to a .py file defining on_connect, on_data, on_response or on_finish "

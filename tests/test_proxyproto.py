@@ -5,6 +5,15 @@ import struct
 
 import gevent
 import pytest
+from backends import (
+    received,
+    recording,
+    recv_exactly,
+    recv_to_eof,
+    sees_eof,
+    wait_for_lines,
+    wait_until,
+)
 from gevent.event import AsyncResult
 
 from gproxyd.channel import Channel
@@ -320,3 +329,85 @@ def test_cancel_means_no_answer(connection):
     client.sendall(b"PROXY UNKNOWN\r\n")
     gevent.sleep(0.2)
     assert answers == []
+
+
+# --- a route with accept-proxy / send-proxy (an in-process Listener) -----------------------
+
+def test_accept_proxy_the_headers_client_is_the_connections_and_bytes_after_it_pass(
+        serve, proxy, caplog):
+    production = serve(recording(reply_each=b""))
+    shadow = serve(recording(reply_each=b""))
+    proxied = proxy(production, shadow=[shadow], accept_proxy="any", send_proxy="v1",
+                    shadow_send_proxy="v2")
+    client = proxied.connect()
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    client.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 41000 443\r\n" + request)
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b""
+    line, = wait_for_lines(caplog)
+    assert line["client"] == "192.0.2.7:41000"
+    assert received(production) == b"PROXY TCP4 192.0.2.7 198.51.100.1 41000 443\r\n" + \
+        request
+    wait_until(lambda: shadow.conns and shadow.conns[0].eof.is_set(), what="shadow EOF")
+    assert received(shadow) == v2(body=IPV4_BODY) + request
+    assert line["up"] == len(request), "the PROXY header is not a client byte"
+
+
+@pytest.mark.parametrize("sent, problem", [
+    (b"GET / HTTP/1.1\r\n\r\n", "no PROXY header: the connection began with"),
+    (v2(body=IPV4_BODY + b"\x01\x00\x09h2"), "that overruns the header's"),
+    (b"PROXY TCP4 192.0.2.7 198.51.100.1 41000\r\nGET /", "bad v1 PROXY header"),
+])
+def test_accept_proxy_without_a_valid_header_closes_and_production_sees_nothing(
+        serve, proxy, caplog, sent, problem):
+    production = serve(recording(reply_each=None))
+    proxied = proxy(production, accept_proxy="any")
+    client = proxied.connect()
+    client.sendall(sent)
+    assert sees_eof(client, timeout=5), "closed (a FIN, or a reset: the header was unread)"
+    wait_until(lambda: problem in caplog.text, what="the refusal's log line")
+    warning, = [record.getMessage() for record in caplog.records if problem in
+                record.getMessage()]
+    assert warning.startswith("route test client 127.0.0.1:")
+    assert warning.endswith("; connection closed")
+    assert production.conns == [], "nothing may reach production"
+    assert proxied.stats.active == 0
+
+
+def test_refusals_are_logged_once_per_interval_with_a_count(servers, proxy, caplog):
+    production = servers.echo()
+    proxied = proxy(production, accept_proxy="v2")
+    for _ in range(5):
+        client = proxied.connect()
+        client.sendall(b"PROXY UNKNOWN\r\n")
+        assert sees_eof(client, timeout=5)
+    client = proxied.connect()
+    client.sendall(v2(family=0x00) + b"ping")
+    assert recv_exactly(client, 4) == b"ping"
+    lines = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    assert lines == [lines[0]] and "a v1 PROXY header (expected v2" in lines[0]
+    assert production.conns and len(production.conns) == 1
+
+
+def test_accept_proxy_times_out_after_connect_timeout(servers, proxy, caplog):
+    production = servers.echo()
+    proxied = proxy(production, accept_proxy="v1", connect_timeout="200ms")
+    client = proxied.connect()
+    client.sendall(b"PROXY TCP4 1.2.")
+    assert sees_eof(client, timeout=3)
+    assert "no complete PROXY header within connect-timeout" in caplog.text
+    assert production.conns == []
+
+
+def test_handshakes_count_against_max_connections_and_drain_ends_them(servers, proxy):
+    production = servers.echo()
+    proxied = proxy(production, accept_proxy="any", max_connections=2)
+    waiting = [proxied.connect() for _ in range(2)]
+    gevent.sleep(0.1)
+    extra = proxied.connect()
+    assert sees_eof(extra, timeout=2), "a third client over max-connections stayed open"
+    assert proxied.stats.rejected == 1
+    proxied.listener.close()
+    assert proxied.listener.drain(0.1) == 0
+    for client in waiting:
+        assert sees_eof(client, timeout=2)
