@@ -16,6 +16,11 @@ different bursts. A stream the framer cannot follow falls back to tcp-level meas
 On a route with `record`, production's Exchanges also hands each request written to it
 to a Recording (record.py), cut where the request framer saw it end; the recording
 stops with the framing.
+
+When the session writes the same client stream to every backend, their Exchanges
+follow one framing of it (protocols/shared.py) instead of each framing it again: the
+requests each backend's writes complete, and so every clock and pairing above, stay
+that backend's own.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from .compare import Capture, Comparison
-from .protocols import ProtocolError, Upgraded, new_framers
+from .protocols import SHAREABLE, ProtocolError, Upgraded, new_framers
+from .protocols.shared import RequestFollower, SharedRequests
 from .relay import Counter
 from .stats import BackendStats, RouteStats
 
@@ -48,13 +54,16 @@ class Exchanges:
                  "_capture", "_request_capture", "_kept", "_recording")
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
-                 label: str, max_head: int = DEFAULT_MAX_HEAD):
+                 label: str, max_head: int = DEFAULT_MAX_HEAD,
+                 shared: SharedRequests | None = None):
         """`max_head`: the route's observe-max-header, the most an HTTP framer buffers
-        of one head; past it the connection falls back to tcp-level measurement."""
+        of one head; past it the connection falls back to tcp-level measurement.
+        `shared`: the framing of the client stream this backend is written (see
+        new_shared), which this one follows instead of framing the stream itself."""
         self.stats = stats
         self.route_stats = route_stats
         self.label = label
-        framers = new_framers(protocol, max_head)
+        framers = new_framers(protocol, max_head, shared)
         self._requests = framers[0] if framers else None
         self._responses = framers[1] if framers else None
         # Send times of requests not answered yet; only framed protocols pair them (an
@@ -103,6 +112,12 @@ class Exchanges:
         self._recording = recording
         if self._requests.ends is None:
             self._requests.ends = []
+
+    @property
+    def shared(self) -> SharedRequests | None:
+        """The framing of the client stream this one follows, while it follows one."""
+        requests = self._requests
+        return requests.shared if type(requests) is RequestFollower else None
 
     @property
     def watching(self) -> bool:
@@ -197,6 +212,8 @@ class Exchanges:
         if error:
             self.stats.errors += 1
         if self._responses is not None:
+            if type(self._requests) is RequestFollower:
+                self._requests.stop()
             try:
                 done = self._responses.close()
             except ProtocolError:
@@ -271,6 +288,8 @@ class Exchanges:
             self._turn_sent = self._pending[-1]
         self._stop_comparing()
         self._stop_recording()
+        if type(self._requests) is RequestFollower:
+            self._requests.stop()
         self._requests = self._responses = self._pending = None
         self._by_turn = True
 
@@ -278,3 +297,12 @@ class Exchanges:
         self.route_stats.parser_fallbacks += 1
         log.debug("%s: cannot follow the protocol (%s); measuring by turn", self.label, why)
         self._stop_framing()
+
+
+def new_shared(protocol: str, max_head: int = DEFAULT_MAX_HEAD) -> SharedRequests | None:
+    """One framing of a client stream for the Exchanges of every backend it is written
+    to, unchanged and whole (not filtered, not rewritten by hooks); None for a protocol
+    that frames nothing or whose framer cannot be shared."""
+    if protocol not in SHAREABLE:
+        return None
+    return SharedRequests(protocol, max_head)

@@ -31,7 +31,7 @@ from .compare import HEAD_ROOM, PRODUCTION, REQUEST_KEPT, Capture, Comparison
 from .config import Route
 from .hooks import HookDispatch, HookSet
 from .interceptors.beanstalkd import Archive, Interception
-from .observe import Exchanges
+from .observe import Exchanges, new_shared
 from .relay import EOF, Broken, Direction, Relay, copy_pump
 from .request_filter import RequestFilter
 from .settings import Address
@@ -69,9 +69,14 @@ class Session:
         self.stats = stats
         self._spawn = spawn
         label = f"route {route.name} client {peer}"
+        # Production and the shadows are written the same client bytes (no filter, no
+        # hooks, no archive): their observers follow one framing of them.
+        shared = (new_shared(route.protocol, route.observe_max_header)
+                  if mirror and (route.shadow or route.baseline is not None)
+                  and hooks is None and archive is None and not route.shadow_filter else None)
         self.production = Upstream(route.production, stats.production,
                                    Exchanges(route.protocol, stats.production, stats, label,
-                                             route.observe_max_header),
+                                             route.observe_max_header, shared),
                                    f"route {route.name}: production")
         self.started = time.monotonic()
         self.reason = ""
@@ -102,7 +107,7 @@ class Session:
             ShadowSink(Upstream(address, stats.shadow(address.text),
                                 Exchanges(route.protocol, stats.shadow(address.text), stats,
                                           f"{label} shadow {address}",
-                                          route.observe_max_header),
+                                          route.observe_max_header, shared),
                                 f"route {route.name}: shadow"),
                        route, label, spawn, self.production, on_answer)
             for address in shadows]

@@ -106,6 +106,42 @@ def send_pipelined(proxied, count: int) -> bytes:
     return answers
 
 
+@pytest.mark.parametrize("delays", [(0.0, 0.0), (0.0, 0.02)])
+def test_production_and_two_shadows_follow_one_framing_of_the_client_stream(
+        proxy, http_servers, delays):
+    """30 keep-alive requests, one write each: the client stream is framed 30 times,
+    not once per backend (90), and each backend still pairs all 30 with its answers,
+    timed on its own (a shadow 20 ms slower is seen as such)."""
+    production = http_servers("p")
+    fast, slow = http_servers("a", delay=delays[0]), http_servers("b", delay=delays[1])
+    proxied = proxy(production.address, shadow=[fast.address, slow.address],
+                    protocol="http")
+    client = proxied.connect()
+    try:
+        for number in range(30):
+            client.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % number)
+            answer = b""
+            while not answer.endswith(b"p" * 10):  # one answer; its body ends it
+                data = client.recv(4096)
+                assert data, f"EOF after {answer!r}"
+                answer += data
+        [session] = proxied.listener.sessions
+        shared = session.production.observer.shared
+        assert shared is not None
+        assert [sink.upstream.observer.shared for sink in session.shadows] == [shared, shared]
+        settle(proxied, 30, [fast.address, slow.address])
+        assert shared.parses == 30
+    finally:
+        client.close()
+    stats = proxied.stats
+    for backend in (stats.production, stats.shadows[fast.address], stats.shadows[slow.address]):
+        assert backend.requests == 30 and backend.errors == 0
+    assert stats.parser_fallbacks == 0
+    gap = (stats.shadows[slow.address].latency.percentile(0.5)
+           - stats.shadows[fast.address].latency.percentile(0.5))
+    assert (0.015 < gap < 0.5) if delays[1] else gap < 0.015, gap
+
+
 def test_http_pipelined_requests_are_paired_in_order(proxy, http_servers):
     production = http_servers("p")
     proxied = proxy(production.address, protocol="http")

@@ -22,7 +22,11 @@ When a framer raises, whatever it completed earlier in the same ``feed()`` call 
 the exception's ``completed`` attribute (a list, possibly empty) -- for Upgraded, ending
 with the response that left the protocol (HTTP's 101 or 2xx to CONNECT, the reply to a
 Redis SUBSCRIBE or MONITOR) -- and the framer is finished: any further call raises
-ProtocolError.
+ProtocolError. A RequestFramer's ProtocolError also says, in ``at``, how far into the
+chunk the framer had to read to know (the same offset in the stream however it is
+cut into chunks), and a RequestFramer with a ``starts`` list appends, for each request,
+the offset in the chunk from which ``in_message`` is true: with both, one framing of a
+client stream serves every backend it is written to (shared.py).
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ from __future__ import annotations
 class _FramingStop(Exception):
     """Base of the two ways a framer stops following a stream."""
 
-    def __init__(self, message: str, completed: list | None = None) -> None:
+    def __init__(self, message: str, completed: list | None = None,
+                 at: int | None = None) -> None:
         super().__init__(message)
         self.completed = completed
+        self.at = at
 
 
 class ProtocolError(_FramingStop):
@@ -54,13 +60,20 @@ FRAMERS = {
 }
 
 
-def new_framers(protocol: str, max_head: int = http.MAX_HEAD) -> tuple | None:
+# The protocols whose RequestFramer reports `starts` and `at` (see above).
+SHAREABLE = frozenset({"http", "redis"})
+
+
+def new_framers(protocol: str, max_head: int = http.MAX_HEAD, shared=None) -> tuple | None:
     """A fresh (RequestFramer, ResponseFramer) pair for one connection to one backend, or
     None for a protocol without framers (tcp). `max_head` bounds what an HTTP framer
-    buffers for one header section; the line-based protocols keep their own bounds."""
+    buffers for one header section; the line-based protocols keep their own bounds.
+    With `shared` (a shared.SharedRequests of the same protocol), the requests are a
+    follower of that framing instead of a framer of their own."""
     pair = FRAMERS.get(protocol)
     if pair is None:
         return None
     if protocol == "http":
-        return pair[0](max_head), pair[1](max_head)
-    return pair[0](), pair[1]()
+        requests = shared.follower() if shared is not None else pair[0](max_head)
+        return requests, pair[1](max_head)
+    return shared.follower() if shared is not None else pair[0](), pair[1]()

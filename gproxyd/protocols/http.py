@@ -61,7 +61,8 @@ _TO_CLOSE = -2
 class _MessageFramer:
     """The state machine shared by both directions; subclasses parse the start-line."""
 
-    __slots__ = ("_state", "_buf", "_max_head", "_fast_max", "_limit", "_left", "_item", "ends")
+    __slots__ = ("_state", "_buf", "_max_head", "_fast_max", "_limit", "_left", "_item", "ends",
+                 "starts")
 
     _FIRST_BYTES: frozenset  # the bytes a start-line can begin with
     _KIND: str               # "request" or "status", for error messages
@@ -79,6 +80,9 @@ class _MessageFramer:
         # A list to track where messages end: feed() appends the offset, in the chunk
         # fed, just past each message it completes (for capturing whole answers).
         self.ends: list[int] | None = None
+        # A list to track where messages start: feed() appends the offset just past each
+        # message's first byte, from which in_message is true (a shared framing's).
+        self.starts: list[int] | None = None
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the messages completed in it, or None when there are none."""
@@ -102,13 +106,16 @@ class _MessageFramer:
                 elif state == _START:
                     pos = _BLANKS.match(data, pos).end()
                     if pos < n:
+                        if self.starts is not None:
+                            self.starts.append(pos + 1)
                         fast = self._fast(data, pos, out)
                         if fast is not None:
                             pos, out = fast
                             continue
                         if data[pos] not in self._FIRST_BYTES:
                             line = bytes(data[pos:pos + 60]).split(b"\n", 1)[0]
-                            raise ProtocolError(f"bad {self._KIND} line {_strip_cr(line)!r}")
+                            raise ProtocolError(f"bad {self._KIND} line {_strip_cr(line)!r}",
+                                                at=pos + 1)
                         self._state = _LINE
                 elif state == _LINE:
                     pos, line = self._take(data, pos, n, _LF)
@@ -163,6 +170,8 @@ class _MessageFramer:
             self._state = _FINISHED
             if exc.completed is None:
                 exc.completed = out or []
+            if exc.at is None:  # raised at the end of what it read
+                exc.at = pos
             raise
         return out
 
@@ -183,12 +192,14 @@ class _MessageFramer:
             if m is not None:
                 stop = pos + m.end() - len(tail)
                 if stop - pos > room:
-                    raise ProtocolError(f"header section or line over {self._max_head} bytes")
+                    raise ProtocolError(f"header section or line over {self._max_head} bytes",
+                                        at=stop)
         if stop < 0:
             m = end.search(data, pos, min(n, pos + room))
             if m is None:
                 if n - pos >= room:
-                    raise ProtocolError(f"header section or line over {self._max_head} bytes")
+                    raise ProtocolError(f"header section or line over {self._max_head} bytes",
+                                        at=pos + room)
                 buf += data[pos:n]
                 return n, None
             stop = m.end()

@@ -91,7 +91,7 @@ class _LineFramer:
         m = _LF.search(data, pos, min(n, pos + room))
         if m is None:
             if n - pos >= room:
-                raise ProtocolError(f"line over {MAX_LINE} bytes")
+                raise ProtocolError(f"line over {MAX_LINE} bytes", at=pos + room)
             buf += data[pos:n]
             return n, None
         stop = m.end()
@@ -111,10 +111,13 @@ class RequestFramer(_LineFramer):
     empty array or a blank inline line is no command (Redis does not answer it).
     """
 
-    __slots__ = ("_args", "_name", "_keep")
+    __slots__ = ("_args", "_name", "_keep", "starts")
 
     def __init__(self) -> None:
         super().__init__()
+        # A list to track where commands start: feed() appends the offset just past each
+        # command's array header, from which in_message is true (a shared framing's).
+        self.starts: list[int] | None = None
         self._args = 0     # arguments of the current command still to come; 0 between commands
         self._name = None  # the start of the current command's first argument
         self._keep = 0     # bytes of the bulk string being read still to add to _name
@@ -175,9 +178,13 @@ class RequestFramer(_LineFramer):
                         if count > 0:
                             self._args = count
                             self._name = None
+                            if self.starts is not None:
+                                self.starts.append(pos)
                     else:
                         words = line.split(None, 1)
                         if words:
+                            if self.starts is not None:  # in no message before its end
+                                self.starts.append(pos)
                             out = self._done(out, _command(words[0][:NAME_MAX]), pos)
                 elif state == _BULK_END:
                     pos, line = self._line(data, pos, n)
@@ -192,6 +199,8 @@ class RequestFramer(_LineFramer):
             self._state = _FINISHED
             if exc.completed is None:
                 exc.completed = out or []
+            if exc.at is None:  # raised at the end of what it read
+                exc.at = pos
             raise
         return out
 
