@@ -26,13 +26,13 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import gevent
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.server import StreamServer
 
 from . import __version__, dashboard
 from .history import History
@@ -53,10 +53,10 @@ _QUANTILES = (0.5, 0.9, 0.99, 0.999)
 # relayed beside it waits at most about this long for it.
 _SLICE = 0.0001
 # The share of the loop's time answering requests may take, and how much of it may be
-# saved up for a burst (seconds): see LoopBudget. An answer takes the loop 0.1-0.5 ms
-# (pywsgi's parsing and writing; more when it comes alone, its caches cold): ~10 a
-# second go on, ~20 at once, where Prometheus, gproxyctl and health checks ask a few
-# times a second. Each answer delays a relay that comes meanwhile by about its length, so
+# saved up for a burst (seconds): see LoopBudget. An answer takes the loop ~30-50 us
+# (0.13-0.5 ms with pywsgi, before _Server; more when it comes alone, its caches cold):
+# ~60 a second go on, ~100 at once, where Prometheus, gproxyctl and health checks ask a
+# few times a second. Each answer delays a relay that comes meanwhile by about its length, so
 # the share is what a scrape loop costs the relays' latency: 1% moved the benchmark's
 # p99 (0.2 ms) by more than 2x.
 _LOOP_SHARE = 0.003
@@ -387,7 +387,8 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
     backend the families of _ROUTE_METRICS, _RECORD_METRICS, _BACKEND_COUNTERS,
     gproxyd_shadow_drops, gproxyd_shadow_connections, the
     gproxyd_request_duration_seconds histogram and the
-    gproxyd_request_latency_seconds summary; the same text prometheus_client's
+    gproxyd_request_latency_seconds summary, and gproxyd_tls_handshake_failures by
+    route and side where routes use TLS; the same text prometheus_client's
     generate_latest() writes for those families (labels in name order). Calls `tick()`
     after each backend (~0.1 ms of work each).
     """
@@ -398,6 +399,7 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
     outcomes: list[str] = []
     latency: list[str] = []
     quantiles: list[str] = []
+    handshakes: list[str] = []
     for name, stats in list(routes.items()):
         route = f'route="{_label(name)}"'
         for lines, (attr, metric, _) in zip(routed, _ROUTE_METRICS, strict=True):
@@ -439,6 +441,9 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
             quantiles.append(f"gproxyd_request_latency_seconds_count{{{labels}}} {count}\n")
             quantiles.append(f"gproxyd_request_latency_seconds_sum{{{labels}}} {total}\n")
             tick()
+        handshakes.extend(f'gproxyd_tls_handshake_failures_total{{{route},side="{side}"}} '
+                          f"{_number(count)}\n"
+                          for side, count in sorted(stats.tls_handshake_failures.items()))
     parts = _config_lines(reload_status) if reload_status is not None else []
     if shadow_memory is not None:
         parts += _shadow_memory_lines(shadow_memory)
@@ -455,9 +460,15 @@ def metrics_text(routes: dict[str, RouteStats], reload_status: ReloadStatus | No
                     "histogram"), *latency,
               _head("gproxyd_request_latency_seconds",
                     "Request latency quantiles per backend", "summary"), *quantiles]
+    if handshakes:  # routes with TLS options only (tls.py)
+        parts += [_head("gproxyd_tls_handshake_failures", _TLS_HANDSHAKE_FAILURES, "counter"),
+                  *handshakes]
     return "".join(parts).encode()
 
 
+_TLS_HANDSHAKE_FAILURES = ("TLS handshakes that failed (a timeout, a verification failure, no "
+                           "shared protocol), by side: client (tls-cert), production "
+                           "(production-tls) or shadow (shadow-tls)")
 _SHADOW_DROPS = ("Shadow connections whose waiting bytes were let go, by cause: dropped "
                  "past shadow-buffer (over-buffer), as the furthest behind when "
                  "shadow-memory was full (over-budget), past shadow-max-connections, or "
@@ -578,96 +589,104 @@ class _Connection:
         self.greenlet.kill(block=False)
 
 
-class _Handler(WSGIHandler):
-    """pywsgi's handler with deadlines: a request must arrive complete within
-    `request_timeout` of the accept (or of its first byte, on a kept-alive connection),
-    and the next one must begin within `idle_timeout` of the last answer."""
-
-    def __init__(self, sock, address, server: _Server, connection: _Connection):
-        super().__init__(sock, address, server)
-        self.connection = connection
-        self._deadline: gevent.Timeout | None = None
-        self._cpu: float | None = None  # since when the loop's time is this request's
-        self._environ: dict | None = None
-
-    def handle(self) -> None:
-        self._arm(self.server.request_timeout)
-        try:
-            super().handle()  # closes the socket, however it ends
-        except gevent.Timeout as timeout:
-            if timeout is not self._deadline:
-                raise
-        finally:
-            self._disarm()
-
-    def handle_one_request(self):
-        """One request. The loop's time it takes, from here until its answer is out, is
-        spent from the budget, but for the waits (for the request to come, for the
-        budget, for a rendering): the loop works for others meanwhile."""
-        self._environ = None
-        self._cpu = time.thread_time()
-        try:
-            return super().handle_one_request()
-        finally:
-            if self._cpu is not None:  # not ended in a wait (a closed or evicted client)
-                others = self._environ.get(_NOT_ITS_OWN, 0.0) if self._environ else 0.0
-                self.server.budget.spend(time.thread_time() - self._cpu - others)
-
-    def read_requestline(self) -> str:
-        connection = self.connection
-        self._spend()
-        if connection.requests:  # kept alive: wait idle_timeout for the next request
-            connection.waiting_since = time.monotonic()
-            self._arm(self.server.idle_timeout)
-        if not self.rfile.peek(1):
-            return ""  # the client closed
-        if connection.requests:
-            self._arm(self.server.request_timeout)
-        self._cpu = time.thread_time()
-        return super().read_requestline()
-
-    def get_environ(self):
-        # The request has been read: answering it has no deadline but the socket timeout.
-        self._disarm()
-        self.connection.waiting_since = None
-        self.connection.requests += 1
-        # Every request waits its turn, after reading it (one that waits is being
-        # answered, not idle): a client that asks again as soon as it has its answer
-        # would otherwise find its next request already read, and be answered for as
-        # long as it asks, the relays waiting.
-        self._spend()
-        self.server.budget.wait()
-        self._cpu = time.thread_time()
-        self._environ = super().get_environ()
-        return self._environ
-
-    def _spend(self) -> None:
-        """Before a wait: spend the loop's time taken since the count began, and stop
-        counting (the caller begins again after the wait)."""
-        self.server.budget.spend(time.thread_time() - self._cpu)
-        self._cpu = None
-
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = gevent.Timeout.start_new(seconds)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.close()
-            self._deadline = None
+class _BadRequest(Exception):
+    """A request the endpoint does not take; args: (status, reason)."""
 
 
-class _Server(WSGIServer):
-    """A WSGIServer that holds at most `max_connections` connections.
+# The request headers the endpoint reads (the rest are skipped), as environ keys.
+_WANTED = {b"authorization": "HTTP_AUTHORIZATION", b"cookie": "HTTP_COOKIE",
+           b"connection": "HTTP_CONNECTION", b"content-length": "CONTENT_LENGTH",
+           b"transfer-encoding": "HTTP_TRANSFER_ENCODING"}
+_MOST_HEAD = 16 * 1024  # a request's line and headers; the endpoint's are a few hundred bytes
 
-    A connection over the cap is still accepted (left queued, it would keep /healthz
-    waiting): the connection that has waited longest for a request is closed to make room,
-    or, when every one is being answered, the new one is closed at once.
+
+def _parse(head: bytes, peer) -> dict:
+    """The WSGI environ of the request whose line and headers are `head` (without the
+    blank line): what the endpoint and the dashboard read of it. Raises _BadRequest."""
+    line, *fields = head.split(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise _BadRequest("400 Bad Request", "expected a request line: GET /path HTTP/1.1")
+    method, target, version = (part.decode("latin-1") for part in parts)
+    if target.startswith(("http://", "https://")):  # absolute form: keep the path
+        target = "/" + target.split("/", 3)[3] if target.count("/") > 2 else "/"
+    path, _, query = target.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": unquote(path, encoding="latin-1"),
+               "QUERY_STRING": query, "SERVER_PROTOCOL": version,
+               "REMOTE_ADDR": peer[0] if isinstance(peer, tuple) and peer else ""}
+    for field_line in fields:
+        name, colon, value = field_line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest("400 Bad Request", "expected header lines: Name: value")
+        key = _WANTED.get(name.lower())
+        if key is not None:
+            environ[key] = value.strip().decode("latin-1")
+    return environ
+
+
+def _call(application, environ: dict) -> tuple[str, list, bytes]:
+    """`application`'s answer to `environ`: (status, headers, body); an exception it raises
+    is logged and answered 500."""
+    answer = []
+
+    def start_response(status, headers, exc_info=None):
+        answer[:] = [status, headers]
+
+    try:
+        body = b"".join(application(environ, start_response))
+    except Exception:
+        log.exception("admin: answering %s %s failed", environ["REQUEST_METHOD"],
+                      environ["PATH_INFO"])
+        return ("500 Internal Server Error", [("Content-Type", "text/plain")],
+                b"internal error: see gproxyd's log\n")
+    return answer[0], answer[1], body
+
+
+def _keeps_alive(environ: dict) -> bool:
+    """Whether the client keeps the connection for another request (HTTP/1.1 unless it
+    says close; 1.0 only if it asks), and sent no body (none is read: the endpoint takes
+    none, and its end would not be known)."""
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or \
+            "HTTP_TRANSFER_ENCODING" in environ:
+        return False
+    asked = environ.get("HTTP_CONNECTION", "").lower()
+    if environ["SERVER_PROTOCOL"] == "HTTP/1.0":
+        return "keep-alive" in asked
+    return "close" not in asked
+
+
+@dataclass
+class _Deadlines:
+    request: gevent.Timeout  # request_timeout: a request arrives complete
+    idle: gevent.Timeout     # idle_timeout: a kept-alive client's next request begins
+
+
+class _Server(StreamServer):
+    """The admin endpoint's HTTP/1.1 server: a WSGI `application` answers each request.
+
+    Written here rather than taken from gevent.pywsgi because each answer is a turn of the
+    loop the relays wait for: pywsgi's took 0.13-0.5 ms (parsing headers through
+    email.feedparser, the head and the body written apart), this one's ~30 us. It reads
+    only GET-sized requests (a head of at most 16 KiB, no body kept) and answers with a
+    Content-Length, in one write.
+
+    Each request must arrive complete within `request_timeout` of the accept (or of its
+    first byte, on a kept-alive connection), and the next one must begin within
+    `idle_timeout` of the last answer. Every request waits its turn in `budget`, which is
+    charged the loop's CPU time its answer took.
+
+    It holds at most `max_connections` connections. A connection over the cap is still
+    accepted (left queued, it would keep /healthz waiting): the connection that has waited
+    longest for a request is closed to make room, or, when every one is being answered,
+    the new one is closed at once.
     """
 
     def __init__(self, sock, application, max_connections: int, request_timeout: float,
                  idle_timeout: float, budget: LoopBudget):
-        super().__init__(sock, application, spawn=Pool(), log=None, error_log=log)
+        # do_handle (below) takes each accepted socket: the handle StreamServer asks for
+        # is never called.
+        super().__init__(sock, handle=self.do_handle, spawn=Pool())
+        self.application = application
         self.budget = budget
         self.max_connections = max_connections
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
@@ -686,19 +705,93 @@ class _Server(WSGIServer):
         connection = self.connections[sock] = _Connection(sock)
         connection.greenlet = self.pool.spawn(self._serve, connection, address)
 
-    def _serve(self, connection: _Connection, address) -> None:
+    def _serve(self, connection: _Connection, peer) -> None:
         sock = connection.sock
         connection.serving = True
+        # A deadline for each kind of wait (a timer's length is fixed when it is made).
+        deadlines = _Deadlines(gevent.Timeout(self.request_timeout),
+                               gevent.Timeout(self.idle_timeout))
+        deadlines.request.start()
         try:
             sock.settimeout(self.request_timeout)  # bounds each write to a slow reader
             if sock.family != socket.AF_UNIX:
-                # pywsgi sends the head and the body in two writes: with Nagle's algorithm
-                # the body waits for the head's ACK, which the client delays (~40 ms).
+                # The answer is one write; without this, a kept-alive client's next answer
+                # could wait for the delayed ACK of the last (~40 ms).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _Handler(sock, address, self, connection).handle()
+            self._answer_requests(connection, peer, deadlines)
+        except gevent.Timeout as timeout:
+            if timeout is not deadlines.request and timeout is not deadlines.idle:
+                raise
+        except OSError:
+            pass  # the client reset or went away: nothing to answer
         finally:
+            deadlines.request.close()
+            deadlines.idle.close()
             self.connections.pop(sock, None)
             sock.close()
+
+    def _answer_requests(self, connection: _Connection, peer, deadlines: _Deadlines) -> None:
+        sock, budget = connection.sock, self.budget
+        pending = b""
+        cpu = time.thread_time()  # since when the loop's CPU time is this connection's
+        while True:
+            end = pending.find(b"\r\n\r\n")
+            while end < 0:
+                if len(pending) > _MOST_HEAD:
+                    self._refuse(sock, "431 Request Header Fields Too Large",
+                                 f"a request head is at most {_MOST_HEAD} bytes")
+                    return
+                budget.spend(time.thread_time() - cpu)  # recv may wait: others run then
+                data = sock.recv(65536)
+                cpu = time.thread_time()
+                if not data:
+                    return
+                if not pending and connection.requests:  # a kept-alive client's next one
+                    deadlines.idle.cancel()
+                    deadlines.request.start()  # complete within request_timeout
+                pending += data
+                end = pending.find(b"\r\n\r\n", max(0, len(pending) - len(data) - 3))
+            head, pending = pending[:end], pending[end + 4:]
+            deadlines.request.cancel()
+            deadlines.idle.cancel()
+            connection.waiting_since = None
+            connection.requests += 1
+            try:
+                environ = _parse(head, peer)
+            except _BadRequest as error:
+                self._refuse(sock, *error.args)
+                return
+            # Every request waits its turn, after reading it (one that waits is being
+            # answered, not idle): a client that asks again as soon as it has its answer
+            # would otherwise find its next request already read, and be answered for as
+            # long as it asks, the relays waiting.
+            budget.spend(time.thread_time() - cpu)
+            budget.wait()
+            cpu = time.thread_time()
+            status, headers, body = _call(self.application, environ)
+            alive = _keeps_alive(environ)
+            lines = [f"HTTP/1.1 {status}\r\n"]
+            lines += [f"{name}: {value}\r\n" for name, value in headers]
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                lines.append(f"Content-Length: {len(body)}\r\n")
+            lines.append("\r\n" if alive else "Connection: close\r\n\r\n")
+            answer = "".join(lines).encode("latin-1")
+            sock.sendall(answer if environ["REQUEST_METHOD"] == "HEAD" else answer + body)
+            budget.spend(time.thread_time() - cpu - environ.get(_NOT_ITS_OWN, 0.0))
+            cpu = time.thread_time()
+            if not alive:
+                return
+            connection.waiting_since = time.monotonic()
+            if pending:  # pipelined: the next request has begun
+                deadlines.request.start()
+            else:
+                deadlines.idle.start()  # its next request must begin within idle_timeout
+
+    @staticmethod
+    def _refuse(sock, status: str, reason: str) -> None:
+        body = f"{reason}\n".encode()
+        sock.sendall(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: "
+                     f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
 
     def _evict(self) -> bool:
         waiting = [connection for connection in self.connections.values()
