@@ -736,11 +736,7 @@ class _Server(StreamServer):
         cpu = time.thread_time()  # since when the loop's CPU time is this connection's
         while True:
             end = pending.find(b"\r\n\r\n")
-            while end < 0:
-                if len(pending) > _MOST_HEAD:
-                    self._refuse(sock, "431 Request Header Fields Too Large",
-                                 f"a request head is at most {_MOST_HEAD} bytes")
-                    return
+            while end < 0 and len(pending) <= _MOST_HEAD:
                 budget.spend(time.thread_time() - cpu)  # recv may wait: others run then
                 data = sock.recv(65536)
                 cpu = time.thread_time()
@@ -751,6 +747,10 @@ class _Server(StreamServer):
                     deadlines.request.start()  # complete within request_timeout
                 pending += data
                 end = pending.find(b"\r\n\r\n", max(0, len(pending) - len(data) - 3))
+            if end < 0 or end > _MOST_HEAD:
+                self._refuse(sock, "431 Request Header Fields Too Large",
+                             f"a request head is at most {_MOST_HEAD} bytes")
+                return
             head, pending = pending[:end], pending[end + 4:]
             deadlines.request.cancel()
             deadlines.idle.cancel()

@@ -718,3 +718,70 @@ def test_a_recording_routes_numbers_are_metrics_and_others_have_none(admin_serve
     assert got == {"gproxyd_record_recorded": {"web": 7}, "gproxyd_record_dropped": {"web": 2},
                    "gproxyd_record_skipped": {"web": 1}, "gproxyd_record_bytes": {"web": 900},
                    "gproxyd_record_errors": {"web": 3}}
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("request_bytes, status, closes", [
+    (b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n", b"200 OK", False),
+    # absolute form and percent-encoding reach the same path
+    (b"GET http://admin:9901/heal%74hz HTTP/1.1\r\nHost: admin\r\n\r\n", b"200 OK", False),
+    # HTTP/1.0 closes unless it asks to keep alive; 1.1 keeps unless it asks to close
+    (b"GET /healthz HTTP/1.0\r\n\r\n", b"200 OK", True),
+    (b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", b"200 OK", False),
+    (b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", b"200 OK", True),
+    # a body is not read: answered, then closed (where the next request begins is unknown)
+    (b"POST /stats HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody", b"405 Method Not Allowed", True),
+    (b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"200 OK", True),
+    (b"GET /nowhere HTTP/1.1\r\n\r\n", b"404 Not Found", False),
+    # what the endpoint does not take: said, and closed
+    (b"GET /healthz\r\n\r\n", b"400 Bad Request", True),
+    (b"GET /healthz HTTP/2.0\r\n\r\n", b"400 Bad Request", True),
+    (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", b"400 Bad Request", True),
+    (b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+     b"431 Request Header Fields Too Large", True),
+])
+def test_requests_are_answered_or_refused_as_http_1_1_says(admin_server, request_bytes,
+                                                           status, closes):
+    admin = admin_server(dict)
+    client = connect(admin)
+    client.sendall(request_bytes)
+    received = answer(client)
+    assert received.startswith(b"HTTP/1.1 " + status + b"\r\n")
+    assert (b"\r\nConnection: close\r\n" in received) == closes
+    if closes:
+        assert read_to_eof(client) == b""
+    else:  # a second request on the same connection
+        client.sendall(HEALTHZ)
+        assert answer(client).endswith(b"\r\n\r\nok\n")
+    client.close()
+
+
+def test_head_gets_the_head_of_the_answer_without_its_body(admin_server):
+    admin = admin_server(dict)
+    client = connect(admin)
+    client.sendall(b"HEAD /healthz HTTP/1.1\r\n\r\n" + HEALTHZ)
+    received = b""
+    while received.count(b"HTTP/1.1 200 OK") < 2 or not received.endswith(b"ok\n"):
+        received += client.recv(4096)
+    first, second = received.split(b"HTTP/1.1 200 OK")[1:]
+    assert b"Content-Length: 3\r\n" in first and first.endswith(b"\r\n\r\n")
+    assert second.endswith(b"\r\n\r\nok\n")
+    client.close()
+
+
+def test_an_answer_that_fails_is_a_500_and_the_endpoint_serves_on(admin_server):
+    def broken():
+        raise RuntimeError("the numbers are not there")
+    admin = admin_server(broken, max_age=0)
+    client = connect(admin)
+    client.sendall(b"GET /mismatches HTTP/1.1\r\n\r\n")
+    assert answer(client).startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    client.sendall(HEALTHZ)
+    assert answer(client).endswith(b"ok\n")
+    client.close()
