@@ -75,6 +75,10 @@ def route_problems(route) -> Iterator[tuple[str, str]]:
         elif shadow.sockaddr in seen:
             yield "shadow", f"{shadow} is listed twice (expected each shadow once)"
         seen.add(shadow.sockaddr)
+    if (route.tls_cert or route.tls_key or route.production_tls or route.shadow_tls
+            or route.tls_ca or route.tls_server_name or not route.tls_verify):
+        from . import tls  # only for routes with TLS options: it brings ssl and gevent
+        yield from tls.problems(route)
 
 
 def clashes(routes, admin: Address | None) -> Iterator[tuple[object, str, str]]:

@@ -646,6 +646,37 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("listen-owner", owner, "",
            "For a unix:/path listen address: the socket file's owner, as user or "
            "user:group (empty: gproxyd's user).", "OWNER"),
+    # TLS on either side (issue #20; gproxyd/tls.py). Without these, TLS passes through.
+    Option("tls-cert", optional_path, "",
+           "Terminate TLS on the listen side with this PEM certificate (then its chain), so "
+           "observers, comparison and hooks see plaintext; production gets plaintext unless "
+           "production-tls is on. TLS 1.2 and up, OpenSSL's default ciphers, ALPN http/1.1 "
+           "on http routes. The handshake must end within connect-timeout; a failed one is "
+           "counted (gproxyd_tls_handshake_failures_total), logged at most once a minute and "
+           "closes that client only. Read at start and on each reload (SIGHUP), as "
+           "gproxyd's user: new connections use the new certificate, live ones keep theirs; "
+           "a file that cannot be used fails the reload and keeps the old one. Empty: TLS "
+           "passes through untouched.", "PATH"),
+    Option("tls-key", optional_path, "",
+           "The unencrypted PEM private key of tls-cert (empty: it is in the tls-cert file).",
+           "PATH"),
+    Option("production-tls", boolean, "no",
+           "Connect to production over TLS (the handshake within connect-timeout, verified "
+           "as tls-verify, tls-ca and tls-server-name say): with tls-cert, what the client "
+           "sent encrypted is re-encrypted towards production. A failed handshake is a "
+           "failed connect to production, also counted apart.", "yes|no"),
+    Option("shadow-tls", boolean, "no",
+           "Connect to the shadows (and the baseline) over TLS, as production-tls does to "
+           "production (within shadow-connect-timeout).", "yes|no"),
+    Option("tls-ca", optional_path, "",
+           "PEM file of the CA certificates that production-tls and shadow-tls verify "
+           "backends with (empty: the system's CAs).", "PATH"),
+    Option("tls-verify", boolean, "yes",
+           "Verify the certificates of TLS backends (chain and name); no accepts any "
+           "certificate (for tests and self-signed backends only).", "yes|no"),
+    Option("tls-server-name", optional_text, "",
+           "The name sent (SNI) to TLS backends and verified in their certificates (empty: "
+           "each backend's own host from its address).", "HOST"),
 )
 
 GLOBAL_BY_NAME = {option.name: option for option in GLOBAL_OPTIONS}

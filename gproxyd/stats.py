@@ -292,6 +292,9 @@ class RouteStats:
     archived: int = 0          # jobs in the archive now
     overdue_seconds: float = 0.0  # how late the oldest due job still in the archive is
     record: RecordStats | None = None  # on routes with record = PATH (see record.py)
+    # Failed TLS handshakes by side (client, production, shadow), on routes with TLS
+    # options (tls.py): a side is listed, from 0, once its route uses TLS there.
+    tls_handshake_failures: dict[str, int] = field(default_factory=dict)
 
     def shadow(self, name: str) -> ShadowStats:
         stats = self.shadows.get(name)
@@ -312,7 +315,8 @@ class RouteStats:
                 "baseline": self.baseline, "verdict_threshold": self.verdict_threshold,
                 "noise_paths": self.noise_paths,
                 "samples": list(self.samples),
-                "record": self.record.export() if self.record is not None else None}
+                "record": self.record.export() if self.record is not None else None,
+                "tls_handshake_failures": dict(self.tls_handshake_failures)}
 
     def add(self, exported: dict) -> None:
         """Add another process's export() of the same route into this one."""
@@ -329,6 +333,8 @@ class RouteStats:
         self.overdue_seconds = max(self.overdue_seconds, exported["overdue_seconds"])
         if self.verdict_threshold is None:
             self.verdict_threshold = exported["verdict_threshold"]
+        for side, count in exported.get("tls_handshake_failures", {}).items():
+            self.tls_handshake_failures[side] = self.tls_handshake_failures.get(side, 0) + count
         for path, count in exported["noise_paths"].items():
             self.noise_paths[path] = self.noise_paths.get(path, 0) + count
         if exported["record"] is not None:
@@ -364,4 +370,6 @@ class RouteStats:
                                 "inject_failures": self.inject_failures,
                                 "overdue_seconds": round(self.overdue_seconds, 3)}}
                    if self.archive else {}),
-                "record": self.record.snapshot() if self.record is not None else None}
+                "record": self.record.snapshot() if self.record is not None else None,
+                **({"tls_handshake_failures": dict(self.tls_handshake_failures)}
+                   if self.tls_handshake_failures else {})}

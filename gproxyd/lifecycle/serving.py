@@ -7,11 +7,12 @@ import socket
 import gevent
 
 from ..config import Route
-from ..exitcodes import EX_FAILURE
+from ..exitcodes import EX_CONFIG, EX_FAILURE
 from ..hooks import HookSet
 from ..interceptors.archive import ArchiveError
 from ..listener import Listener
 from ..record import RecordError
+from ..tls import TLSProblem
 from . import StartError, describe_route, listen_key
 
 log = logging.getLogger("gproxyd")
@@ -29,7 +30,7 @@ class Listeners:
     def start(self, routes: tuple[Route, ...], sockets: dict[tuple, socket.socket],
               hooks: dict[str, HookSet]) -> None:
         """Serve each route on its socket (`sockets`: listen key -> bound socket).
-        Raises StartError if a route's archive or record file cannot be opened."""
+        Raises StartError if a route's archive, record or TLS files cannot be opened."""
         for route in routes:
             try:
                 self._add(route, sockets[listen_key(route)], hooks)
@@ -37,6 +38,8 @@ class Listeners:
                 raise StartError(f"route {route.name}: archive: {error}", EX_FAILURE) from None
             except RecordError as error:
                 raise StartError(f"route {route.name}: record: {error}", EX_FAILURE) from None
+            except TLSProblem as problem:  # readable at --check-config, not as our user
+                raise StartError(f"route {route.name}: {problem}", EX_CONFIG) from None
 
     def _add(self, route: Route, sock: socket.socket, hooks: dict[str, HookSet],
              archive_required: bool = True) -> None:
