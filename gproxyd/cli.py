@@ -159,7 +159,13 @@ def _serve(config, argv: list[str]) -> int:
     import logging
 
     from . import logs
-    from .daemon import PrivilegeError, daemon_context, drop_privileges, hand_over
+    from .daemon import (
+        PrivilegeError,
+        capabilities_needed,
+        daemon_context,
+        drop_privileges,
+        hand_over,
+    )
     from .hooks import HookLoadError, load_route_hooks
     from .lifecycle import StartError, bind_all
     from .listener import ListenError
@@ -209,7 +215,8 @@ def _serve(config, argv: list[str]) -> int:
         if settings.user or settings.group:
             _import_while_privileged()
         try:
-            switched = drop_privileges(settings.user, settings.group)
+            switched = drop_privileges(settings.user, settings.group,
+                                       capabilities_needed(config.routes))
         except PrivilegeError as error:
             log.error("%s; not serving as root", error)
             return _fail(str(error), EX_FAILURE)

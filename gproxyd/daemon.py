@@ -49,8 +49,9 @@ def hand_over(path: str, user: str, group: str) -> None:
                              f"{error.strerror}") from None
 
 
-def drop_privileges(user: str, group: str) -> str | None:
-    """Switch to `user` (and `group`, default: the user's primary group).
+def drop_privileges(user: str, group: str, keep: tuple[int, ...] = ()) -> str | None:
+    """Switch to `user` (and `group`, default: the user's primary group), keeping the
+    capabilities in `keep` (CAP_* numbers: see capabilities_needed) and no other.
 
     Returns a description of the switch, or None when there was nothing to do.
     Raises PrivilegeError when the switch is asked for but impossible.
@@ -61,6 +62,8 @@ def drop_privileges(user: str, group: str) -> str | None:
     if os.getuid() == entry.pw_uid and os.getgid() == gid:
         return None
     try:
+        if keep:
+            _prctl(_PR_SET_KEEPCAPS, 1)  # setuid() keeps the permitted set, not all of it
         os.setgroups([gid])
         os.setgid(gid)
         os.setuid(entry.pw_uid)
@@ -69,7 +72,69 @@ def drop_privileges(user: str, group: str) -> str | None:
                              f"{error.strerror} (start as root to use user/group)") from None
     if os.getuid() == 0 and entry.pw_uid != 0:
         raise PrivilegeError("still running as root after dropping privileges")
-    return f"running as user {entry.pw_name} (uid {entry.pw_uid}), gid {gid}"
+    kept = ""
+    if keep:
+        _keep_only(keep)
+        kept = ", keeping " + ", ".join(_CAPABILITY_NAMES[number] for number in keep)
+    return f"running as user {entry.pw_name} (uid {entry.pw_uid}), gid {gid}{kept}"
+
+
+# --- capabilities kept across the drop (transparent mode) -----------------------------
+# From <linux/capability.h> and <linux/prctl.h>; the standard library has no capset().
+CAP_NET_ADMIN = 12
+_CAPABILITY_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN"}
+_PR_SET_KEEPCAPS = 8
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_RAISE = 2
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capabilities_needed(routes) -> tuple[int, ...]:
+    """What serving `routes` needs after the drop: CAP_NET_ADMIN for IP_TRANSPARENT
+    (source = client on each production connection, listen-transparent on listeners
+    set up after the drop); nothing otherwise. Decided at start: a reload that adds such
+    a route to a daemon started without one needs a restart."""
+    if any(route.source == "client" or route.listen_transparent for route in routes):
+        return (CAP_NET_ADMIN,)
+    return ()
+
+
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, *arguments: int) -> None:
+    import ctypes
+    if _libc().prctl(option, *(ctypes.c_ulong(value) for value in arguments),
+                     *(ctypes.c_ulong(0) for _ in range(4 - len(arguments)))) != 0:
+        code = ctypes.get_errno()
+        raise PrivilegeError(f"prctl({option}): {os.strerror(code)}")
+
+
+def _keep_only(keep: tuple[int, ...]) -> None:
+    """After setuid() under PR_SET_KEEPCAPS: make `keep` the permitted, effective and
+    inheritable sets (everything else is dropped for good), and ambient, so that
+    worker processes started with exec() have them too."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    mask = [0, 0]
+    for number in keep:
+        mask[number // 32] |= 1 << (number % 32)
+    data = (Data * 2)(*(Data(part, part, part) for part in mask))
+    if _libc().capset(ctypes.byref(Header(_CAPABILITY_VERSION_3, 0)), data) != 0:
+        raise PrivilegeError(f"cannot keep {', '.join(_CAPABILITY_NAMES[n] for n in keep)} "
+                             f"after dropping privileges: {os.strerror(ctypes.get_errno())}")
+    for number in keep:
+        _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, number)
+    _prctl(_PR_SET_KEEPCAPS, 0)
 
 
 class PidFile:

@@ -249,12 +249,12 @@ class HeaderReader:
     `timeout`; called once, from the hub, unless cancel() comes first. The caller keeps
     the channel either way (closes it on a problem).
     """
-    __slots__ = ("_channel", "_accept", "_on_done", "_timer", "_taken")
+    __slots__ = ("channel", "_accept", "_on_done", "_timer", "_taken")
 
     def __init__(self, channel, accept: str, timeout: float,
                  on_done: Callable[[ProxyHeader | None, str | None], None]):
         from gevent import get_hub  # the parser above needs no event loop
-        self._channel = channel
+        self.channel = channel
         self._accept = accept
         self._on_done = on_done
         self._taken = b""
@@ -263,7 +263,7 @@ class HeaderReader:
         channel.start_reading(self._readable)
 
     def _readable(self) -> None:
-        sock = self._channel.sock
+        sock = self.channel.sock
         try:
             peeked = sock.recv(V2_MAX_LENGTH, socket.MSG_PEEK)
         except BlockingIOError:
@@ -311,5 +311,5 @@ class HeaderReader:
         """Stop reading and waiting; on_done is not called."""
         self._on_done = None
         self._timer.stop()
-        if not self._channel.closed:
-            self._channel.stop_reading()
+        if not self.channel.closed:
+            self.channel.stop_reading()
