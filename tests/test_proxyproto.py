@@ -411,3 +411,21 @@ def test_handshakes_count_against_max_connections_and_drain_ends_them(servers, p
     assert proxied.listener.drain(0.1) == 0
     for client in waiting:
         assert sees_eof(client, timeout=2)
+
+
+def test_hooks_see_the_headers_client_as_conn_client(serve, proxy, caplog):
+    production = serve(recording(reply_each=b""))
+    seen = []
+
+    class Watch:
+        def on_connect(self, conn):
+            seen.append(conn.client)
+
+    proxied = proxy(production, accept_proxy="v2", hooks=Watch())
+    client = proxied.connect()
+    client.sendall(v2(family=0x21, body=IPV6_BODY) + b"hello")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_to_eof(client) == b""
+    wait_for_lines(caplog)
+    assert seen == ["[2001:db8::7]:41000"]
+    assert received(production) == b"hello"
