@@ -492,6 +492,30 @@ def render_man8() -> str:
               "SIGTERM or SIGINT every worker, retired ones included, drains for up to "
               "drain-timeout; one still running drain-timeout plus 5 seconds after it was "
               "told to stop is killed with SIGKILL, and the kill is logged."),
+        ".SH \"TRANSPARENT MODE\"",
+        _text("With production = original-dst a route relays each connection to the "
+              "address its client originally dialled: read from conntrack (SO_ORIGINAL_DST, "
+              "IP6T_SO_ORIGINAL_DST) after an iptables or nftables REDIRECT rule, or the "
+              "accepted socket's own address after a TPROXY rule (listen-transparent = "
+              "yes); a client that dialled gproxyd's own listen address is closed as a "
+              "loop, with one log line. source = client connects to production from the "
+              "client's address (IP_TRANSPARENT), which needs policy routing (ip rule add "
+              "fwmark 1 lookup 100; ip route add local 0.0.0.0/0 dev lo table 100) and a "
+              "rule marking packets of transparent sockets (nft: socket transparent 1 meta "
+              "mark set 1; iptables: -m socket --transparent -j MARK --set-mark 1). These "
+              "need CAP_NET_ADMIN: started as root with user, gproxyd keeps it (and only "
+              "it) after the drop when a route uses source = client or "
+              "listen-transparent; under systemd, add it to AmbientCapabilities= and "
+              "CapabilityBoundingSet=. The full rules are in the README, Transparent mode."),
+        ".SH \"PROXY PROTOCOL\"",
+        _text("accept-proxy = v1, v2 or any makes a route require HAProxy's PROXY header "
+              "before a client's first byte, within connect-timeout; its client address "
+              "is the connection's in logs, hooks (conn.client) and source = client. A "
+              "missing or malformed header closes the connection before anything reaches "
+              "production, logged at most every 10 seconds per route. send-proxy and "
+              "shadow-send-proxy (v1 or v2) begin each production or shadow connection "
+              "with a header carrying the client's address and the address it connected "
+              "to."),
         ".SH SIGNALS",
         ".TP",
         _bold("SIGHUP"),
@@ -608,6 +632,13 @@ def render_man5() -> str:
         _text("The host is an IP address or a host name; the port is 1 to 65535; a unix "
               "socket path is absolute. ADDRESSES is a comma-separated list of them, empty "
               "for none."),
+        ".TP",
+        _italic("VERSION"),
+        _text("A PROXY protocol version: off, v1 or v2 (accept-proxy also takes any)."),
+        ".TP",
+        _italic("SOURCE"),
+        _text("off (the kernel chooses), client (the client's own address, with "
+              "IP_TRANSPARENT), or an IP address of this host, e.g. 10.0.0.2."),
         ".TP",
         _italic("DURATION"),
         _text("A number with a unit: ms, s, m or h, e.g. 250ms, 5s, 15m or 1h. A bare number "
