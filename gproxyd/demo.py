@@ -128,20 +128,25 @@ def main(argv: list[str]) -> int:
     print(table(document, before, elapsed))
     if args.serve:
         from .admin import AdminServer
+        from .history import History, sample_forever
         from .settings import address
         # The numbers go on from the tour's, and the admin endpoint shows them live.
         listener = Listener(route, stats=listener.stats)
         listener.start()
-        admin = AdminServer(address(f"127.0.0.1:{_free_port()}"),
-                            lambda: {route.name: listener.stats})
+        source = lambda: {route.name: listener.stats}  # noqa: E731
+        history = History()
+        sampler = gevent.spawn(sample_forever, history, source)
+        admin = AdminServer(address(f"127.0.0.1:{_free_port()}"), source, history=history)
         admin.start()
         print(f"\nserving on 127.0.0.1:{listen_port}: curl http://127.0.0.1:{listen_port}/\n"
+              f"the dashboard: http://{admin.address}/ (production and the candidate, live)\n"
               f"live numbers: gproxyctl stats --admin {admin.address} --watch "
               f"(or curl http://{admin.address}/stats); Ctrl-C stops")
         try:
             gevent.wait()
         except KeyboardInterrupt:
             pass
+        sampler.kill()
         admin.stop()
     production.stop()
     candidate.stop()

@@ -47,6 +47,13 @@ def test_the_demo_keeps_serving_with_its_numbers_live_on_an_admin_endpoint():
         assert stats.returncode == 0, stats.stderr
         route = json.loads(stats.stdout)["routes"]["demo"]
         assert route["production"]["requests"] == 41  # the tour's 40, then ours
+        dashboard = re.search(r"the dashboard: (\S+)", "".join(lines)).group(1)
+        with urllib.request.urlopen(dashboard, timeout=10) as page:
+            assert b"dashboard/app.js" in page.read()
+        with urllib.request.urlopen(f"http://{admin}/stats/history?route=demo",
+                                    timeout=10) as answer:
+            assert set(json.loads(answer.read())["routes"]["demo"]) == {
+                "production", *route["shadows"]}
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=20) == 0
