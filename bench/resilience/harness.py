@@ -78,7 +78,7 @@ class Bench:
         self.procs = Processes(workdir)
         self.daemons: list[Daemon] = []
         self._nginx: dict[str, int] = {}
-        self._redis = 0
+        self._redis: dict[str, int] = {}
 
     def directory(self, name: str) -> Path:
         path = Path(self.workdir) / name
@@ -123,17 +123,17 @@ class Bench:
             self._nginx[name] = port
         return self._nginx[name]
 
-    def redis(self) -> int:
+    def redis(self, name: str = "redis") -> int:
         """A redis-server of our own on a free port (not the system's on 6379)."""
-        if not self._redis:
+        if name not in self._redis:
             port = free_port()
-            proc, log = self.procs.start("redis", [
+            proc, log = self.procs.start(name, [
                 "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(self.directory("redis"))])
+                "--dir", str(self.directory(name))])
             wait_listening([port], proc, log)
-            self._redis = port
-        return self._redis
+            self._redis[name] = port
+        return self._redis[name]
 
     def close(self) -> None:
         for daemon in list(self.daemons):
