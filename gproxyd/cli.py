@@ -167,8 +167,8 @@ def _serve(config, argv: list[str]) -> int:
         hand_over,
     )
     from .hooks import HookLoadError, load_route_hooks
-    from .lifecycle import StartError, bind_all
-    from .listener import ListenError
+    from .lifecycle import StartError, bind_all, listen_key
+    from .listener import ListenError, make_transparent
 
     settings = config.settings
     _raise_open_files_limit()
@@ -183,6 +183,10 @@ def _serve(config, argv: list[str]) -> int:
         return _fail(str(error), EX_FAILURE)
     try:
         sockets = bind_all(config.routes, settings.workers, settings.admin)
+        for route in config.routes:  # while privileged: IP_TRANSPARENT needs CAP_NET_ADMIN
+            if route.listen_transparent:
+                for sock in sockets.routes[listen_key(route)]:
+                    make_transparent(sock, route.listen)
     except ListenError as error:
         return _fail(str(error), EX_FAILURE)
     context = None

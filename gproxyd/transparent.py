@@ -50,6 +50,12 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
+def is_transparent(sock: socket.socket) -> bool:
+    if sock.family == socket.AF_INET6:
+        return bool(sock.getsockopt(SOL_IPV6, IPV6_TRANSPARENT))
+    return bool(sock.getsockopt(socket.SOL_IP, IP_TRANSPARENT))
+
+
 def original_destination(sock: socket.socket, diverted: bool) -> tuple[str, int]:
     """Where the client of an accepted socket meant to connect. `diverted` (TPROXY,
     listen-transparent): the socket's own local address is it. Else the address a NAT

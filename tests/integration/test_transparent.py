@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -189,9 +190,9 @@ def gateway_daemon(net, tmp_path):
     os.chmod(tmp_path, 0o777)  # the log file is reopened by nobody
     started = []
 
-    def start(routes: str) -> Daemon:
+    def start(routes: str, settings: str = "") -> Daemon:
         daemon = Daemon(tmp_path, "[gproxyd]\nadmin = off\nlog-level = info\n"
-                                  "user = nobody\n\n" + routes)
+                                  "user = nobody\n" + settings + "\n" + routes)
         daemon.notify.close()
         daemon.notify = PathNotifySocket()
         daemon.env["NOTIFY_SOCKET"] = daemon.notify.path
@@ -354,3 +355,25 @@ def test_a_client_dialling_gproxyd_itself_is_refused_as_a_loop(net, servers,
                     "loop")
     daemon.wait_log(f"production = original-dst: the client dialled {shown[GATEWAY_V6]}, "
                     f"gproxyd's own listen address [::]:{REDIRECT_PORT}, which would loop")
+
+
+@pytest.mark.parametrize("keep, expected", [(True, "0000000000001000"),
+                                            (False, "0000000000000000")])
+def test_the_drop_keeps_cap_net_admin_for_exec_d_workers_too(keep, expected):
+    """Workers (workers = N) are started with exec() after the drop: the capability is
+    raised as ambient, which exec() keeps (checked with a system binary: on this
+    machine nobody may not run the venv's interpreter, so a daemon with user = nobody
+    and workers cannot start its workers at all)."""
+    assert os.getuid() == 0, "the privilege drop needs root"
+    program = ("import os; from gproxyd.daemon import drop_privileges, capabilities_needed; "
+               "from gproxyd.config import make_route; "
+               "routes = [make_route(listen='127.0.0.1:0', production='127.0.0.1:9', "
+               f"source={'client' if keep else 'off'!r})]; "
+               "print(drop_privileges('nobody', '', capabilities_needed(routes)), flush=True); "
+               "os.execv('/bin/grep', ['grep', '^Cap[EA]', '/proc/self/status'])")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith(", keeping CAP_NET_ADMIN") is keep
+    assert lines[1:] == [f"CapEff:\t{expected}", f"CapAmb:\t{expected}"]
