@@ -80,7 +80,7 @@ def describe() -> str:
             done.stdout or done.stderr).strip() else "?"
     commit = run("git", "rev-parse", "--short", "HEAD")
     dirty = subprocess.run(["git", "status", "--porcelain", "gproxyd"], capture_output=True,
-                           text=True, cwd=REPO_DIR, timeout=30).stdout.strip()
+                           text=True, cwd=REPO_DIR, timeout=30).stdout.rstrip()
     version = run(*gproxyd_command(), "--version")
     changed = ", ".join(line[3:] for line in dirty.splitlines())
     return (f"gproxyd {version} at {commit}"
