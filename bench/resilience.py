@@ -83,7 +83,7 @@ def describe() -> str:
                            text=True, cwd=REPO_DIR, timeout=30).stdout.rstrip()
     version = run(*gproxyd_command(), "--version")
     changed = ", ".join(line[3:] for line in dirty.splitlines())
-    return (f"gproxyd {version} at {commit}"
+    return (f"{version} at {commit}"
             f"{f' + uncommitted changes in the working tree: {changed}' if dirty else ''}"
             f"; {os.cpu_count()} CPUs ({platform.machine()}), load "
             f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at start; "
