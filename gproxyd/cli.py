@@ -168,7 +168,8 @@ def _serve(config, argv: list[str]) -> int:
     )
     from .hooks import HookLoadError, load_route_hooks
     from .lifecycle import StartError, bind_all, listen_key
-    from .listener import ListenError, make_transparent
+    from .listener import ListenError
+    from .transparent import listen_transparently
 
     settings = config.settings
     _raise_open_files_limit()
@@ -183,12 +184,13 @@ def _serve(config, argv: list[str]) -> int:
         return _fail(str(error), EX_FAILURE)
     try:
         sockets = bind_all(config.routes, settings.workers, settings.admin)
-        for route in config.routes:  # while privileged: IP_TRANSPARENT needs CAP_NET_ADMIN
-            if route.listen_transparent:
-                for sock in sockets.routes[listen_key(route)]:
-                    make_transparent(sock, route.listen)
     except ListenError as error:
         return _fail(str(error), EX_FAILURE)
+    for route in config.routes:  # while privileged: IP_TRANSPARENT needs CAP_NET_ADMIN
+        for sock in sockets.routes[listen_key(route)] if route.listen_transparent else ():
+            problem = listen_transparently(sock, route.listen)
+            if problem:
+                return _fail(problem, EX_FAILURE)
     context = None
     if settings.daemonize:
         # Detach before gevent creates its loop: libev's fds do not survive the fork.

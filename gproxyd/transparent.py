@@ -50,10 +50,19 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def is_transparent(sock: socket.socket) -> bool:
-    if sock.family == socket.AF_INET6:
-        return bool(sock.getsockopt(SOL_IPV6, IPV6_TRANSPARENT))
-    return bool(sock.getsockopt(socket.SOL_IP, IP_TRANSPARENT))
+def listen_transparently(sock: socket.socket, listen: Address) -> str | None:
+    """IP_TRANSPARENT on a listening socket (listen-transparent), so that it accepts what
+    TPROXY rules divert to it. Returns what went wrong, with the hint, or None."""
+    level, option = (SOL_IPV6, IPV6_TRANSPARENT) if sock.family == socket.AF_INET6 \
+        else (socket.SOL_IP, IP_TRANSPARENT)
+    if sock.getsockopt(level, option):
+        return None  # set before the privilege drop, or by the process that bound it
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError as error:
+        return f"cannot listen transparently on {listen}: {error.strerror} " \
+               "(listen-transparent needs CAP_NET_ADMIN)"
+    return None
 
 
 def original_destination(sock: socket.socket, diverted: bool) -> tuple[str, int]:
