@@ -3,7 +3,7 @@
 editable install): one table row per scenario, what the issue reported before and what
 happens now, with the numbers measured.
 
-    .venv/bin/python bench/resilience.py --out /tmp/resilience.md    # ~8 minutes
+    .venv/bin/python bench/resilience.py --out /tmp/resilience.md    # ~4-5 minutes
     .venv/bin/python bench/resilience.py --quick --only 1,12          # a smoke run
 
 Real servers (nginx, a redis-server of its own), wrk, and scripted peers (a stalled
