@@ -1,7 +1,7 @@
 """transparent.py and the transparent-mode / PROXY protocol options: config values and the
 exact errors for what cannot work, a connection's endpoints from its socket or its PROXY
 header, the loop check, the refusal log. (The kernel side, REDIRECT and TPROXY, is in
-tests/integration/test_transparent.py.)"""
+tests/integration/test_transparent_daemon.py.)"""
 from __future__ import annotations
 
 import logging
