@@ -38,6 +38,14 @@ CHUNK = 64 * 1024  # at most this much is read, decrypted or encrypted in one ca
 SIDES = ("client", "production", "shadow")
 LOG_EVERY = 60.0  # seconds between two lines about one route side's failed handshakes
 
+# Where ciphertext is read into the TLS layer and plaintext out of it: process-wide, as
+# relay.py's shared buffer, since nothing is left in them across a wait (what a socket
+# does not take is copied out first).
+_cipher = bytearray(CHUNK)
+_cipher_view = memoryview(_cipher)
+_clear = bytearray(CHUNK)
+_clear_view = memoryview(_clear)
+
 
 class TLSProblem(Exception):
     """A route's TLS options that cannot be used: `key` names the option, `problem` says
@@ -332,7 +340,7 @@ class Bridge:
         raw.start_reading(self._raw_readable)
         # The first flight (a client's hello) from the next loop turn: on_ready is never
         # called before the caller has the object.
-        loop.run_callback(self._guarded, self._handshake)
+        loop.run_callback(self._first_flight)
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -351,7 +359,7 @@ class Bridge:
         session_end = BridgedChannel(pair[0])
         session_end.bridge = self
         self.plain = Channel(pair[1])
-        self.plain.start_reading(self._guarded_plain_readable)
+        self.plain.start_reading(self._plain_readable)
         on_ready, self._on_ready = self._on_ready, None
         on_ready(session_end, None)
         if not self.done:
@@ -362,35 +370,47 @@ class Bridge:
 
     # --- callbacks: never let an error into the hub ---------------------------------------
 
-    def _guarded(self, step: Callable[[], None]) -> None:
+    def _first_flight(self) -> None:
         if self.done:
             return
         try:
-            step()
+            self._handshake()
         except BaseException as error:  # noqa: BLE001 (any of them ends this connection only)
             self._fail(error)
 
     def _raw_readable(self) -> None:
-        self._guarded(self._read_raw)
+        try:
+            self._read_raw()
+        except BaseException as error:  # noqa: BLE001
+            self._fail(error)
 
-    def _guarded_plain_readable(self) -> None:
-        self._guarded(self._read_plain)
+    def _plain_readable(self) -> None:
+        try:
+            self._read_plain()
+        except BaseException as error:  # noqa: BLE001
+            self._fail(error)
 
     def _raw_writable(self) -> None:
-        self._guarded(self._write_raw)
+        try:
+            self._write_raw()
+        except BaseException as error:  # noqa: BLE001
+            self._fail(error)
 
     def _plain_writable(self) -> None:
-        self._guarded(self._write_plain)
+        try:
+            self._write_plain()
+        except BaseException as error:  # noqa: BLE001
+            self._fail(error)
 
     # --- TLS -> plaintext ---------------------------------------------------------------
 
     def _read_raw(self) -> None:
         try:
-            data = self.raw.sock.recv(CHUNK)
+            received = self.raw.sock.recv_into(_cipher)
         except BlockingIOError:
             return
-        if data:
-            self.incoming.write(data)
+        if received:
+            self.incoming.write(_cipher_view[:received])
         else:
             self.incoming.write_eof()
         if self._on_ready is not None:
@@ -401,63 +421,61 @@ class Bridge:
             self._decrypt()
 
     def _decrypt(self) -> None:
-        chunks = []
-        ended = False
+        """Hand the session what TLS can decrypt, until it wants more ciphertext (reading
+        goes on), the session's end is full (reading pauses until it has taken the
+        rest), or the peer ended (close_notify, or a TCP EOF without one: an EOF all the
+        same)."""
+        read, send, incoming = self.tls.read, self.plain.sock.send, self.incoming
         while True:
+            if not (incoming.pending or incoming.eof or self.tls.pending()):
+                break  # nothing to decrypt: no need to have TLS say so with an exception
             try:
-                chunk = self.tls.read(CHUNK)
+                count = read(CHUNK, _clear)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                ended = True  # close_notify, or a TCP EOF without it: an EOF all the same
-                break
-            if not chunk:
-                ended = True
-                break
-            chunks.append(chunk)
-        self._flush_raw()  # what reading made TLS say (a key update's answer)
-        if chunks:
-            self._to_plain = b"".join(chunks)
-            self._write_plain()
-        if ended:
-            self.raw.stop_reading()
-            self._in_done = True
-            if not self._to_plain:
+                count = 0
+            if not count:
+                self.raw.stop_reading()
+                self._in_done = True
                 self._end_in()
+                break
+            try:
+                sent = send(_clear_view[:count])
+            except BlockingIOError:
+                sent = 0
+            if sent < count:
+                self._to_plain = _clear_view[sent:count].tobytes()
+                self.raw.stop_reading()
+                self.plain.start_writing(self._plain_writable)
+                break
+        if self.outgoing.pending and not self.done:
+            self._flush_raw()  # what reading made TLS say (a key update's answer)
 
     def _write_plain(self) -> None:
         try:
             sent = self.plain.sock.send(self._to_plain)
         except BlockingIOError:
-            sent = 0
-        self._to_plain = self._to_plain[sent:]
-        paused = self.plain.waiting_to_write
-        if self._to_plain:
-            if not paused:
-                self.raw.stop_reading()
-                self.plain.start_writing(self._plain_writable)
             return
-        if paused:
-            self.plain.stop_writing()
-            if not self._in_done:
-                self.raw.start_reading(self._raw_readable)
-        if self._in_done:
-            self._end_in()
+        self._to_plain = self._to_plain[sent:]
+        if self._to_plain:
+            return
+        self.plain.stop_writing()
+        self.raw.start_reading(self._raw_readable)
+        self._decrypt()  # what TLS still holds of what was read before the pause
 
     def _end_in(self) -> None:
         self.plain.half_close()
         self._finish_if_done()
 
-    # --- plaintext -> TLS ---------------------------------------------------------------
-
     def _read_plain(self) -> bool:
         """Encrypt one chunk the session wrote; False when there was nothing to read."""
         try:
-            data = self.plain.sock.recv(CHUNK)
+            received = self.plain.sock.recv_into(_clear)
         except BlockingIOError:
             return False
-        if data:
-            self.tls.write(data)
+        if received:
+            self.tls.write(_clear_view[:received])
             self._flush_raw()
             return True
         self.plain.stop_reading()
@@ -502,7 +520,7 @@ class Bridge:
             self._raw_waiting = False
             self.raw.stop_writing()
             if self.plain is not None and not self._out_eof:
-                self.plain.start_reading(self._guarded_plain_readable)
+                self.plain.start_reading(self._plain_readable)
         if self._out_eof and not self._out_done:
             self._out_done = True
             self.raw.half_close()

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import textwrap
+from pathlib import Path
 
 import gevent
 import pytest
@@ -479,3 +480,46 @@ def test_handshake_failures_are_a_counter_family_by_route_and_side():
     expected = generate_latest(registry)
     assert text.endswith(expected)
     assert metrics_text({"plain": RouteStats()}).count(b"tls") == 0
+
+
+# --- resets ----------------------------------------------------------------------------------
+
+def test_a_production_reset_reaches_the_tls_client_as_a_reset(pki, servers, proxy):
+    production = servers.dies_after(4)  # reads 4 bytes, then closes with bytes unread: RST
+    proxied = proxy(production, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+    client = tls_connect(proxied, pki)
+    client.sendall(b"1234" + b"x" * 100_000)
+    # Read below TLS: the ssl module reports a reset as a plain EOF.
+    below = socket.socket(fileno=client.detach())
+    with pytest.raises(ConnectionResetError):
+        while below.recv(65536):
+            pass
+    below.close()
+
+
+# --- the example config ----------------------------------------------------------------------
+
+def test_the_example_config_loads_with_real_files_in_place_of_its_paths(pki, tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "examples" / "tls.conf").read_text()
+    for name, path in (("api.crt", pki.server.cert), ("api.key", pki.server.key),
+                       ("internal-ca.crt", pki.ca.cert)):
+        assert f"/etc/gproxyd/tls/{name}" in text
+        text = text.replace(f"/etc/gproxyd/tls/{name}", str(path))
+    config_path = tmp_path / "tls.conf"
+    config_path.write_text(text)
+    route, = load_config(str(config_path), [], {}).routes
+    assert (route.protocol, route.production_tls, route.shadow_tls, route.tls_verify,
+            route.tls_server_name) == ("http", True, True, True, "api.internal")
+
+
+def test_a_slow_production_pauses_the_tls_client_and_every_byte_arrives(pki, serve, proxy):
+    def late_reader(conn):
+        gevent.sleep(0.5)  # meanwhile the pair and the sockets fill up: reading pauses
+        conn.read_to_eof()
+        conn.sock.sendall(conn.sha256.encode())
+
+    production = serve(late_reader)
+    proxied = proxy(production, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+    payload = os.urandom(8 * 2 ** 20)
+    answer = half_closing_exchange(proxied, pki, payload)
+    assert answer == hashlib.sha256(payload).hexdigest().encode()
