@@ -85,7 +85,7 @@ class Wrk:
             argv += ["-R", str(rate)]
         for header in headers:
             argv += ["-H", header]
-        argv.append(f"http://127.0.0.1:{target.http_port}{path}")
+        argv.append(f"{target.scheme}://127.0.0.1:{target.http_port}{path}")
         pid = target.pid
         user_before, system_before = tree_cpu_times(pid) if pid else (0.0, 0.0)
         others_before = {name: tree_cpu_seconds(p) for name, p in self.watched.items()}

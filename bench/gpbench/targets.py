@@ -26,6 +26,7 @@ class Target:
     proc: subprocess.Popen | None = None
     log: str = ""
     error: str = ""
+    scheme: str = "http"   # what wrk speaks to http_port: https for the tls section
 
     @property
     def pid(self) -> int | None:

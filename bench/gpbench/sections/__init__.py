@@ -16,6 +16,7 @@ from . import (
     shadow,
     shadow_matrix,
     small,
+    tls,
     workers,
 )
 
@@ -29,6 +30,7 @@ SECTIONS: tuple[Section, ...] = (
     observer.SECTION,
     shadow_matrix.SECTION,
     workers.SECTION,
+    tls.SECTION,
     aa.SECTION,
     compare.SECTION,
     beanstalkd.SECTION,
