@@ -656,10 +656,10 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "closes that client only. Read at start and on each reload (SIGHUP), as "
            "gproxyd's user: new connections use the new certificate, live ones keep theirs; "
            "a file that cannot be used fails the reload and keeps the old one. Empty: TLS "
-           "passes through untouched.", "PATH"),
+           "passes through untouched.", "PEM"),
     Option("tls-key", optional_path, "",
            "The unencrypted PEM private key of tls-cert (empty: it is in the tls-cert file).",
-           "PATH"),
+           "PEM"),
     Option("production-tls", boolean, "no",
            "Connect to production over TLS (the handshake within connect-timeout, verified "
            "as tls-verify, tls-ca and tls-server-name say): with tls-cert, what the client "
@@ -670,7 +670,7 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
            "production (within shadow-connect-timeout).", "yes|no"),
     Option("tls-ca", optional_path, "",
            "PEM file of the CA certificates that production-tls and shadow-tls verify "
-           "backends with (empty: the system's CAs).", "PATH"),
+           "backends with (empty: the system's CAs).", "PEM"),
     Option("tls-verify", boolean, "yes",
            "Verify the certificates of TLS backends (chain and name); no accepts any "
            "certificate (for tests and self-signed backends only).", "yes|no"),

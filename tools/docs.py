@@ -44,7 +44,8 @@ SAMPLE_BY_METAVAR = {"USER": "gproxyd", "GROUP": "gproxyd", "PATH": "/run/gproxy
                      "DURATION": "2ms", "URL": "sqlite:////var/lib/gproxyd/jobs.db",
                      "MODE": "0660", "OWNER": "gproxyd:www-data",
                      "NETWORKS": "10.0.0.0/8, fd00::/8",
-                     "FILE": "/etc/gproxyd/admin.token"}
+                     "FILE": "/etc/gproxyd/admin.token",
+                     "PEM": "/etc/gproxyd/tls/api.pem", "HOST": "api.internal"}
 
 # A complete, realistic file for gproxyd.conf(5); test_docs.py loads it with load_config.
 MAN_EXAMPLE = """\
@@ -694,6 +695,13 @@ def render_man5() -> str:
         ".TP",
         _italic("FILE"),
         _text("The absolute path of a file gproxyd reads (see the key)."),
+        ".TP",
+        _italic("PEM"),
+        _text("The absolute path of a PEM file (certificates, or a private key), read at "
+              "start and on each reload as gproxyd's user."),
+        ".TP",
+        _italic("HOST"),
+        _text("A host name as certificates carry it, e.g. api.internal."),
         ".TP",
         _italic("MODULE"),
         _text("A Python module: a dotted name importable by gproxyd (gproxyd.trace logs "
