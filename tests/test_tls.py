@@ -523,3 +523,16 @@ def test_a_slow_production_pauses_the_tls_client_and_every_byte_arrives(pki, ser
     payload = os.urandom(8 * 2 ** 20)
     answer = half_closing_exchange(proxied, pki, payload)
     assert answer == hashlib.sha256(payload).hexdigest().encode()
+
+
+def test_hooks_see_and_change_the_plaintext_of_a_terminated_route(pki, servers, proxy):
+    class Upper:
+        def on_data(self, conn, data):
+            return bytes(data).upper()
+
+    production = servers.echo()
+    proxied = proxy(production, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key),
+                    hooks=Upper())
+    client = tls_connect(proxied, pki)
+    client.sendall(b"shout this")
+    assert recv_exactly(client, 10) == b"SHOUT THIS"

@@ -246,3 +246,29 @@ def test_check_config_refuses_a_mismatched_pair_with_file_line_and_reason(tmp_pa
     result = subprocess.run(gproxyd_command() + ["--check-config", "-c", str(path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_workers_terminate_tls_and_their_failures_are_summed(tmp_path, daemons):
+    ca = tls_certs.make_ca(tmp_path)
+    server = tls_certs.make_server(tmp_path, ca)
+    plain = _http_server(b"plain")
+    port, admin = free_port(), free_port()
+    config = _global(admin).replace("[gproxyd]\n", "[gproxyd]\nworkers = 2\n") + \
+        route_section("web", port, f"127.0.0.1:{plain.server_port}", protocol="http",
+                      tls_cert=str(server.cert), tls_key=str(server.key))
+    daemon = daemons(tmp_path, config).start()
+    try:
+        for number in range(6):  # new connections: both workers take some
+            answer = requests.get(f"https://localhost:{port}/{number}", verify=str(ca.cert),
+                                  timeout=10, headers={"Connection": "close"})
+            assert answer.text == f"plain /{number}\n"
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS
+                assert sock.recv(100) == b""
+        wait_until(lambda: _route_stats(admin, "web")["tls_handshake_failures"] == {
+            "client": 4}, what="the 4 failures summed over the workers")
+        assert _route_stats(admin, "web")["production"]["requests"] == 6
+    finally:
+        daemon.stop()
+        plain.stop()
