@@ -506,7 +506,7 @@ def _effective_line(option, value: Any) -> str:
 def _as_text(option, value: Any) -> str:
     """A parsed value back in the syntax the option's parser reads."""
     if value is None:
-        return "off" if option.name == "admin" else ""
+        return "off" if option.name in ("admin", "source") else ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (tuple, list)):

@@ -4,6 +4,7 @@ header, the loop check, the refusal log. (The kernel side, REDIRECT and TPROXY, 
 tests/integration/test_transparent_daemon.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from pathlib import Path
@@ -208,3 +209,19 @@ def test_refusals_are_logged_once_an_interval_with_how_many_since(monkeypatch, c
         "route web client 192.0.2.7:20: no PROXY header; connection closed (9 more refused "
         "since the last such line)",
     ]
+
+
+def test_gproxyctl_config_shows_the_options_as_they_are_written(tmp_path):
+    from gproxyd.config import effective_text
+    config = load(tmp_path, "production = original-dst\nsource = client\n")
+    text = effective_text(config)
+    assert "production = original-dst\n" in text
+    assert "source = client\n" in text
+    assert "accept-proxy = off" in text and "listen-transparent = no" in text
+    default = effective_text(load(tmp_path, "production = 127.0.0.1:81\n"))
+    assert "source = off" in default
+    again = tmp_path / "again.conf"
+    again.write_text(text)
+    reread, = load_config(str(again), [], {}).routes
+    assert dataclasses.replace(reread, where="") == dataclasses.replace(config.routes[0],
+                                                                        where="")
