@@ -35,7 +35,6 @@ from .settings import Address
 log = logging.getLogger("gproxyd.tls")
 
 CHUNK = 64 * 1024  # at most this much is read, decrypted or encrypted in one callback
-SIDES = ("client", "production", "shadow")
 LOG_EVERY = 60.0  # seconds between two lines about one route side's failed handshakes
 
 # Where ciphertext is read into the TLS layer and plaintext out of it: process-wide, as
@@ -236,10 +235,9 @@ class Upgrade:
             self.failures.failed(str(address), reason)
             on_done(None, HandshakeError(errno.EPROTO, f"TLS handshake failed: {reason}"))
 
-        sslobj_incoming, sslobj_outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        sslobj = self.context.wrap_bio(sslobj_incoming, sslobj_outgoing,
-                                       server_hostname=name or None)
-        return Bridge(channel, sslobj, sslobj_incoming, sslobj_outgoing, self.timeout, done)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        sslobj = self.context.wrap_bio(incoming, outgoing, server_hostname=name or None)
+        return Bridge(channel, sslobj, incoming, outgoing, self.timeout, done)
 
 
 class RouteTLS:
