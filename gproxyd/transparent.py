@@ -164,6 +164,9 @@ def endpoints(route, sock: socket.socket, peer, header: ProxyHeader | None) -> E
                           f"{route.listen}, which would loop (divert only traffic for other "
                           "addresses to gproxyd)")
         production = _address(*destination)
+        if given is None and addresses is not None:
+            # Headers sent on name where the client was going, not where it was diverted.
+            addresses = Addresses(addresses.family, addresses.source, destination)
     return Endpoints(client, addresses, addresses.source[0] if ip_client else None,
                      production)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from pathlib import Path
 
+import backends
 import pytest
 
 from gproxyd import transparent
@@ -225,3 +227,37 @@ def test_gproxyctl_config_shows_the_options_as_they_are_written(tmp_path):
     reread, = load_config(str(again), [], {}).routes
     assert dataclasses.replace(reread, where="") == dataclasses.replace(config.routes[0],
                                                                         where="")
+
+
+# --- source (in-process, over loopback: all of 127/8 is this host's) -----------------------
+
+def peers_of(serve):
+    """A backend that records each connection's peer address and echoes."""
+    peers = []
+
+    def handle(conn):
+        peers.append(conn.sock.getpeername()[:2])
+        backends.echo(conn)
+    return serve(handle), peers
+
+
+def test_source_address_binds_production_connections_to_it(serve, proxy):
+    production, peers = peers_of(serve)
+    proxied = proxy(production, source="127.0.0.2")
+    client = proxied.connect()
+    client.sendall(b"ping")
+    assert backends.recv_exactly(client, 4) == b"ping"
+    assert peers[0][0] == "127.0.0.2"
+
+
+def test_source_client_connects_from_the_proxy_headers_client(serve, proxy):
+    """accept-proxy names the client 127.0.0.5; source = client connects production
+    from there (IP_TRANSPARENT, allowed to root)."""
+    assert os.getuid() == 0, "IP_TRANSPARENT needs CAP_NET_ADMIN: run the tests as root"
+    production, peers = peers_of(serve)
+    proxied = proxy(production, accept_proxy="v1", source="client", send_proxy="v1")
+    client = proxied.connect()
+    client.sendall(b"PROXY TCP4 127.0.0.5 127.0.0.1 41000 80\r\nping")
+    header = b"PROXY TCP4 127.0.0.5 127.0.0.1 41000 80\r\n"
+    assert backends.recv_exactly(client, len(header) + 4) == header + b"ping"
+    assert peers[0][0] == "127.0.0.5"
