@@ -536,3 +536,46 @@ def test_hooks_see_and_change_the_plaintext_of_a_terminated_route(pki, servers, 
     client = tls_connect(proxied, pki)
     client.sendall(b"shout this")
     assert recv_exactly(client, 10) == b"SHOUT THIS"
+
+
+def test_a_proxy_header_comes_before_the_handshake_and_names_the_client(
+        pki, servers, proxy, caplog):
+    production = servers.echo()
+    proxied = proxy(production, accept_proxy="v1", tls_cert=str(pki.server.cert),
+                    tls_key=str(pki.server.key))
+    raw = socket.create_connection(proxied.sockaddr, timeout=10)
+    raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 443\r\n")
+    client = client_context(pki).wrap_socket(raw, server_hostname="localhost")
+    client.sendall(b"behind a balancer")
+    assert recv_exactly(client, 17) == b"behind a balancer"
+    client.close()
+    line, = wait_for_lines(caplog)
+    assert line["client"] == "192.0.2.7:51234"
+
+
+def test_send_proxy_goes_before_the_handshake_towards_a_tls_production(pki, proxy):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    headers = []
+
+    def handle(sock, _peer):
+        line = b""
+        while not line.endswith(b"\r\n"):
+            line += sock.recv(1)
+        headers.append(line)
+        with context.wrap_socket(sock, server_side=True) as secured:
+            secured.sendall(secured.recv(100))
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        proxied = proxy(f"127.0.0.1:{server.server_port}", send_proxy="v1",
+                        production_tls="on", tls_ca=str(pki.ca.cert))
+        client = proxied.connect()
+        client.sendall(b"over tls")
+        assert recv_exactly(client, 8) == b"over tls"
+        host, port = client.getsockname()
+        assert headers == [f"PROXY TCP4 {host} 127.0.0.1 {port} "
+                           f"{proxied.sockaddr[1]}\r\n".encode()]
+    finally:
+        server.stop(timeout=0)
