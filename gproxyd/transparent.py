@@ -101,9 +101,12 @@ def loops(destination: tuple[str, int], listen: Address) -> bool:
     ip = ipaddress.ip_address(destination[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if not listen.numeric or str(ip) == listen.host:
+    if listen.numeric and str(ip) == listen.host:
         return True
-    return ipaddress.ip_address(listen.host).is_unspecified and _is_local(str(ip))
+    # A wildcard (or a host name, not resolved on the hub) listens on this host's
+    # addresses: the destination loops if it is one of them.
+    anywhere = not listen.numeric or ipaddress.ip_address(listen.host).is_unspecified
+    return anywhere and _is_local(str(ip))
 
 
 def _address(ip: str, port: int) -> Address:

@@ -190,6 +190,8 @@ def test_original_dst_that_is_the_listen_address_is_a_loop(accepted):
     (("::1", 8080), "[::]:8080", True),
     (("::ffff:127.0.0.1", 8080), "127.0.0.1:8080", True),
     (("2001:db8::1", 8080), "[::]:8080", False),
+    (("127.0.0.1", 8080), "localhost:8080", True),
+    (("192.0.2.7", 8080), "localhost:8080", False),
     (("127.0.0.1", 8080), "unix:/run/x.sock", False),
 ])
 def test_loops(destination, listen, expected):
