@@ -51,29 +51,43 @@ class Upgraded(_FramingStop):
 
 
 # The framer modules import the exceptions above, so they come after them.
-from . import beanstalkd, http, redis  # noqa: E402
+from . import beanstalkd, http, native, redis  # noqa: E402
 
 FRAMERS = {
     "http": (http.RequestFramer, http.ResponseFramer),
     "redis": (redis.RequestFramer, redis.ResponseFramer),
     "beanstalkd": (beanstalkd.RequestFramer, beanstalkd.ResponseFramer),
 }
-
-
 # The protocols whose RequestFramer reports `starts` and `at` (see above).
 SHAREABLE = frozenset({"http", "redis"})
 
 
-def new_framers(protocol: str, max_head: int = http.MAX_HEAD, shared=None) -> tuple | None:
+def new_framers(protocol: str, max_head: int = http.MAX_HEAD, shared=None,
+                use_native: bool = True) -> tuple | None:
     """A fresh (RequestFramer, ResponseFramer) pair for one connection to one backend, or
     None for a protocol without framers (tcp). `max_head` bounds what an HTTP framer
     buffers for one header section; the line-based protocols keep their own bounds.
     With `shared` (a shared.SharedRequests of the same protocol), the requests are a
-    follower of that framing instead of a framer of their own."""
-    pair = FRAMERS.get(protocol)
-    if pair is None:
+    follower of that framing instead of a framer of their own. The framers have the
+    C parsers in front (native.py) where they are installed, unless not `use_native`."""
+    if protocol not in FRAMERS:
         return None
-    if protocol == "http":
-        requests = shared.follower() if shared is not None else pair[0](max_head)
-        return requests, pair[1](max_head)
-    return shared.follower() if shared is not None else pair[0](), pair[1]()
+    requests = (shared.follower() if shared is not None
+                else new_request_framer(protocol, max_head, use_native))
+    if use_native and native.NATIVE.get(protocol):
+        responses = native.RESPONSE_FRAMERS[protocol](max_head)
+    else:
+        responses = _python(FRAMERS[protocol][1], protocol, max_head)
+    return requests, responses
+
+
+def new_request_framer(protocol: str, max_head: int = http.MAX_HEAD,
+                       use_native: bool = True):
+    """A RequestFramer for one client stream (see new_framers)."""
+    if use_native and native.NATIVE.get(protocol):
+        return native.REQUEST_FRAMERS[protocol](max_head)
+    return _python(FRAMERS[protocol][0], protocol, max_head)
+
+
+def _python(framer: type, protocol: str, max_head: int):
+    return framer(max_head) if protocol == "http" else framer()

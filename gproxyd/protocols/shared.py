@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from . import FRAMERS, ProtocolError
+from . import ProtocolError, new_request_framer
 
 # Most requests a follower may hold ahead of its writes before it frames on its own.
 MAX_AHEAD = 1024
@@ -28,10 +28,13 @@ class SharedRequests:
     """The framing of one client connection's requests, for the backends that follow it."""
 
     __slots__ = ("_framer", "_followers", "offset", "failed_at", "failure", "_marked",
-                 "_protocol", "_max_head", "max_ahead", "parses")
+                 "_protocol", "_max_head", "_native", "max_ahead", "parses")
 
-    def __init__(self, protocol: str, max_head: int, max_ahead: int = MAX_AHEAD):
+    def __init__(self, protocol: str, max_head: int, max_ahead: int = MAX_AHEAD,
+                 use_native: bool = True):
+        """`use_native`: with the C parsers in front where installed (new_framers)."""
         self._protocol = protocol
+        self._native = use_native
         self.max_ahead = max_ahead
         self._max_head = max_head
         self._framer = self._new_framer()
@@ -45,8 +48,7 @@ class SharedRequests:
         self.parses = 0          # framer.feed() calls (what sharing saves is visible)
 
     def _new_framer(self):
-        cls = FRAMERS[self._protocol][0]
-        return cls(self._max_head) if self._protocol == "http" else cls()
+        return new_request_framer(self._protocol, self._max_head, self._native)
 
     def follower(self) -> "RequestFollower":
         """A backend's view of the framing, from the first byte of the stream."""
