@@ -249,3 +249,37 @@ def test_merging_an_export_of_a_smaller_reservoir_is_refused():
                                          "merged into a sample of 4096"):
         PairedLatency(seed=1).add_exported(small.export())
 
+
+
+def summary_by_sorting(paired: PairedLatency, confidence: float = 0.95) -> dict:
+    """summary() as it was first written, every side sorted whole: the oracle."""
+    kept = min(paired.pairs, paired.size)
+    production, shadow = paired._production[:kept], paired._shadow[:kept]
+    differences = sorted(s - p for p, s in zip(production, shadow, strict=True))
+    production, shadow = sorted(production), sorted(shadow)
+    low, high = interval(differences, 0.5, confidence)
+    each = 1 - (1 - confidence) / 2
+    shadow_low, shadow_high = interval(shadow, 0.99, each)
+    production_low, production_high = interval(production, 0.99, each)
+    index = max(1, int(0.99 * kept + 0.5)) - 1
+    ms = lambda seconds: round(seconds * 1e3, 3)  # noqa: E731
+    return {"pairs": paired.pairs, "confidence": confidence,
+            "p50": ms(differences[max(1, int(0.5 * kept + 0.5)) - 1]), "p50_low": ms(low),
+            "p50_high": ms(high), "p99": ms(shadow[index] - production[index]),
+            "p99_low": ms(shadow_low - production_high),
+            "p99_high": ms(shadow_high - production_low),
+            "production_p50": ms(production[max(1, int(0.5 * kept + 0.5)) - 1]),
+            "production_p99": ms(production[index])}
+
+
+@pytest.mark.parametrize("pairs", [20, 21, 57, 100, 1000, 4095, 4096, 20000])
+def test_the_summary_reads_what_sorting_every_side_reads(pairs):
+    rng = random.Random(pairs)
+    paired = PairedLatency(seed=pairs)
+    for _ in range(pairs):
+        production = rng.lognormvariate(-7, 1.5)
+        # ties too: a share of the shadow's values repeat production's
+        shadow = production if rng.random() < 0.2 else production * rng.uniform(0.5, 2)
+        paired.add(production, shadow)
+    for confidence in (0.9, 0.95, 0.99):
+        assert paired.summary(confidence) == summary_by_sorting(paired, confidence)
