@@ -127,11 +127,30 @@ class Exchanges:
     def sent(self, data, at: float = 0.0) -> None:
         """Bytes written to the backend (the client's requests); only while watching.
         `at`: when the write began (0: now)."""
-        if self._requests is None:
+        requests = self._requests
+        if requests is None:
             self._turn_sent = at or monotonic()
             return
-        self._last_sent = at or monotonic()
+        self._last_sent = sending = at or monotonic()
         recording = self._recording
+        if recording is None and self._request_capture is None:
+            # The common case, in short: nothing records or keeps the requests.
+            try:
+                done = requests.feed(data)
+            except ProtocolError as error:
+                self._fall_back(f"request: {error}")
+                self._turn_sent = sending  # this chunk starts a turn
+                return
+            if done:
+                pending = self._pending
+                if self._early or len(pending) + len(done) > _MAX_PENDING:
+                    self._expect(done)
+                    return
+                expect = self._responses.expect
+                for request in done:
+                    pending.append(sending)
+                    expect(request)
+            return
         try:
             done = self._requests.feed(data)
         except ProtocolError as error:
@@ -192,7 +211,19 @@ class Exchanges:
         if capture is not None:
             self._complete(done, at, capture.feed(data, self._responses.ends))
         elif done:
-            self._complete(done, at)
+            pending = self._pending
+            if len(done) > 1 or not pending or self._comparison is not None:
+                self._complete(done, at)
+                return
+            # The common case, in short: one answer to a request sent, no comparison.
+            now = at or monotonic()
+            sent = pending.popleft()
+            answered = self._answered
+            self._answered = now
+            is_error = done[0][1]
+            self.stats.record(now - (sent if sent > answered else answered), is_error)
+            self.answers += 1
+            self.failures += is_error
 
     @property
     def unanswered(self) -> int:

@@ -163,16 +163,15 @@ class HttpResponseFramer(_Native):
     """http.ResponseFramer, with llhttp for a chunk that is one whole final answer to a
     request other than HEAD or CONNECT."""
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "expect")
 
     def __init__(self, max_head: int = http.MAX_HEAD) -> None:
         self._py = http.ResponseFramer(max_head)
         self._parser = None
         self._misses = 0
         self._counts = _Counts()
-
-    def expect(self, request: str) -> None:
-        self._py._pending.append(request)
+        # expect(method): what http.ResponseFramer.expect does, without a call of ours
+        self.expect = self._py._pending.append
 
     def close(self) -> list | None:
         return self._py.close()
@@ -254,13 +253,18 @@ class RedisRequestFramer(_Native):
                     break
                 if type(command) is not list or not command:
                     return self._miss(data)
-                length += 3 + len(str(len(command)))
+                length += 3 + _digits(len(command))
                 for argument in command:
                     if type(argument) is not bytes:
                         return self._miss(data)
                     size = len(argument)
-                    length += size + 5 + len(str(size))
-                commands.append(redis._command(command[0][:redis.NAME_MAX]))
+                    length += size + 5 + _digits(size)
+                name = _NAMES.get(command[0])
+                if name is None:
+                    name = redis._command(command[0][:redis.NAME_MAX])
+                    if len(_NAMES) < _NAMES_KEPT:
+                        _NAMES[command[0]] = name
+                commands.append(name)
             if length != n or not _idle(reader):
                 return self._miss(data)
         except hiredis.ProtocolError:
@@ -348,6 +352,22 @@ class RedisResponseFramer(_Native):
 
 
 _FIRST = frozenset(b"+-:$*")  # RESP2's first bytes
+
+
+# Command names as read -> as the Python framer gives them (a client uses a few).
+_NAMES: dict[bytes, str] = {}
+_NAMES_KEPT = 1024
+
+
+def _digits(number: int) -> int:
+    """len(str(number)), sooner for the small numbers of commands."""
+    if number < 10:
+        return 1
+    if number < 100:
+        return 2
+    if number < 1000:
+        return 3
+    return len(str(number))
 
 
 def _idle(reader) -> bool:
