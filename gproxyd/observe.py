@@ -279,6 +279,7 @@ class Exchanges:
         pending = self._pending
         answered = self._answered
         self._answered = now
+        record = self.stats.record
         for index, (_status, is_error) in enumerate(done):
             early = not pending
             if early:
@@ -291,7 +292,7 @@ class Exchanges:
                 pending.append(self._last_sent)
             sent = pending.popleft()
             latency = now - (sent if sent > answered else answered)
-            self.stats.record(latency, is_error)
+            record(latency, is_error)
             self.answers += 1
             self.failures += is_error
             if self._comparison is not None:
