@@ -10,6 +10,7 @@ from . import (
     bulk,
     compare,
     connect,
+    cost,
     large,
     memory,
     observer,
@@ -35,6 +36,7 @@ SECTIONS: tuple[Section, ...] = (
     compare.SECTION,
     beanstalkd.SECTION,
     admin.SECTION,
+    cost.SECTION,
 )
 NAMES = tuple(section.name for section in SECTIONS)
 
