@@ -151,9 +151,10 @@ def problems(route) -> Iterator[tuple[str, str]]:
         yield client_only[0], "verifies the backends' TLS (expected production-tls = on or " \
                               "shadow-tls = on)"
     if route.tls_verify and not route.tls_server_name:
+        shadows = (*route.shadow, *([route.baseline] if route.baseline else []))
         for key, on, address in (("production-tls", route.production_tls, route.production),
                                  *(("shadow-tls", route.shadow_tls, shadow)
-                                   for shadow in route.shadow)):
+                                   for shadow in shadows)):
             if on and address.family == socket.AF_UNIX:
                 yield key, f"{address} has no host name to verify its certificate against " \
                            "(expected tls-server-name, or tls-verify = off)"
