@@ -360,9 +360,16 @@ class Bridge:
         self.plain = Channel(pair[1])
         self.plain.start_reading(self._plain_readable)
         on_ready, self._on_ready = self._on_ready, None
+        unsized = session_end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         on_ready(session_end, None)
-        if not self.done:
-            self._decrypt()  # what came with the handshake's last flight (a request)
+        if self.done or session_end.closed:
+            return
+        # A shadow's send buffer is sized by shadow-memory (shadow.py) on the channel it
+        # is given; the bytes it means to bound wait in the TLS socket's buffer here.
+        sized = session_end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        if sized != unsized:
+            self.raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sized // 2)
+        self._decrypt()  # what came with the handshake's last flight (a request)
 
     def _handshake_timed_out(self) -> None:
         self._fail(OSError(errno.ETIMEDOUT, "handshake timed out"))

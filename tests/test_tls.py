@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 import tls_certs
 from backends import recv_exactly, sees_eof, wait_for_lines, wait_until
@@ -21,9 +22,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from gproxyd.admin import metrics_text
+from gproxyd.channel import connect
 from gproxyd.config import ConfigError, load_config, make_route
 from gproxyd.stats import RouteStats
-from gproxyd.tls import LOG_EVERY, HandshakeFailures
+from gproxyd.tls import LOG_EVERY, HandshakeFailures, RouteTLS
 
 
 @pytest.fixture
@@ -579,3 +581,25 @@ def test_send_proxy_goes_before_the_handshake_towards_a_tls_production(pki, prox
                            f"{proxied.sockaddr[1]}\r\n".encode()]
     finally:
         server.stop(timeout=0)
+
+
+def test_a_send_buffer_set_on_the_plaintext_end_applies_to_the_tls_socket(pki, tls_backends):
+    """shadow-memory sizes a shadow's send buffer on the channel the shadow sink gets (the
+    pair's end): the bytes it bounds wait in the TLS socket's buffer, which gets it too."""
+    backend = tls_backends(pki.server)
+    route = make_route("test", listen="127.0.0.1:0", production=backend.address,
+                       production_tls="on", tls_ca=str(pki.ca.cert))
+    upgrade = RouteTLS(route, {}).production
+    outcome = gevent.event.AsyncResult()
+
+    def connected(plain, error):
+        plain.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        outcome.set((plain, error))
+
+    channel = connect(route.production, 5)
+    bridge = upgrade.secure(channel, route.production, connected)
+    plain, error = outcome.get(timeout=5)
+    assert error is None
+    assert bridge.raw.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == \
+        plain.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    plain.close()

@@ -1,0 +1,251 @@
+"""openloop: production's latency at half of saturation, open-loop, with no shadow, a
+healthy shadow and a stalled one (#19 item 2).
+
+Saturation is the plain route's req/s under `wrk -c50` with the shadow matrix's ~1 KiB
+POSTs (the median of the section's first runs). Then bench/openloop.c (compiled with cc
+into the temporary directory) offers half of that rate, and then a quarter, open-loop:
+request i is due at i/RATE whatever happened to the ones before, goes out on an idle one
+of 50 kept-alive connections (or waits for the first to come free), and its latency
+counts from its due time. Rounds of the three routes in turn (plain, shadow = the second
+nginx, shadow = the server that accepts and never reads), each a gproxyd of its own, and
+of the control: the sender straight to nginx; with BENCH_BEFORE=REV
+the same three routes of that commit's gproxyd join every round, so before and after meet
+the same machine. The sender reports its own lateness (how long after its due time it
+handed each request on): when that is high, the machine made the latency.
+
+Targets: p99 with a healthy shadow at most 1.2x the plain route's, with a stalled one at
+most 1.1x.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+from .. import BENCH_DIR, BenchError
+from ..configs import gproxyd_conf
+from ..processes import child_setup, wait_listening
+from ..procfs import free_port, shadow_queues, tree_cpu_times
+from ..rig import Rig
+from ..section import Section, per
+from ..source import check_config, export_revision, gproxyd_env
+from ..tables import fmt, markdown_table, ratio, text_table
+from ..targets import Target
+from .shadow_matrix import POST_BODY_SIZE, measure_saturation
+
+CONNECTIONS = 50
+# Shares of the plain route's saturation offered: the issue's half, and a quarter, where
+# the routes have headroom on a small machine (what a shadow does to production's latency
+# there is interference; at half, with too little CPU left, it is capacity).
+SHARES = (0.5, 0.25)
+ROUTES = (("gproxyd", "none"), ("gproxyd+healthy", "healthy"),
+          ("gproxyd+stalled", "stalled"))
+TARGETS = {"healthy": 1.2, "stalled": 1.1}   # p99 ÷ none, at most
+ROWS = (("achieved", "achieved req/s", 0), ("p50_ms", "p50 ms", 3),
+        ("p90_ms", "p90 ms", 3), ("p99_ms", "p99 ms", 3), ("p999_ms", "p99.9 ms", 3),
+        ("max_ms", "max ms", 2), ("lag_p50_ms", "sender late, p50 ms", 3),
+        ("lag_p99_ms", "sender late, p99 ms", 3), ("lag_max_ms", "sender late, max ms", 2),
+        ("waited", "requests that waited for a free connection", 0),
+        ("errors", "errors + unanswered", 0), ("cpu_us", "gproxyd CPU us/req", 1),
+        ("cpu_user_us", "...of which user space", 1),
+        ("queued_kib", "kernel-queued towards the shadow at the end, KiB", 0))
+
+
+class OpenLoop(Section):
+    name = "openloop"
+    summary = ("#19 item 2: production's p50/p99 at half of saturation, open-loop "
+               "(bench/openloop.c), with no / a healthy / a stalled shadow")
+    variants = ("gproxyd+healthy", "gproxyd+stalled")
+    warm_up = ("gproxyd+healthy", "gproxyd+stalled")
+
+    def __init__(self) -> None:
+        self.sender = ""
+        self.error = ""
+        self.rates: dict[float, int] = {}   # share -> offered req/s
+        self.saturation = 0.0
+        self.before = ""   # the commit BENCH_BEFORE names, if any
+        self.sources: list[str] = ["after"]
+
+    def prepare(self, rig: Rig) -> None:
+        self.before = os.environ.get("BENCH_BEFORE", "")
+        if self.before:
+            self.sources = ["before", "after"]
+
+    def names(self, source: str) -> list[str]:
+        return [name if source == "after" else f"before:{name}" for name, _ in ROUTES]
+
+    def run(self, rig: Rig) -> None:
+        self.sender = os.path.join(rig.workdir, "openloop")
+        built = subprocess.run(["cc", "-O2", "-o", self.sender,
+                                os.path.join(BENCH_DIR, "openloop.c")],
+                               capture_output=True, text=True, timeout=120)
+        if built.returncode != 0:
+            self.error = f"cc bench/openloop.c failed: {built.stderr.strip()[-300:]}"
+            return
+        if self.before:
+            self.start_before(rig)
+        rig.interleaved("openloop-saturation", ["gproxyd"],
+                        lambda target: measure_saturation(rig, target))
+        self.saturation = rig.median("gproxyd", "openloop-saturation.rps") or 0.0
+        if not self.saturation:
+            self.error = "no saturation run of the plain route finished"
+            return
+        # direct: the sender straight to nginx, the control: what the machine and the
+        # sender make of the latency with no proxy at all.
+        targets = ["direct"] + [name for source in self.sources for name in self.names(source)]
+        for share in SHARES:
+            rate = self.rates[share] = round(self.saturation * share)
+            rig.interleaved(measurement(share), targets,
+                            lambda target, rate=rate: self.measure(rig, target, rate))
+
+    def start_before(self, rig: Rig) -> None:
+        """The three routes again, each a gproxyd of its own, as committed at BEFORE."""
+        try:
+            code = export_revision(self.before, os.path.join(rig.workdir, "before"))
+        except BenchError as error:
+            self.error = str(error)
+            return
+        shadows = {"gproxyd": "", "gproxyd+healthy": f"127.0.0.1:{rig.shadow_nginx_port}",
+                   "gproxyd+stalled": f"127.0.0.1:{rig.stall_port}"}
+        for name, shadow in shadows.items():
+            target = Target(f"before:{name}", f"{name} at {self.before}")
+            if "stalled" in name:
+                target.shadow_port = rig.stall_port
+            rig.targets[target.name] = target
+            target.http_port = free_port()
+            conf = os.path.join(rig.workdir, f"before-{name}.conf")
+            lines = (f"shadow = {shadow}",) if shadow else ()
+            with open(conf, "w") as handle:
+                handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port,
+                                                lines)]))
+            try:
+                check_config(conf, code)
+                target.proc, target.log = rig.procs.start(
+                    target.name, [sys.executable, "-m", "gproxyd", "-c", conf],
+                    cpus=rig.proxy_cpus, env=gproxyd_env(code), cwd=code)
+                wait_listening([target.http_port], target.proc, target.log)
+                rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
+            except BenchError as error:
+                target.error = str(error)
+
+    def measure(self, rig: Rig, target: Target, rate: int) -> dict[str, Any]:
+        argv = [self.sender, str(target.http_port), str(rate),
+                f"{rig.args.duration:g}", str(CONNECTIONS), str(POST_BODY_SIZE)]
+        pid = target.pid
+        user, system = tree_cpu_times(pid) if pid else (0.0, 0.0)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=rig.args.duration + 30, stdin=subprocess.DEVNULL,
+                                  preexec_fn=child_setup(rig.load_cpus))
+        except subprocess.TimeoutExpired:
+            raise BenchError("the open-loop sender did not finish in time") from None
+        user_after, system_after = tree_cpu_times(pid) if pid else (0.0, 0.0)
+        if done.returncode != 0:
+            raise BenchError(f"open-loop sender failed (exit {done.returncode}): "
+                             f"{done.stderr.strip()[-200:]}")
+        result = json.loads(done.stdout)
+        values = {key: result[key] for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms",
+                                               "max_ms", "lag_p50_ms", "lag_p99_ms",
+                                               "lag_max_ms")}
+        values.update(achieved=result["rate"], waited=result["waited_for_connection"],
+                      errors=result["errors"] + result["unanswered"])
+        if pid:
+            values.update(cpu_us=per(user_after - user + system_after - system,
+                                     result["answered"]),
+                          cpu_user_us=per(user_after - user, result["answered"]))
+        if target.shadow_port:
+            values["queued_kib"] = shadow_queues(target.shadow_port)[1] // 1024
+        return values
+
+    # -- the report
+
+    def round_ratios(self, rig: Rig, share: float, source: str, label: str,
+                     metric: str) -> list[float]:
+        """Each round's METRIC of the shadow route over the plain route's that round."""
+        names = dict(zip((label for _, label in ROUTES), self.names(source), strict=True))
+        top = rig.samples.get((names[label], f"{measurement(share)}.{metric}"), [])
+        bottom = rig.samples.get((names["none"], f"{measurement(share)}.{metric}"), [])
+        return [a / b for a, b in zip(top, bottom, strict=False) if b]
+
+    def table(self, rig: Rig, share: float) -> list[list[str]]:
+        key = measurement(share)
+        head = ["metric (median of rounds)", "direct (control)"]
+        columns = ["direct"]
+        for source in self.sources:
+            for name, (_, label) in zip(self.names(source), ROUTES, strict=True):
+                columns.append(name)
+                head.append(label if len(self.sources) == 1 else f"{source}: {label}")
+        rows = [head]
+        for metric, label, digits in ROWS:
+            rows.append([label] + [fmt(rig.median(name, f"{key}.{metric}"), digits)
+                                   for name in columns])
+        for metric in ("p50_ms", "p99_ms"):
+            for which in ("healthy", "stalled"):
+                row = [f"{metric[:3]} {which} / none: of medians; median of rounds' ratios",
+                       ""]
+                for source in self.sources:
+                    names = self.names(source)
+                    plain = rig.median(names[0], f"{key}.{metric}")
+                    mine = rig.median(names[1 if which == "healthy" else 2], f"{key}.{metric}")
+                    each = self.round_ratios(rig, share, source, which, metric)
+                    cell = ratio(mine, plain)
+                    if each:
+                        cell += f"; {statistics.median(each):.2f}"
+                    row += ["", "", cell] if which == "stalled" else ["", cell, ""]
+                rows.append(row)
+        return rows
+
+    def verdict(self, rig: Rig, share: float) -> list[str]:
+        lines = []
+        key = f"{measurement(share)}.p99_ms"
+        for source in self.sources:
+            names = self.names(source)
+            plain = rig.median(names[0], key)
+            for index, (which, limit) in enumerate(TARGETS.items(), 1):
+                mine = rig.median(names[index], key)
+                if plain and mine:
+                    got = mine / plain
+                    each = ", ".join(f"{value:.2f}" for value in
+                                     self.round_ratios(rig, share, source, which, "p99_ms"))
+                    lines.append(f"{share:.0%}, {source}: p99 {which} / none = {got:.2f} "
+                                 f"(target <= {limit:g}: "
+                                 f"{'met' if got <= limit else 'NOT met'}; "
+                                 f"rounds: {each})")
+        return lines
+
+    def intro(self, rig: Rig) -> str:
+        if self.error:
+            return f"n/a: {self.error}"
+        before = f" Before = commit {self.before} (BENCH_BEFORE)." if self.before else ""
+        offered = ", ".join(f"{rate:,} req/s ({share:.0%})"
+                            for share, rate in self.rates.items())
+        return (f"Saturation of the plain route (wrk -c50, ~{POST_BODY_SIZE} B POSTs, median "
+                f"of {rig.args.runs} runs): {self.saturation:,.0f} req/s; offered open-loop: "
+                f"{offered}, over {CONNECTIONS} connections, {rig.args.runs} rounds of "
+                f"{rig.args.duration:g} s each.{before}")
+
+    def chapter(self, rig: Rig) -> list[str]:
+        lines = ["", "## Open-loop latency with shadows (#19 item 2)", "", self.intro(rig)]
+        for share, rate in self.rates.items():
+            lines += ["", f"At {share:.0%} of saturation, {rate:,} req/s offered:", "",
+                      markdown_table(self.table(rig, share)), ""]
+            lines += [f"- {line}" for line in self.verdict(rig, share)]
+        return lines
+
+    def console(self, rig: Rig) -> list[str]:
+        lines = ["", self.intro(rig)]
+        for share, rate in self.rates.items():
+            lines += ["", f"at {share:.0%} of saturation, {rate:,} req/s offered:",
+                      text_table(self.table(rig, share)), *self.verdict(rig, share)]
+        return lines
+
+
+def measurement(share: float) -> str:
+    """The measurement's name at SHARE of saturation: openloop-50, openloop-25."""
+    return f"openloop-{share * 100:.0f}"
+
+
+SECTION = OpenLoop()
