@@ -268,21 +268,21 @@ class RouteTLS:
                 sink.upstream.tls = self.shadow
 
     def terminate(self, client: Channel, peer: str, timeout: float,
-                  on_ready: Callable[[Channel], None]) -> None:
-        """Handshake with a client within `timeout`; `on_ready(plaintext)` once it is
-        done (from the hub). A failure is counted and logged (rate-limited), and closes
-        that client only."""
+                  on_done: Callable[[Channel | None], None]) -> "Bridge":
+        """Handshake with a client within `timeout`; `on_done(plaintext)` once it is
+        done, or `on_done(None)` if it failed (from the hub, unless the Bridge's cancel()
+        comes first). A failure is counted and logged (rate-limited), and closes that
+        client only."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         sslobj = self.server.wrap_bio(incoming, outgoing, server_side=True)
         failures = self.client_failures
 
         def done(plain: Channel | None, error: BaseException | None) -> None:
-            if error is None:
-                on_ready(plain)
-            else:
+            if error is not None:
                 failures.failed(peer, describe(error))
+            on_done(plain)
 
-        Bridge(client, sslobj, incoming, outgoing, timeout, done)
+        return Bridge(client, sslobj, incoming, outgoing, timeout, done)
 
 
 # --- the bridge ----------------------------------------------------------------------------
@@ -554,6 +554,11 @@ class Bridge:
             self._finish_if_done()
         except BaseException as error:  # noqa: BLE001
             self._fail(error)
+
+    @property
+    def channel(self) -> Channel:
+        """The TLS connection's own channel (as a PROXY header reader's: see drain)."""
+        return self.raw
 
     def cancel(self) -> None:
         """Give up the handshake (the connection's user is going away); on_ready is not

@@ -603,3 +603,19 @@ def test_a_send_buffer_set_on_the_plaintext_end_applies_to_the_tls_socket(pki, t
     assert bridge.raw.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == \
         plain.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     plain.close()
+
+
+def test_handshakes_in_progress_count_against_max_connections_and_drain_closes_them(
+        pki, servers, proxy):
+    proxied = proxy(servers.echo(), tls_cert=str(pki.server.cert),
+                    tls_key=str(pki.server.key), max_connections=1)
+    silent = socket.create_connection(proxied.sockaddr, timeout=10)  # never says hello
+    wait_until(lambda: len(proxied.listener._handshakes) == 1, what="the handshake")
+    refused = socket.create_connection(proxied.sockaddr, timeout=10)
+    assert sees_eof(refused, timeout=5)
+    assert proxied.stats.rejected == 1
+    proxied.listener.close()
+    assert proxied.listener.drain(0.2) == 0
+    assert sees_eof(silent, timeout=5)
+    assert not proxied.listener._handshakes
+    assert proxied.stats.tls_handshake_failures == {"client": 0}  # given up, not failed
