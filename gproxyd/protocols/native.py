@@ -309,9 +309,9 @@ class RedisResponseFramer(_Native):
     def feed(self, data) -> list | None:
         py = self._py
         n = len(data)
-        if (py._state != redis._LINE or py._buf or py._counts or self._misses >= MISSES
-                or not n or n > MAX_NATIVE or data[0] not in _FIRST
-                or (n < SHORT_REPLY and data[0] != 42)
+        if ((n < SHORT_REPLY and (not n or data[0] != 42)) or self._misses >= MISSES
+                or py._state != redis._LINE or py._buf or py._counts or n > MAX_NATIVE
+                or data[0] not in _FIRST
                 or (n > 4 * redis.MAX_DEPTH and _aggregates(data) > redis.MAX_DEPTH)):
             return py.feed(data)
         reader = self._parser
