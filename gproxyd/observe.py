@@ -55,15 +55,17 @@ class Exchanges:
 
     def __init__(self, protocol: str, stats: BackendStats, route_stats: RouteStats,
                  label: str, max_head: int = DEFAULT_MAX_HEAD,
-                 shared: SharedRequests | None = None):
+                 shared: SharedRequests | None = None, use_native: bool = True):
         """`max_head`: the route's observe-max-header, the most an HTTP framer buffers
         of one head; past it the connection falls back to tcp-level measurement.
         `shared`: the framing of the client stream this backend is written (see
-        new_shared), which this one follows instead of framing the stream itself."""
+        new_shared), which this one follows instead of framing the stream itself.
+        `use_native`: the C parsers in front of the framers where installed
+        (protocols/native.py); the measurements are the same either way."""
         self.stats = stats
         self.route_stats = route_stats
         self.label = label
-        framers = new_framers(protocol, max_head, shared)
+        framers = new_framers(protocol, max_head, shared, use_native)
         self._requests = framers[0] if framers else None
         self._responses = framers[1] if framers else None
         # Send times of requests not answered yet; only framed protocols pair them (an

@@ -518,6 +518,77 @@ def test_exchanges_give_the_http_framers_their_head_limit():
     assert redis_stats.parser_fallbacks == 0 and exchanges.unanswered == 1
 
 
+# Conversations as an observer sees them: ("sent" | "received" | "closed", bytes), each
+# step a millisecond after the one before.
+CONVERSATIONS = {
+    "http": [
+        ("sent", b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("received", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ("sent", b"POST /2 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe"), ("sent", b"llo"),
+        ("received", b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"),
+        ("sent", b"HEAD /3 HTTP/1.1\r\n\r\nGET /4 HTTP/1.1\r\n\r\n"),
+        ("received", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+        ("received", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No\r\n\r\n"),
+        ("sent", b"PUT /5 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        ("received", b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nno\n"),
+        ("sent", b"GET /6 HTTP/1.1\r\n\r\n\r\n"),
+        ("received", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"),
+        ("sent", b"GET /ws HTTP/1.1\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"),
+        ("received", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nhi"),
+        ("sent", b"frames"), ("received", b"frames back"),
+    ],
+    "redis": [
+        ("sent", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nxxx\r\n"), ("received", b"+OK\r\n"),
+        ("sent", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" * 16),
+        ("received", b"$3\r\nxxx\r\n" * 15 + b"-ERR busy\r\n"),
+        ("sent", b"*4\r\n$6\r\nLRANGE\r\n$1\r\nl\r\n$1\r\n0\r\n$2\r\n99\r\n"),
+        ("received", b"*100\r\n" + b"$3\r\nxxx\r\n" * 100),
+        ("sent", b"PING\r\n"), ("received", b"+PONG\r\n"),
+        ("sent", b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"), ("received", b"%1\r\n+proto\r\n:3\r\n"),
+        ("sent", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"), ("received", b"|1\r\n+a\r\n+b\r\n#f\r\n"),
+        ("sent", b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n"),
+        ("received", b">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"),
+        ("received", b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n"),
+    ],
+}
+
+
+def converse(protocol: str, use_native: bool, cuts: list[int]) -> tuple:
+    """What an observer made of CONVERSATIONS[protocol], each step cut at `cuts`."""
+    route_stats = RouteStats()
+    observer = Exchanges(protocol, route_stats.production, route_stats, "test",
+                         use_native=use_native)
+    now = 100.0
+    for step, (direction, data) in enumerate(CONVERSATIONS[protocol]):
+        now += 0.001
+        edges = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts[step::7])})
+        for begin, end in zip(edges, edges[1:], strict=False):
+            if observer.watching:
+                getattr(observer, direction)(memoryview(bytearray(data[begin:end])), now)
+    stats = route_stats.production
+    return (stats.requests, stats.errors, stats.latency.export(), observer.answers,
+            observer.failures, observer.unanswered, route_stats.parser_fallbacks)
+
+
+@pytest.mark.parametrize("protocol", ["http", "redis"])
+def test_the_c_parsers_in_front_measure_what_the_python_framers_measure(protocol):
+    """Requests, errors, every latency, fallbacks: the same with httptools and hiredis
+    in front as with the Python framers alone (whole messages, pipelines, a body in two
+    writes, HEAD, 1xx, an upgrade; RESP3 after HELLO, a subscription)."""
+    python = converse(protocol, False, [])
+    assert python == converse(protocol, True, [])
+    assert python[0] >= (7 if protocol == "http" else 20)
+    observer = Exchanges(protocol, BackendStats(), RouteStats(), "test")
+    assert type(observer._requests).__module__ == "gproxyd.protocols.native"
+
+
+@settings(max_examples=100, deadline=None)
+@given(protocol=st.sampled_from(["http", "redis"]),
+       cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_both_paths_measure_the_same_however_the_bytes_come(protocol, cuts):
+    assert converse(protocol, True, cuts) == converse(protocol, False, cuts)
+
+
 DEEP_REPLY = b"*1\r\n" * 1_000_000 + b":1\r\n"  # 4 MB, a million arrays deep
 
 

@@ -240,7 +240,7 @@ class RedisRequestFramer(_Native):
             return py.feed(data)
         reader = self._parser
         if reader is None:
-            reader = self._parser = hiredis.Reader()
+            reader = self._parser = _reader()
         try:
             reader.feed(data)
             commands = []
@@ -316,7 +316,7 @@ class RedisResponseFramer(_Native):
             return py.feed(data)
         reader = self._parser
         if reader is None:
-            reader = self._parser = hiredis.Reader()
+            reader = self._parser = _reader()
         error = hiredis.ReplyError
         try:
             reader.feed(data)
@@ -352,6 +352,17 @@ class RedisResponseFramer(_Native):
 
 
 _FIRST = frozenset(b"+-:$*")  # RESP2's first bytes
+
+
+# What a reader may keep of its buffer between chunks (hiredis's default: 16 KiB),
+# per connection and direction.
+READER_KEEPS = 4096
+
+
+def _reader():
+    reader = hiredis.Reader()
+    reader.setmaxbuf(READER_KEEPS)
+    return reader
 
 
 # Command names as read -> as the Python framer gives them (a client uses a few).
