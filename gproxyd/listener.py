@@ -34,10 +34,13 @@ from .daemon import group_id, user_entry
 from .hooks import HookSet
 from .interceptors.archive import ArchiveError
 from .interceptors.beanstalkd import Archive
+from .proxyproto import HeaderReader, ProxyHeader
 from .record import Recorder, RecordError, Recording
 from .session import Session
-from .settings import Address
+from .settings import ORIGINAL_DST, Address
 from .stats import RecordStats, RouteStats
+from .tls import Bridge, RouteTLS, TLSProblem, uses_tls
+from .transparent import RefusalLog, Refused, endpoints, listen_transparently
 
 log = logging.getLogger("gproxyd.listener")
 
@@ -136,6 +139,13 @@ def _peer_name(family: int, address) -> str:
     return "unix"
 
 
+def _needs_endpoints(route: Route) -> bool:
+    """Whether a connection's ends must be known beyond the socket's peer address."""
+    return route.accept_proxy != "off" or route.production is ORIGINAL_DST or \
+        route.source is not None or route.send_proxy != "off" or \
+        route.shadow_send_proxy != "off"
+
+
 class _Server(StreamServer):
     """A StreamServer that hands out plain sockets and survives running out of fds."""
 
@@ -213,6 +223,22 @@ class Listener:
         self._server = _Server(self._listening, self._handle, spawn=None)
         self._reaper: gevent.Greenlet | None = None
         self._last_rejection_log = 0.0
+        self.tls: RouteTLS | None = None  # read in start() and at each reload
+        # accept-proxy: connections whose PROXY header is still awaited. They count
+        # against max-connections and are waited for by drain() like sessions.
+        self._handshakes: set[HeaderReader | Bridge] = set()  # and TLS handshakes
+        self._refusals = RefusalLog()
+        if route.listen_transparent:
+            self._set_transparent(route)
+
+    def _set_transparent(self, route: Route) -> None:
+        """At start the daemon has done it before the privilege drop (cli.py);
+        a route added by a reload needs CAP_NET_ADMIN kept, and without it serves
+        without: said in the log, since nothing here may fail a reload half-way."""
+        problem = listen_transparently(self._listening, route.listen)
+        if problem:
+            log.error("route %s: %s; connections a TPROXY rule diverts will not reach it "
+                      "until gproxyd is restarted", route.name, problem)
 
     @property
     def address(self) -> Address:
@@ -226,7 +252,18 @@ class Listener:
     def start(self, required: bool = True) -> None:
         """Start accepting. If the route's archive or record file cannot be opened: raise
         ArchiveError or RecordError, or, unless `required`, say so and go on without
-        (puts are relayed to beanstalkd as they are; requests are not recorded)."""
+        (puts are relayed to beanstalkd as they are; requests are not recorded).
+        TLS files that cannot be used raise TLSProblem, or, unless `required`, the route
+        is not served until a reload brings usable ones."""
+        if uses_tls(self.route):
+            try:
+                self.tls = RouteTLS(self.route, self.stats.tls_handshake_failures)
+            except TLSProblem as problem:
+                if required:
+                    raise
+                log.error("route %s: %s; not accepting connections until a reload brings "
+                          "usable files", self.route.name, problem)
+                return
         if self.archive is not None:
             try:
                 self.archive.start()
@@ -253,9 +290,12 @@ class Listener:
         """Use `route` and `hooks` for connections accepted from now on."""
         if route.shadow_seed != self.route.shadow_seed:
             self._sampler = random.Random(route.shadow_seed)
+        self._update_tls(route)
         self._update_archive(route)
         self._update_recorder(route)
         self._read_stats_with(route)
+        if route.listen_transparent and not self.route.listen_transparent:
+            self._set_transparent(route)
         self.route, self.hooks = route, hooks
 
     def _read_stats_with(self, route: Route) -> None:
@@ -266,6 +306,24 @@ class Listener:
         stats.verdict_threshold = route.verdict_threshold
         if stats.samples.maxlen != route.compare_samples:
             stats.samples = deque(stats.samples, maxlen=route.compare_samples)
+
+    def _update_tls(self, route: Route) -> None:
+        """Certificates and keys are read again at every reload (rotation): new
+        connections use the new contexts, live ones keep theirs. Files that cannot be
+        used (changed since load_config checked them) leave the old contexts in use."""
+        if not uses_tls(route):
+            self.tls = None
+            return
+        try:
+            self.tls = RouteTLS(route, self.stats.tls_handshake_failures)
+        except TLSProblem as problem:
+            log.error("route %s: %s; %s", route.name, problem,
+                      "keeping the TLS files read before" if self.tls is not None
+                      else "not accepting connections")
+            return
+        if self._reaper is None:  # not started for want of usable files: now they are
+            self._server.start()
+            self._reaper = gevent.spawn(self._reap_idle)
 
     def _update_archive(self, route: Route) -> None:
         """A changed archive URL opens the new store; one that cannot be opened leaves
@@ -346,6 +404,10 @@ class Listener:
         Returns how many sessions had to be aborted.
         """
         self._no_sessions.wait(timeout)
+        for handshake in list(self._handshakes):
+            handshake.cancel()
+            handshake.channel.close()
+        self._handshakes.clear()
         leftover = list(self.sessions)
         for session in leftover:
             session.abort("stopped: drain-timeout passed")
@@ -365,7 +427,7 @@ class Listener:
 
     def _handle(self, sock: socket.socket, address) -> None:
         route = self.route
-        if len(self.sessions) >= route.max_connections:
+        if len(self.sessions) + len(self._handshakes) >= route.max_connections:
             sock.close()
             self.stats.rejected += 1
             now = time.monotonic()
@@ -375,14 +437,75 @@ class Listener:
                             "(%d so far)", route.name, route.max_connections,
                             self.stats.rejected)
             return
+        try:
+            channel = Channel(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if route.accept_proxy != "off":
+            self._await_header(route, channel, address)
+        else:
+            self._admit(route, channel, address, None)
+
+    def _await_header(self, route: Route, channel: Channel, address) -> None:
+        def done(header: ProxyHeader | None, problem: str | None) -> None:
+            self._handshakes.discard(reader)
+            if header is None:
+                self._refuse(route, channel, _peer_name(channel.sock.family, address),
+                             problem)
+            else:
+                self._admit(route, channel, address, header)
+            if not self.sessions and not self._handshakes:
+                self._no_sessions.set()
+        reader = HeaderReader(channel, route.accept_proxy, route.connect_timeout, done)
+        self._handshakes.add(reader)
+        self._no_sessions.clear()
+
+    def _refuse(self, route: Route, channel: Channel, client: str, problem: str) -> None:
+        """Close a connection that cannot be served (no valid PROXY header, an
+        original destination that loops); said in the log at most every 10 s."""
+        channel.close()
+        self._refusals.add(route.name, client, problem)
+
+    def _admit(self, route: Route, channel: Channel, address,
+               header: ProxyHeader | None) -> None:
+        """Start the session of an accepted connection (whose PROXY header, if the route
+        takes one, has been read)."""
+        sock = channel.sock
+        try:
+            found = endpoints(route, sock, address, header) if _needs_endpoints(route) \
+                else None
+        except Refused as refused:
+            self._refuse(route, channel, _peer_name(sock.family, address), str(refused))
+            return
+        peer = found.client if found is not None else _peer_name(sock.family, address)
+        tls = self.tls
+        if tls is not None and tls.server is not None:
+            # tls-cert: the session starts on the plaintext once the handshake is done;
+            # until then the connection counts as a handshake (max-connections, drain).
+            def done(plain: Channel | None) -> None:
+                self._handshakes.discard(bridge)
+                if plain is not None:
+                    self._open(route, plain, peer, found, tls)
+                if not self.sessions and not self._handshakes:
+                    self._no_sessions.set()
+            bridge = tls.terminate(channel, peer, route.connect_timeout, done)
+            self._handshakes.add(bridge)
+            self._no_sessions.clear()
+            return
+        self._open(route, channel, peer, found, tls)
+
+    def _open(self, route: Route, channel: Channel, peer: str, found,
+              tls: RouteTLS | None) -> None:
+        """Start the session of an accepted, admitted connection."""
         mirror = bool(route.shadow) and (route.shadow_sample >= 1.0 or
                                          self._sampler.random() < route.shadow_sample)
         try:
-            session = Session(route, Channel(sock), _peer_name(sock.family, address),
+            session = Session(route, channel, peer,
                               self.stats, mirror, self.hooks, self._greenlets.spawn,
-                              self.archive if route.archive else None)
+                              self.archive if route.archive else None, found)
         except BaseException:
-            sock.close()  # do_close() leaves it to the session, and there is none
+            channel.close()  # do_close() leaves it to the session, and there is none
             raise
         if self.recorder is not None:
             session.production.observer.record_in(Recording(self._current_recorder))
@@ -390,13 +513,15 @@ class Listener:
         self._no_sessions.clear()
         self.stats.active += 1
         self.stats.total += 1
+        if tls is not None:
+            tls.secure(session)  # production-tls, shadow-tls
         session.start(self._ended)
 
     def _ended(self, session: Session) -> None:
         """A session closed its client and production (maybe from a libev callback)."""
         self.sessions.discard(session)
         self.stats.active -= 1
-        if not self.sessions:
+        if not self.sessions and not self._handshakes:
             self._no_sessions.set()
         if session.shadows:  # they may linger: not in a callback, and drain waits for it
             self._greenlets.spawn(session.finish)

@@ -429,3 +429,26 @@ def test_hooks_see_the_headers_client_as_conn_client(serve, proxy, caplog):
     wait_for_lines(caplog)
     assert seen == ["[2001:db8::7]:41000"]
     assert received(production) == b"hello"
+
+
+def test_a_header_the_connection_does_not_take_is_a_failed_connect_the_caller_hears_of():
+    """send-proxy writes its header into the fresh connection in one send(); if that fails
+    (here: a preamble larger than the socket buffers, to a server that never reads), the
+    connect has failed, and whoever waits for it is told (it used to be left waiting)."""
+    from gproxyd.settings import address
+    from gproxyd.stats import BackendStats
+    from gproxyd.upstream import Upstream
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stats = BackendStats()
+    upstream = Upstream(address(f"127.0.0.1:{server.getsockname()[1]}"), stats, None,
+                        preamble=b"x" * (64 << 20))
+    told = AsyncResult()
+    upstream.connect(5.0, told.set, gevent.spawn)
+    error = told.get(timeout=5)
+    assert isinstance(error, OSError) and "PROXY header" in str(error)
+    assert upstream.channel is None and not upstream.connecting
+    assert (stats.connect_failures, stats.errors) == (1, 1)
+    server.close()
