@@ -282,6 +282,16 @@ class Exchanges:
         answered = self._answered
         self._answered = now
         record = self.stats.record
+        if self._comparison is None and len(pending) >= len(done):
+            # Every answer to a request sent, nothing compared (a pipeline's answers).
+            failures = 0
+            for _status, is_error in done:
+                sent = pending.popleft()
+                record(now - (sent if sent > answered else answered), is_error)
+                failures += is_error
+            self.answers += len(done)
+            self.failures += failures
+            return
         for index, (_status, is_error) in enumerate(done):
             early = not pending
             if early:

@@ -505,3 +505,26 @@ def test_close_after_whole_replies_completes_nothing():
     framer.expect("GET")
     assert feed(framer, b"+OK\r\n") == [("+", False)]
     assert framer.close() is None
+
+
+@pytest.mark.parametrize("requests, reply", [
+    (["SET"], b"+OK\r\n"), (["GET"], b"-ERR wrong type\r\n"), (["INCR"], b":-12\r\n"),
+    (["GET"], b"$3\r\nxxx\r\n"), (["GET"], b"$0\r\n\r\n"), (["GET"], b"$-1\r\n"),
+    (["GET"], b"$5\r\na\r\nb\r\n\r\n"),           # CRLF inside the value
+    (["GET"], b"$4\r\nxxx\r\n"),                  # shorter than its length: not whole
+    (["GET"], b"+OK\r\n+OK\r\n"),                 # two replies
+    (["MONITOR"], b"+OK\r\n"), (["SUBSCRIBE"], b"-ERR no\r\n"),
+    ([], b"+PONG\r\n"), (["GET"], b"+a\rb\r\n"), (["GET"], b":" + b"9" * 19 + b"\r\n"),
+])
+def test_a_whole_short_reply_in_one_chunk_frames_as_line_by_line(requests, reply):
+    """The one-step path for a short reply in one chunk gives what feeding it byte by
+    byte gives (which never takes that path), ends and errors included."""
+    results = []
+    for split in (whole, bytewise):
+        framer = ResponseFramer()
+        framer.ends = []
+        for request in requests:
+            framer.expect(request)
+        items, error = run(framer, split(reply))
+        results.append((items, error, len(framer._pending)))
+    assert results[0] == results[1]
