@@ -319,14 +319,18 @@ class _Queue:
             return
         pieces = self._pieces
         self.size += size
-        if self.size <= _WRITE_NOW:
+        last = pieces[-1] if pieces else None
+        if type(last) is _Block:
+            # Once in blocks, in blocks until they are drained: a heap piece behind a
+            # block would make the next append start another block before that one is
+            # full (more than two partly used blocks).
+            if _BLOCK - last.end >= size:  # most appends: one copy
+                last.memory.write(data)
+                last.end += size
+                return
+        elif self.size <= _WRITE_NOW:
             pieces.append(bytes(data))
             self.held += size
-            return
-        last = pieces[-1] if pieces else None
-        if type(last) is _Block and _BLOCK - last.end >= size:  # most appends: one copy
-            last.memory.write(data)
-            last.end += size
             return
         view = memoryview(data)
         while view:
