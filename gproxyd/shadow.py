@@ -248,6 +248,14 @@ _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
 _WRITE_NOW = 64 * 1024
 # The longest a busy proxy keeps shadows waiting for spare time.
 _LATEST = 0.002
+# Queued bytes written to shadows in one turn of the event loop, at most (give or take one
+# write): a shadow catching up on a backlog (its turn timed out after a second of queueing,
+# or its socket became writable again) goes on at the next turn, so that production's
+# events that came meanwhile wait for half a MiB of copying, not for megabytes. Twice
+# what production's relay reads at once (relay.CHUNK): one client streaming at full speed
+# does not leave its shadow behind.
+_WRITTEN_PER_TURN = 512 * 1024
+_this_turn = [-1, 0]  # the loop's iteration, and the queued bytes written in it
 # A connection's answers are compared in size only from this many bytes on (production's
 # or the shadow's): below, a small difference is a large share.
 _DIVERGENCE_FLOOR = 64 * 1024
@@ -731,16 +739,26 @@ class ShadowSink:
 
     def _writable(self) -> None:
         queue = self._queue
+        this_turn = _this_turn
         while queue.size:
             room = self._room() if self._turns else None
             if room == 0:  # the shadow has not answered the turn before yet
                 self._channel.stop_writing()
                 self._wait_for_turn()
                 return
-            pieces = queue.pieces(room)
+            iteration = self._loop.iteration
+            if this_turn[0] != iteration:
+                this_turn[0], this_turn[1] = iteration, 0
+            left = _WRITTEN_PER_TURN - this_turn[1]
+            if left <= 0:
+                # Enough for this turn: the writer goes on at the next one (_write_queue
+                # starts it when it is not running yet).
+                return
+            pieces = queue.pieces(left if room is None else min(room, left))
             sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
             if sent is None:
                 return
+            this_turn[1] += sent
             held = queue.held
             queue.consume(sent)
             BUDGET.queued -= held - queue.held
