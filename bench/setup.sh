@@ -1,11 +1,12 @@
 #!/bin/sh
-# Install what bench/run.py drives: haproxy, nginx, wrk, iperf3, and redis-server and
-# redis-benchmark for the aa section (Debian/Ubuntu, as root).
+# Install what bench/run.py drives: haproxy, nginx, wrk, iperf3, redis-server and
+# redis-benchmark for the aa section, and a C compiler for the openloop section's sender
+# (bench/openloop.c) (Debian/Ubuntu, as root).
 # Does nothing when they are all on PATH already.
 set -eu
 PATH="$PATH:/usr/sbin:/sbin"
 missing=""
-for tool in haproxy nginx wrk iperf3 redis-server redis-benchmark; do
+for tool in haproxy nginx wrk iperf3 redis-server redis-benchmark cc; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 [ -z "$missing" ] && exit 0
@@ -20,4 +21,4 @@ apt-get update -q
 # daemon, which the noninteractive front end answers with its default (no). The system
 # services the packages may start are left alone: the benchmark runs its own instances.
 apt-get install -y -q --no-install-recommends haproxy nginx-light wrk iperf3 redis-server \
-    redis-tools
+    redis-tools gcc libc6-dev
