@@ -20,13 +20,15 @@ import re
 import time
 from hmac import compare_digest
 from importlib.resources import files
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 from urllib.parse import parse_qs
 
 from .. import __version__
-from ..history import History
 from ..report import verdict
 from ..stats import RouteStats
+
+if TYPE_CHECKING:  # history.py imports gevent, which gproxyctl (read_token) does without
+    from ..history import History
 
 # (status, headers, body): what the admin endpoint sends back.
 Answer = tuple[str, list[tuple[str, str]], bytes]
