@@ -2,6 +2,9 @@
 backend what a framer of its own fed with that backend's writes would give."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from framing import FAST
 from hypothesis import given
@@ -102,8 +105,8 @@ def test_each_follower_sees_what_a_framer_of_its_own_would(protocol, picks, endi
         assert got == expected, (index, chunk)
         if expected[0] == "error":
             backend["done"] = True
-        for other in backends:
-            assert len(other["follower"].queue) <= max_ahead
+        for other in backends:  # requests, and the ALONE mark after them
+            assert len(other["follower"].queue) <= max_ahead + 1
 
 
 @pytest.mark.parametrize("protocol, request_bytes", [
@@ -118,8 +121,23 @@ def test_the_stream_is_framed_once_and_a_stalled_follower_holds_at_most_max_ahea
         chunk = request_bytes % number
         assert len(production.feed(chunk)) == 1
         assert len(healthy.feed(chunk)) == 1  # written after production: nothing framed again
-        assert len(stalled.queue) <= 8
+        assert len(stalled.queue) <= 8 + 1  # and the ALONE mark
     assert shared.parses == 100
     # The stalled one catches up: the 8 it kept, then its own framer for the other 92.
     got = stalled.feed(b"".join(request_bytes % number for number in range(100)))
     assert len(got) == 100 and shared.parses == 100
+
+
+def test_a_follower_nobody_stopped_goes_with_its_session_without_the_garbage_collector():
+    """A shadow that never connected never stops its follower: nothing may hold a
+    session's framing in a cycle."""
+    gc.disable()
+    try:
+        shared = SharedRequests("http", 1024)
+        production, never_connected = shared.follower(), shared.follower()
+        production.feed(b"GET / HTTP/1.1\r\n\r\n" * 3)
+        queue = weakref.ref(never_connected.queue)
+        del shared, production, never_connected
+        assert queue() is None
+    finally:
+        gc.enable()

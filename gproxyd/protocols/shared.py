@@ -12,7 +12,9 @@ the same ProtocolError at the write that reaches the offset where the framing fa
 Memory: a follower holds the requests framed ahead of its writes, at most MAX_AHEAD;
 one further behind (a stalled or slow shadow) keeps those and frames everything past
 the last of them itself, with a framer of its own, which starts there exactly as the
-shared one did (a request boundary is a clean state).
+shared one did (a request boundary is a clean state). The framing holds the followers'
+queues, not the followers: nothing of a session forms a cycle, and a follower nobody
+stopped (a shadow that never connected) goes with its session.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from . import ProtocolError, new_request_framer
 
 # Most requests a follower may hold ahead of its writes before it frames on its own.
 MAX_AHEAD = 1024
+# In a follower's queue after the last request it was handed: it frames on its own from
+# that request's end (see SharedRequests._cut).
+ALONE = object()
 
 
 class SharedRequests:
     """The framing of one client connection's requests, for the backends that follow it."""
 
-    __slots__ = ("_framer", "_followers", "offset", "failed_at", "failure", "_marked",
+    __slots__ = ("_framer", "_queues", "offset", "failed_at", "failure", "_marked",
                  "_protocol", "_max_head", "_native", "max_ahead", "parses")
 
     def __init__(self, protocol: str, max_head: int, max_ahead: int = MAX_AHEAD,
@@ -40,7 +45,7 @@ class SharedRequests:
         self._framer = self._new_framer()
         self._framer.ends = []
         self._framer.starts = []
-        self._followers: list[RequestFollower] = []
+        self._queues: list[deque] = []  # each follower's requests ahead of its writes
         self.offset = 0          # bytes of the client stream framed so far
         self.failed_at = 0       # where framing failed (0: it has not)
         self.failure = ""        # ...and why
@@ -53,17 +58,21 @@ class SharedRequests:
     def follower(self) -> "RequestFollower":
         """A backend's view of the framing, from the first byte of the stream."""
         follower = RequestFollower(self)
-        self._followers.append(follower)
+        self._queues.append(follower.queue)
         return follower
 
-    def leave(self, follower: "RequestFollower") -> None:
-        if follower in self._followers:
-            self._followers.remove(follower)
+    def leave(self, queue: deque) -> None:
+        """The follower of `queue` takes no more requests."""
+        queues = self._queues
+        for index, held in enumerate(queues):
+            if held is queue:  # by identity: deques compare by their contents
+                del queues[index]
+                return
 
-    def frame(self, data, writer: "RequestFollower") -> None:
+    def frame(self, data, writer: deque) -> None:
         """Frame the next bytes of the client stream (starting at `offset`), written
-        first to `writer`'s backend, and hand the requests they complete to each
-        follower."""
+        first to the backend of the follower whose queue is `writer`, and hand the
+        requests they complete to each follower."""
         base = self.offset
         self.offset = base + len(data)
         if self.failed_at:
@@ -83,17 +92,24 @@ class SharedRequests:
         count = len(done) if done else 0
         self._marked = base + marks[count] if len(marks) > count else -1
         if done:
-            followers = self._followers
+            queues = self._queues
             for index, request in enumerate(done):
                 entry = (base + marks[index], base + ends[index], request)
-                for follower in followers:
-                    follower.queue.append(entry)
+                for queue in queues:
+                    queue.append(entry)
             # The writer takes its requests at once, whatever their number.
-            for follower in [f for f in followers
-                             if len(f.queue) > self.max_ahead and f is not writer]:
-                follower.go_alone()
+            for queue in [q for q in queues if len(q) > self.max_ahead and q is not writer]:
+                self._cut(queue)
         ends.clear()
         starts.clear()
+
+    def _cut(self, queue: deque) -> None:
+        """A follower too far behind keeps its first max_ahead requests and then frames
+        on its own from the end of the last of them; it takes no more from here."""
+        while len(queue) > self.max_ahead:
+            queue.pop()
+        queue.append((-1, queue[-1][1], ALONE))
+        self.leave(queue)
 
     def in_message_at(self, offset: int) -> bool:
         """Whether a backend written `offset` bytes, with no framed request ahead of it,
@@ -109,9 +125,10 @@ class RequestFollower:
 
     def __init__(self, shared: SharedRequests):
         self._shared = shared
-        self.queue: deque[tuple[int, int, object]] = deque()  # (in_message from, end, request)
+        # (in_message from, end, request) for the requests framed ahead of its writes
+        self.queue: deque[tuple[int, int, object]] = deque()
         self._written = 0      # bytes of the stream written to this backend
-        self._alone = None     # its own framer, once too far behind (see go_alone)
+        self._alone = None     # its own framer, once past an ALONE mark
         self._alone_from = 0   # ...which frames the stream from this offset on
         self.ends: list[int] | None = None
 
@@ -119,29 +136,18 @@ class RequestFollower:
     def shared(self) -> SharedRequests:
         return self._shared
 
-    def go_alone(self) -> None:
-        """Too far behind: keep the first max_ahead requests and frame what follows the
-        last of them with a framer of its own (a request boundary: the framer there is
-        in the state a fresh one starts in)."""
-        queue = self.queue
-        while len(queue) > self._shared.max_ahead:
-            queue.pop()
-        self._alone_from = queue[-1][1]
-        self._alone = self._shared._new_framer()
-        self._shared.leave(self)
-
     def stop(self) -> None:
         """This backend no longer frames requests."""
-        self._shared.leave(self)
+        self._shared.leave(self.queue)
         self.queue.clear()
 
     @property
     def in_message(self) -> bool:
         """Some of a request has been written to this backend, not all of it."""
         written = self._written
-        if self.queue:
+        if self.queue:  # a request, never the mark: it goes with the request before it
             return self.queue[0][0] <= written
-        if self._alone is not None and written >= self._alone_from:
+        if self._alone is not None:
             return self._alone.in_message
         return self._shared.in_message_at(written)
 
@@ -151,13 +157,18 @@ class RequestFollower:
         end = start + len(data)
         self._written = end
         shared = self._shared
-        if self._alone is None and end > shared.offset:
-            shared.frame(data[shared.offset - start:], self)  # the first to get these bytes
-        out = None
         queue = self.queue
+        if (self._alone is None and end > shared.offset
+                and not (queue and queue[-1][2] is ALONE)):
+            shared.frame(data[shared.offset - start:], queue)  # the first to get these bytes
+        out = None
         ends = self.ends
         while queue and queue[0][1] <= end:
             _, stop, request = queue.popleft()
+            if request is ALONE:  # past the last request handed: its own framer's now
+                self._alone = shared._new_framer()
+                self._alone_from = stop
+                continue
             if out is None:
                 out = [request]
             else:
