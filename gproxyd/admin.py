@@ -255,6 +255,9 @@ _ROUTE_METRICS = (
     ("total", "gproxyd_connections", "Client connections accepted"),
     ("rejected", "gproxyd_connections_rejected",
      "Client connections closed over max-connections"),
+    ("refused", "gproxyd_connections_refused",
+     "Client connections closed before production: no valid PROXY header (accept-proxy), "
+     "or an original destination that is gproxyd itself"),
     ("parser_fallbacks", "gproxyd_parser_fallbacks",
      "Connections measured as tcp because the protocol could not be followed"),
     ("filtered", "gproxyd_shadow_filtered", "Requests kept from the shadows by shadow-filter"),

@@ -465,6 +465,7 @@ class Listener:
         """Close a connection that cannot be served (no valid PROXY header, an
         original destination that loops); said in the log at most every 10 s."""
         channel.close()
+        self.stats.refused += 1
         self._refusals.add(route.name, client, problem)
 
     def _admit(self, route: Route, channel: Channel, address,

@@ -273,6 +273,7 @@ class RouteStats:
     active: int = 0
     total: int = 0
     rejected: int = 0          # over max-connections
+    refused: int = 0           # closed before production: no valid PROXY header, a loop
     parser_fallbacks: int = 0  # connections whose protocol could not be followed
     filtered: int = 0          # requests kept from the shadows by shadow-filter
     production: BackendStats = field(default_factory=BackendStats)
@@ -305,7 +306,7 @@ class RouteStats:
     def export(self) -> dict:
         """Everything, raw: what a worker process sends its master."""
         return {"active": self.active, "total": self.total, "rejected": self.rejected,
-                "parser_fallbacks": self.parser_fallbacks, "filtered": self.filtered,
+                "refused": self.refused, "parser_fallbacks": self.parser_fallbacks, "filtered": self.filtered,
                 "archive": self.archive, "archived_total": self.archived_total,
                 "injected_total": self.injected_total,
                 "inject_failures": self.inject_failures, "archived": self.archived,
@@ -320,7 +321,7 @@ class RouteStats:
 
     def add(self, exported: dict) -> None:
         """Add another process's export() of the same route into this one."""
-        for key in ("active", "total", "rejected", "parser_fallbacks", "filtered",
+        for key in ("active", "total", "rejected", "refused", "parser_fallbacks", "filtered",
                     "archived_total", "injected_total", "inject_failures"):
             setattr(self, key, getattr(self, key) + exported[key])
         self.production.add(exported["production"])
@@ -354,7 +355,7 @@ class RouteStats:
 
     def snapshot(self) -> dict:
         return {"connections": {"active": self.active, "total": self.total,
-                                "rejected": self.rejected},
+                                "rejected": self.rejected, "refused": self.refused},
                 "parser_fallbacks": self.parser_fallbacks,
                 "filtered": self.filtered,
                 "production": self.production.snapshot(),

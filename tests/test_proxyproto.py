@@ -387,6 +387,9 @@ def test_refusals_are_logged_once_per_interval_with_a_count(servers, proxy, capl
     lines = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
     assert lines == [lines[0]] and "a v1 PROXY header (expected v2" in lines[0]
     assert production.conns and len(production.conns) == 1
+    # each one counted, in /stats' connections and /metrics
+    assert proxied.stats.refused == 5
+    assert proxied.stats.snapshot()["connections"]["refused"] == 5
 
 
 def test_accept_proxy_times_out_after_connect_timeout(servers, proxy, caplog):

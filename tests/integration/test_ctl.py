@@ -70,7 +70,7 @@ def test_stats_json_and_watch(running):
     result = run_ctl("stats", "--json", "-c", str(daemon.config_path))
     assert result.returncode == 0, result.stderr
     route = json.loads(result.stdout)["routes"]["web"]
-    assert route["connections"] == {"active": 0, "total": 25, "rejected": 0}
+    assert route["connections"] == {"active": 0, "total": 25, "rejected": 0, "refused": 0}
     assert route["production"]["requests"] == 25
     assert route["shadows"][shadow]["requests"] == 25
     watched = run_ctl("stats", "--watch", "--count", "2", "--interval", "0.1", "-c",
