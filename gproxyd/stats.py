@@ -306,7 +306,8 @@ class RouteStats:
     def export(self) -> dict:
         """Everything, raw: what a worker process sends its master."""
         return {"active": self.active, "total": self.total, "rejected": self.rejected,
-                "refused": self.refused, "parser_fallbacks": self.parser_fallbacks, "filtered": self.filtered,
+                "refused": self.refused, "parser_fallbacks": self.parser_fallbacks,
+                "filtered": self.filtered,
                 "archive": self.archive, "archived_total": self.archived_total,
                 "injected_total": self.injected_total,
                 "inject_failures": self.inject_failures, "archived": self.archived,
