@@ -15,9 +15,12 @@ connection does not fit it.
 Where the C parsers are more lenient than the Python framers, the checks here close
 the gaps known (the request and status lines, commands of bulk strings only, RESP2
 only, nesting); the Python framers' tables of good and bad input hold for both
-(tests/test_protocols_native.py). One difference remains: the types of Redis replies
-are what hiredis's values say when several come in one chunk (a simple string reads as
-"$"); nothing but the is_error flag is used of them.
+(tests/test_protocols_native.py). Two differences remain, both in Redis replies: their
+types are what hiredis's values say when several come in one chunk (a simple string
+reads as "$"; nothing but the is_error flag is used of them), and hiredis takes any two
+bytes after a bulk string's contents for its CRLF, so a reply malformed just there is
+counted where the Python framer would fall back to tcp-level measurement (commands are
+checked for it here: a request stream is the client's, a reply stream a server's).
 
 NATIVE says whether both are importable; each protocol checks its own.
 """
@@ -244,28 +247,31 @@ class RedisRequestFramer(_Native):
         try:
             reader.feed(data)
             commands = []
-            # Every argument a bulk string: then the chunk is exactly as long as the
-            # commands written so (hiredis reads "+x" or ":1" as arguments too).
-            length = 0
+            # Every argument a bulk string ("$", its length, CRLF, its bytes, CRLF: hiredis
+            # also reads "+x" or ":1" as arguments, and takes any two bytes for the
+            # CRLF after a bulk string's), the chunk exactly the commands.
+            pos = 0
             while True:
                 command = reader.gets()
                 if command is False:
                     break
                 if type(command) is not list or not command:
                     return self._miss(data)
-                length += 3 + _digits(len(command))
+                pos += 3 + _digits(len(command))
                 for argument in command:
-                    if type(argument) is not bytes:
+                    if type(argument) is not bytes or pos >= n or data[pos] != 36:
                         return self._miss(data)
                     size = len(argument)
-                    length += size + 5 + _digits(size)
+                    pos += size + 5 + _digits(size)
+                    if pos > n or data[pos - 2] != 13 or data[pos - 1] != 10:
+                        return self._miss(data)
                 name = _NAMES.get(command[0])
                 if name is None:
                     name = redis._command(command[0][:redis.NAME_MAX])
                     if len(_NAMES) < _NAMES_KEPT:
                         _NAMES[command[0]] = name
                 commands.append(name)
-            if length != n or not _idle(reader):
+            if pos != n or not _idle(reader):
                 return self._miss(data)
         except hiredis.ProtocolError:
             return self._miss(data)
@@ -384,9 +390,11 @@ def _digits(number: int) -> int:
 def _idle(reader) -> bool:
     """Whether hiredis's reader is between messages: it keeps a reply it has begun to
     itself (has_data() is false once the bytes are in its tree), but a probe reads as
-    a reply of its own, an empty simple string, only between messages."""
-    reader.feed(b"+\r\n")
-    return reader.gets() == b""
+    a reply of its own, the integer 7, only between messages (in a bulk string it is
+    contents, or the two bytes after them, which hiredis does not check; in an array,
+    an element; after half a line, garbage)."""
+    reader.feed(b":7\r\n")
+    return reader.gets() == 7
 
 
 def _aggregates(data) -> int:

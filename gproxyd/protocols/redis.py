@@ -59,6 +59,9 @@ def _small_bulk() -> bytes:
 _ELEMENT = (rb"(?:" + _small_bulk() + rb"|\$-1\r\n|:[-+]?[0-9]{1,20}\r\n"
             rb"|[+,][^\r\n]{0,100}\r\n|_\r\n)")
 _RUNS = tuple((block, re.compile(_ELEMENT + rb"{%d}" % block, re.S)) for block in (256, 16, 1))
+# Whole commands in a chunk of at most this many bytes are framed in one pass (a copy of
+# the chunk is searched: find() is not a memoryview's).
+_WHOLE_COMMANDS_MAX = 16 * 1024
 # The most common replies in one piece (+OK, -ERR ..., :1, a GET's bulk string, a null),
 # in a chunk of at most _WHOLE_MAX bytes, framed in one step: a subset of what the
 # line-by-line path accepts.
@@ -142,9 +145,14 @@ class RequestFramer(_LineFramer):
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the commands completed in it, or None when there are none."""
+        n = len(data)
+        if (n and n <= _WHOLE_COMMANDS_MAX and self._state == _LINE and not self._args
+                and not self._buf and data[0] == 42):
+            out = self._whole(bytes(data), n)
+            if out is not None:
+                return out
         out = None
         pos = 0
-        n = len(data)
         try:
             while pos < n:
                 state = self._state
@@ -208,6 +216,49 @@ class RequestFramer(_LineFramer):
             if exc.at is None:  # raised at the end of what it read
                 exc.at = pos
             raise
+        return out
+
+    def _whole(self, data: bytes, n: int) -> list | None:
+        """`data` as whole commands of bulk strings (arrays of "$" lines, CRLF line ends),
+        framed in one pass: the commands, or None to leave the chunk to the line-by-line
+        path, which decides (anything else, or a command cut short)."""
+        out = []
+        ends = []
+        starts = []
+        pos = 0
+        find = data.find
+        while pos < n:
+            if data[pos] != 42:  # "*"
+                return None
+            eol = find(b"\r\n", pos)
+            digits = data[pos + 1:eol]
+            if eol < 0 or not digits.isdigit() or len(digits) > _MAX_DIGITS:
+                return None
+            count = int(digits)
+            if count <= 0:
+                return None
+            pos = eol + 2
+            starts.append(pos)
+            name = None
+            for _ in range(count):
+                if pos >= n or data[pos] != 36:  # "$"
+                    return None
+                eol = find(b"\r\n", pos)
+                digits = data[pos + 1:eol]
+                if eol < 0 or not digits.isdigit() or len(digits) > _MAX_DIGITS:
+                    return None
+                pos = eol + 2 + int(digits)
+                if data[pos:pos + 2] != b"\r\n":
+                    return None
+                if name is None:
+                    name = data[eol + 2:min(pos, eol + 2 + NAME_MAX)]
+                pos += 2
+            out.append(_command(name))
+            ends.append(pos)
+        if self.ends is not None:
+            self.ends += ends
+        if self.starts is not None:
+            self.starts += starts
         return out
 
     def _argument_done(self, out: list | None, end: int) -> list | None:
