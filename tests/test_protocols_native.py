@@ -231,6 +231,16 @@ def test_a_message_ends_where_python_says_not_after_the_blank_lines_llhttp_takes
     assert framer.ends == python.ends == [len(message)]
 
 
+@pytest.mark.parametrize("stream", [
+    b"*1\r\n$2\r\nxyz\r",               # hiredis takes "z\r" for the CRLF
+    b"*2\r\n$3\r\nGET\r\n+k\r\n",       # a simple string for an argument
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$0\r\n",  # the last cut before its CRLF
+])
+def test_commands_hiredis_reads_laxly_are_left_to_python(stream):
+    framer, python = native.RedisRequestFramer(), redis_tests.RequestFramer()
+    assert run(framer, [stream]) == run(python, [stream])
+
+
 def test_pipelined_commands_go_to_hiredis_unless_their_offsets_are_wanted():
     pipeline = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" * 16
     framer = native.RedisRequestFramer()

@@ -528,3 +528,24 @@ def test_a_whole_short_reply_in_one_chunk_frames_as_line_by_line(requests, reply
         items, error = run(framer, split(reply))
         results.append((items, error, len(framer._pending)))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("stream", [
+    b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nxxx\r\n" * 3,
+    b"*2\r\n$3\r\nGET\r\n$4\r\na\r\nb\r\n",        # CRLF inside an argument
+    b"*2\r\n$03\r\nGET\r\n$1\r\nk\r\n",           # a leading zero
+    b"*1\r\n$2\r\nxyz\r\n",                        # no CRLF after the contents
+    b"*1\r\n$2\r\nxy\r\n*1\r\n$4\r\nPI",           # the second cut short
+    b"*2\r\n$3\r\nGET\r\n:1\r\n", b"*1\r\n+PING\r\n", b"*0\r\n*1\r\n$4\r\nPING\r\n",
+    b"*1\r\n$" + b"9" * 19 + b"\r\n", b"*1\r\n$-1\r\n",
+])
+def test_whole_commands_in_one_chunk_frame_as_line_by_line(stream):
+    """The one-pass path for whole commands in one chunk gives what feeding them byte
+    by byte gives (which never takes that path), ends, starts and errors included."""
+    results = []
+    for split in (whole, bytewise):
+        framer = RequestFramer()
+        framer.ends, framer.starts = [], []
+        items, error = run(framer, split(stream))
+        results.append((items, error, framer.in_message))
+    assert results[0] == results[1]
