@@ -250,10 +250,10 @@ _WRITE_NOW = 64 * 1024
 _LATEST = 0.002
 # Queued bytes written to shadows in one turn of the event loop, at most (give or take one
 # write): a shadow catching up on a backlog (its turn timed out after a second of queueing,
-# or its socket became writable again) goes on at the next turn, so that production's
-# events that came meanwhile wait for half a MiB of copying, not for megabytes. Twice
-# what production's relay reads at once (relay.CHUNK): one client streaming at full speed
-# does not leave its shadow behind.
+# or its socket became writable again) goes on in spare time (_SpareTime), so that
+# production's events that came meanwhile wait for half a MiB of copying, not for
+# megabytes. Twice what production's relay reads at once (relay.CHUNK): one client
+# streaming at full speed does not leave its shadow behind.
 _WRITTEN_PER_TURN = 512 * 1024
 _this_turn = [-1, 0]  # the loop's iteration, and the queued bytes written in it
 # A connection's answers are compared in size only from this many bytes on (production's
@@ -734,7 +734,8 @@ class ShadowSink:
     def _write_queue(self) -> None:
         """Write what queued up; the writer takes over what the shadow does not take."""
         self._writable()
-        if self._queue.size and self.alive and (not self._turns or self._room()):
+        if (self._queue.size and self.alive and not self._waiting
+                and (not self._turns or self._room())):
             self._channel.start_writing(self._writable)
 
     def _writable(self) -> None:
@@ -751,8 +752,13 @@ class ShadowSink:
                 this_turn[0], this_turn[1] = iteration, 0
             left = _WRITTEN_PER_TURN - this_turn[1]
             if left <= 0:
-                # Enough for this turn: the writer goes on at the next one (_write_queue
-                # starts it when it is not running yet).
+                # Enough for this turn: the rest waits for spare time (_SpareTime), not
+                # for the socket's next writable event: with many shadows behind, their
+                # writers would each be called in every turn only to find nothing left.
+                self._channel.stop_writing()
+                if not self._waiting:
+                    self._waiting = True
+                    self._spare_time.add(self)
                 return
             pieces = queue.pieces(left if room is None else min(room, left))
             sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
