@@ -92,16 +92,10 @@ class _Native:
         return self._py.feed(data)
 
 
-class HttpRequestFramer(_Native):
-    """http.RequestFramer, with llhttp for a chunk that is one whole request."""
+class _NativeRequests(_Native):
+    """What the two request wrappers also pass through to the Python framer."""
 
-    __slots__ = ("_counts",)
-
-    def __init__(self, max_head: int = http.MAX_HEAD) -> None:
-        self._py = http.RequestFramer(max_head)
-        self._parser = None
-        self._misses = 0
-        self._counts = _Counts()
+    __slots__ = ()
 
     @property
     def starts(self) -> list[int] | None:
@@ -118,6 +112,18 @@ class HttpRequestFramer(_Native):
     @property
     def current(self) -> str | None:
         return self._py.current
+
+
+class HttpRequestFramer(_NativeRequests):
+    """http.RequestFramer, with llhttp for a chunk that is one whole request."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self, max_head: int = http.MAX_HEAD) -> None:
+        self._py = http.RequestFramer(max_head)
+        self._parser = None
+        self._misses = 0
+        self._counts = _Counts()
 
     def feed(self, data) -> list | None:
         py = self._py
@@ -208,7 +214,7 @@ class HttpResponseFramer(_Native):
         return [(status, status >= 500)]
 
 
-class RedisRequestFramer(_Native):
+class RedisRequestFramer(_NativeRequests):
     """redis.RequestFramer, with hiredis for a chunk of whole commands (arrays of bulk
     strings); of one command only when their offsets are wanted."""
 
@@ -218,22 +224,6 @@ class RedisRequestFramer(_Native):
         self._py = redis.RequestFramer()
         self._parser = None
         self._misses = 0
-
-    @property
-    def starts(self) -> list[int] | None:
-        return self._py.starts
-
-    @starts.setter
-    def starts(self, value: list[int] | None) -> None:
-        self._py.starts = value
-
-    @property
-    def in_message(self) -> bool:
-        return self._py.in_message
-
-    @property
-    def current(self) -> str | None:
-        return self._py.current
 
     def feed(self, data) -> list | None:
         py = self._py
