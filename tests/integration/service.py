@@ -22,6 +22,16 @@ def gproxyd_command() -> list[str]:
     return [found]
 
 
+def send_and_read_to_eof(sock: socket.socket, payload: bytes) -> bytes:
+    """On a connected socket: send `payload` and half-close (in a greenlet, so a large one
+    cannot deadlock against the echo), and read what comes back until EOF."""
+    from backends import recv_to_eof
+    sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    answer = recv_to_eof(sock)
+    sender.get(timeout=20)
+    return answer
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,10 +10,9 @@ import shutil
 import socket
 import subprocess
 
-import gevent
 import pytest
 from gevent.server import StreamServer
-from service import GLOBAL, Daemon, free_port, route_section, wait_until
+from service import GLOBAL, Daemon, free_port, route_section, send_and_read_to_eof, wait_until
 
 from gproxyd.proxyproto import parse
 
@@ -93,16 +92,7 @@ def wait_listening(port: int) -> None:
 def round_trip(port: int, payload: bytes) -> tuple[tuple[str, int], bytes]:
     """Send `payload`, half-close, read the echo to EOF: (our address, what came back)."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        ours = sock.getsockname()
-        sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-        sender.get(timeout=20)
-    return ours, b"".join(chunks)
+        return sock.getsockname(), send_and_read_to_eof(sock, payload)
 
 
 def test_haproxy_in_front_and_behind_the_client_address_and_bytes_arrive(

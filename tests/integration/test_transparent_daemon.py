@@ -20,11 +20,10 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
-import gevent
 import pytest
 from gevent.event import Event
 from gevent.server import StreamServer
-from service import Daemon, NotifySocket, wait_until
+from service import Daemon, NotifySocket, send_and_read_to_eof, wait_until
 
 CLIENT_V4, GATEWAY_V4, SERVER_V4 = "10.77.1.2", "10.77.1.1", "10.77.2.2"
 CLIENT_V6, GATEWAY_V6, SERVER_V6 = "fd77:1::2", "fd77:1::1", "fd77:2::2"
@@ -282,16 +281,7 @@ def round_trip(net: Namespaces, host: str, port: int, payload: bytes):
     with sock:
         sock.settimeout(20)
         sock.connect((host, port))
-        ours = sock.getsockname()[:2]
-        sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-        sender.get(timeout=20)
-    return ours, b"".join(chunks)
+        return sock.getsockname()[:2], send_and_read_to_eof(sock, payload)
 
 
 def digest(data) -> str:
