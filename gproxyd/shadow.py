@@ -243,6 +243,7 @@ def memory_stats() -> ShadowMemoryStats:
 
 _discard_buffers = [discard_buffer]  # for recvmsg_into
 _LAZY_READ = 32 * 1024  # SO_RCVLOWAT once a tcp-level shadow has answered
+_CALM_TURNS = 16  # turns in a row it had answered in time before reading lazily again
 # Bytes waiting for the write delay that are written at once instead: a bulk stream
 # gains nothing from waiting, and waiting must never fill shadow-buffer by itself.
 _WRITE_NOW = 64 * 1024
@@ -501,6 +502,7 @@ class ShadowSink:
         self._turn_timeout = route.shadow_turn_timeout
         self._keeps_turns = True
         self._lazy = False          # answers are read in bulk (SO_RCVLOWAT raised)
+        self._calm = 0              # turns in a row that found the shadow had answered
         self._stamped = False       # reads carry the kernel's arrival time
         self._turn_timer = None
         self._on_answer = on_answer
@@ -533,20 +535,31 @@ class ShadowSink:
         else queue a copy of it for spare time (or for the write delay); drop the
         shadow if its queue would overflow. `new_turn`: production got this chunk only
         after it had answered (see _turns)."""
-        if not self.alive:
+        state = self.state
+        if state != "open" and state != "connecting":
             return
+        turns = self._turns
         if new_turn and self._keeps_turns:
-            if self._fed != self.upstream.sent.bytes:
-                self._turns.append(self._fed)  # its gate: once the bytes before are written
-            elif self.upstream.received.bytes <= self._received_when_written:
-                self._turns.append(self._fed)  # all written, no answer since: wait for one
+            upstream = self.upstream
+            if self._fed != upstream.sent.bytes:
+                turns.append(self._fed)  # its gate: once the bytes before are written
+            elif (upstream.received.bytes <= self._received_when_written
+                    and not self._read_now()):
+                turns.append(self._fed)  # all written, no answer since: wait for one
                 self._gate_mark = self._received_when_written
-            # else it has answered since all before was written: nothing to wait for
+            else:  # it has answered since all before was written: nothing to wait for
+                self._calm += 1
+                if self._calm == _CALM_TURNS and not self._lazy:
+                    self._read_lazily()
         self._fed += len(chunk)
-        if (not self._write_delay and self.state == "open" and not self._queue.size
-                and not self._loop.pendingcnt
-                and (not self._turns or self._room() >= len(chunk))):
-            # Nothing else waits in this turn of the event loop: no one to go first.
+        if (state == "open" and not self._write_delay and not self._queue.size
+                and (new_turn or not self._loop.pendingcnt)
+                and (not turns or self._room() >= len(chunk))):
+            # A new turn (one request of a request-reply conversation) has nothing to be
+            # batched with, and waiting would make the shadow answer after the client's
+            # next request, which would then wait for it (see _turns): it goes now. A
+            # chunk continuing a stream goes now only if nothing else waits in this turn
+            # of the event loop (no one to go first).
             sent = self._send(chunk)
             if sent is None or sent == len(chunk):
                 return
@@ -693,9 +706,13 @@ class ShadowSink:
     def _send(self, data) -> int | None:
         """One non-blocking write of a bytes-like object or of a list of them; the count
         sent, or None if the shadow broke."""
-        sending = monotonic()  # the requests' clock starts before the write (see Direction)
+        upstream = self.upstream
+        observer = upstream.observer
+        watching = observer.watching
+        # The requests' clock starts before the write (see Direction).
+        sending = monotonic() if watching else 0.0
         try:
-            if isinstance(data, list):
+            if type(data) is list:
                 sent = self._channel.sock.sendmsg(data)
             else:
                 sent = self._channel.sock.send(data)
@@ -705,18 +722,17 @@ class ShadowSink:
             self._lost(error)
             return None
         if sent:
-            counter = self.upstream.sent
+            counter = upstream.sent
             if not counter.bytes:
                 counter.first = monotonic()
             counter.bytes += sent
             if counter.bytes == self._fed:
-                self._received_when_written = self.upstream.received.bytes
+                self._received_when_written = upstream.received.bytes
             if self._turns and counter.bytes == self._turns[0]:
-                self._gate_mark = self.upstream.received.bytes
-            observer = self.upstream.observer
-            if observer.watching:
+                self._gate_mark = upstream.received.bytes
+            if watching:
                 left = sent
-                for part in data if isinstance(data, list) else (data,):
+                for part in data if type(data) is list else (data,):
                     observer.sent(part[:left], sending)
                     left -= len(part)
                     if left <= 0:
@@ -791,9 +807,11 @@ class ShadowSink:
 
     def _wait_for_turn(self) -> None:
         """Wait for the shadow's answer (see _readable), at most shadow-turn-timeout."""
+        self._calm = 0
         if self._lazy:
-            # Turns need to see each answer: read them as they come from now on (one
-            # syscall, once; switching back and forth per turn cost more than it saved).
+            # Turns need to see each answer: read them as they come (one syscall) until
+            # the shadow keeps up again (_CALM_TURNS in a row: switching back and forth at
+            # every turn would cost more than it saves).
             self._lazy = False
             self._set_low_water(1)
         if self._turn_timer is None:
@@ -853,12 +871,7 @@ class ShadowSink:
         observer = self.upstream.observer
         if not counter.bytes:
             counter.first = monotonic()
-            if not observer.watching and self._answers is None and self._keeps_turns:
-                # Nothing but the first byte's time is measured here: from now on, be
-                # woken once per 32 KiB of answers (or at EOF or an error), not per
-                # answer, unless a turn waits for one (_wait_for_turn).
-                self._lazy = True
-                self._set_low_water(_LAZY_READ)
+            self._read_lazily()
         counter.bytes += received
         chunk = memoryview(discard_buffer)[:received]
         if observer.watching:
@@ -867,6 +880,17 @@ class ShadowSink:
             self._answers.put(bytes(chunk))
         if self._turns:
             self._answered_turn()
+
+    def _read_lazily(self) -> None:
+        """Where nothing but the first answer byte's time is measured (a tcp-level
+        shadow, no hook reading its answers): from now on, be woken once per 32 KiB of
+        answers (or at EOF or an error), not per answer; a new turn reads what is there
+        when it asks whether the shadow has answered (_read_now), and one that has to
+        wait for the answer switches back (_wait_for_turn)."""
+        if (not self.upstream.observer.watching and self._answers is None
+                and self._keeps_turns):
+            self._lazy = True
+            self._set_low_water(_LAZY_READ)
 
     def _set_low_water(self, low_water: int) -> None:
         try:
