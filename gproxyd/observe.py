@@ -24,8 +24,11 @@ that backend's own.
 """
 from __future__ import annotations
 
+import collections
 import logging
 from collections import deque
+from itertools import islice, repeat
+from operator import itemgetter
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -45,6 +48,7 @@ log = logging.getLogger("gproxyd.observe")
 _MAX_PENDING = 10_000
 # observe-max-header's default (settings.py), for callers that do not pass the route's.
 DEFAULT_MAX_HEAD = 16 * 1024
+_IS_ERROR = itemgetter(1)  # of a framer's (status, is_error)
 
 
 class Exchanges:
@@ -148,10 +152,12 @@ class Exchanges:
                 if self._early or len(pending) + len(done) > _MAX_PENDING:
                     self._expect(done)
                     return
-                expect = self._responses.expect
-                for request in done:
+                if len(done) == 1:
                     pending.append(sending)
-                    expect(request)
+                    self._responses.expect(done[0])
+                else:  # a pipeline written at once: one send time each, in one step
+                    pending.extend(repeat(sending, len(done)))
+                    self._responses.expect_all(done)
             return
         try:
             done = self._requests.feed(data)
@@ -282,15 +288,37 @@ class Exchanges:
         answered = self._answered
         self._answered = now
         record = self.stats.record
-        if self._comparison is None and len(pending) >= len(done):
-            # Every answer to a request sent, nothing compared (a pipeline's answers).
-            failures = 0
-            for _status, is_error in done:
-                sent = pending.popleft()
-                record(now - (sent if sent > answered else answered), is_error)
-                failures += is_error
-            self.answers += len(done)
+        count = len(done)
+        if self._comparison is None and len(pending) >= count:
+            # Every answer to a request sent, nothing compared (a pipeline's answers):
+            # answers to requests sent at the same time (in one write) have the same
+            # latency, so they are recorded together, one histogram step per send time.
+            failures = sum(map(_IS_ERROR, done))
+            self.answers += count
             self.failures += failures
+            if count == 1:
+                sent = pending.popleft()
+                record(now - (sent if sent > answered else answered), failures)
+                return
+            if count == len(pending):
+                sents = pending
+            else:
+                sents = list(islice(pending, count))
+            first = sents[0]
+            if sents.count(first) == count:
+                record(now - (first if first > answered else answered), failures, count)
+            else:
+                # Several writes: the errors go with the first send time's record (only
+                # their sum is counted).
+                for sent, times in collections.Counter(sents).items():
+                    record(now - (sent if sent > answered else answered), failures, times)
+                    failures = 0
+            if sents is pending:
+                pending.clear()
+            else:
+                popleft = pending.popleft
+                for _ in repeat(None, count):
+                    popleft()
             return
         for index, (_status, is_error) in enumerate(done):
             early = not pending

@@ -1,11 +1,14 @@
 """Live benchmarking with real servers and real clients: HTTP, Redis, tcp, fallback."""
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import shutil
 import socket
 import subprocess
 import time
+from collections import deque
 
 import gevent
 import gevent.monkey
@@ -631,3 +634,134 @@ def test_a_reply_nested_past_max_depth_falls_back_and_passes_untouched(proxy, se
     production = proxied.stats.production
     assert production.requests == 2 and production.errors == 0  # then by turn
     assert production.bytes_received == len(DEEP_REPLY) + 7
+
+
+# --- the answers of one chunk, recorded in one step ---------------------------------------
+
+REDIS_COMMANDS = [b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nxxx\r\n", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+                  b"*4\r\n$6\r\nLRANGE\r\n$1\r\nl\r\n$1\r\n0\r\n$2\r\n99\r\n"]
+REDIS_REPLIES = [b"+OK\r\n", b"$3\r\nxxx\r\n", b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"]
+REDIS_ERROR = b"-ERR busy\r\n"
+
+
+@st.composite
+def pipelined_conversation(draw) -> list:
+    """Writes of 1 to 20 commands and chunks of their replies (some errors), each piece
+    at a time after the one before or at the same time, some cut in two: [(direction,
+    bytes, when in µs, [completions: (kind, is_error) per answer or None per request])]."""
+    steps, owed, now = [], [], 0
+    for _ in range(draw(st.integers(1, 30))):
+        if owed and draw(st.booleans()):
+            count = draw(st.integers(1, len(owed)))
+            answered, owed = owed[:count], owed[count:]
+            errors = draw(st.lists(st.booleans(), min_size=count, max_size=count))
+            replies = [REDIS_ERROR if error else REDIS_REPLIES[kind]
+                       for kind, error in zip(answered, errors, strict=True)]
+            steps.append(("received", replies, errors))
+        else:
+            kinds = draw(st.lists(st.integers(0, 2), min_size=1, max_size=20))
+            owed += kinds
+            steps.append(("sent", [REDIS_COMMANDS[kind] for kind in kinds], None))
+    timed = []
+    for direction, messages, errors in steps:
+        data = b"".join(messages)
+        ends = list(itertools.accumulate(map(len, messages)))
+        cut = draw(st.integers(0, len(data)))
+        for begin, end in ((0, cut), (cut, len(data))):
+            if begin == end:
+                continue
+            now += draw(st.sampled_from([0, 0, 1, 7, 50, 333, 4000]))
+            done = [index for index, stop in enumerate(ends) if begin < stop <= end]
+            timed.append((direction, data[begin:end], now,
+                          [errors[index] if errors else None for index in done]))
+    return timed
+
+
+def answer_by_answer(conversation) -> tuple:
+    """What the pairing rule gives when each answer is recorded on its own: an answer is
+    timed from its request's last byte, or from the answer before it when that came
+    later (the chunk before: answers of one chunk share it)."""
+    stats = BackendStats()
+    pending, answered = deque(), 0.0
+    for direction, _, micros, completed in conversation:
+        now = 100.0 + micros / 1e6
+        if direction == "sent":
+            pending.extend(now for _ in completed)
+            continue
+        for is_error in completed:
+            sent = pending.popleft()
+            stats.record(now - max(sent, answered), is_error)
+        if completed:
+            answered = now
+    return stats, len(pending)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversation=pipelined_conversation(), use_native=st.booleans())
+def test_the_answers_of_a_chunk_recorded_at_once_count_as_one_by_one(conversation,
+                                                                    use_native):
+    """Pipelines written at once, answered in chunks of any size (from one write or
+    several, cut anywhere, some errors): requests, errors, every histogram bucket, the
+    maximum and what is still owed are what recording each answer on its own gives."""
+    route_stats = RouteStats()
+    observer = Exchanges("redis", route_stats.production, route_stats, "test",
+                         use_native=use_native)
+    for direction, data, micros, _ in conversation:
+        getattr(observer, direction)(memoryview(bytearray(data)), 100.0 + micros / 1e6)
+    expected, owed = answer_by_answer(conversation)
+    got = route_stats.production
+    assert route_stats.parser_fallbacks == 0
+    assert (got.requests, got.errors) == (expected.requests, expected.errors)
+    assert (observer.answers, observer.failures) == (expected.requests, expected.errors)
+    assert got.latency.counts == expected.latency.counts
+    assert (got.latency.count, got.latency.max) == (expected.latency.count,
+                                                      expected.latency.max)
+    assert math.isclose(got.latency.total, expected.latency.total, rel_tol=1e-9)
+    assert got.snapshot() == expected.snapshot()
+    assert observer.unanswered == owed
+
+
+@pytest.mark.parametrize("mirrored", [False, True], ids=["alone", "with-a-shadow"])
+def test_pipelines_of_16_through_the_proxy_are_counted_answer_by_answer(
+        proxy, shadow_redis, mirrored):
+    """redis-benchmark -P 16's traffic against real redis-servers: 16 commands in one
+    write (5 of them errors), their replies read before the next 16, on 3 connections:
+    every request, every error and every latency counted, on production and shadow."""
+    production = redis.Redis(host="127.0.0.1", port=6379)
+    assert redis_pings(production), "the machine's redis-server on 127.0.0.1:6379 is not running"
+    proxied = proxy("127.0.0.1:6379", shadow=[shadow_redis] if mirrored else [],
+                    protocol="redis")
+    key = f"gproxyd-test-{time.time_ns()}".encode()
+    set_ = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nxxx\r\n" % (len(key), key)
+    get = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)
+    incr = b"*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (len(key), key)  # not a number: an error
+    pipeline = (set_ + get + incr) * 5 + get
+    direct = socket.create_connection(("127.0.0.1", 6379), timeout=10)
+    direct.sendall(set_ + incr)  # the error's text, as this redis-server words it
+    error = b""
+    while not error.endswith(b"\r\n") or error.count(b"\r\n") < 2:
+        error += direct.recv(4096)
+    direct.close()
+    assert error.startswith(b"+OK\r\n-")
+    reply = (b"+OK\r\n$3\r\nxxx\r\n" + error[5:]) * 5 + b"$3\r\nxxx\r\n"
+    rounds, connections = 50, 3
+    clients = [proxied.connect() for _ in range(connections)]
+    for _ in range(rounds):
+        for client in clients:
+            client.sendall(pipeline)
+        for client in clients:
+            assert recv_exactly(client, len(reply)) == reply
+    clients[0].sendall(b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(key), key))
+    assert recv_exactly(clients[0], 4) == b":1\r\n"
+    for client in clients:
+        client.close()
+    expected = rounds * connections * 16 + 1
+    shadows = [shadow_redis] if mirrored else []
+    settle(proxied, expected, shadows)
+    for backend in [proxied.stats.production] + [proxied.stats.shadows[s] for s in shadows]:
+        assert backend.requests == expected
+        assert backend.errors == rounds * connections * 5
+        assert backend.latency.count == expected
+        assert sum(backend.latency.counts) == expected
+        assert 0 < backend.latency.max < 10
+    assert proxied.stats.parser_fallbacks == 0

@@ -241,13 +241,25 @@ def test_commands_hiredis_reads_laxly_are_left_to_python(stream):
     assert run(framer, [stream]) == run(python, [stream])
 
 
-def test_pipelined_commands_go_to_hiredis_unless_their_offsets_are_wanted():
+def test_pipelined_small_commands_are_framed_in_one_pass_with_their_offsets():
+    """Commands of up to 9 arguments of up to 99 bytes: one regular expression, with or
+    without the offsets a shared framing wants."""
     pipeline = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" * 16
     framer = native.RedisRequestFramer()
     assert framer.feed(pipeline) == ["GET"] * 16 and framer._misses == 0
-    framer.ends = []
-    assert framer.feed(pipeline) == ["GET"] * 16 and framer._misses == 1
+    framer.ends, framer.starts = [], []
+    assert framer.feed(pipeline) == ["GET"] * 16 and framer._misses == 0
     assert framer.ends == [20 * i for i in range(1, 17)]
+    assert framer.starts == [20 * i + 4 for i in range(16)]
+
+
+def test_pipelined_commands_go_to_hiredis_unless_their_offsets_are_wanted():
+    command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100\r\n" + b"v" * 100 + b"\r\n"
+    framer = native.RedisRequestFramer()
+    assert framer.feed(command * 16) == ["SET"] * 16 and framer._misses == 0
+    framer.ends = []
+    assert framer.feed(command * 16) == ["SET"] * 16 and framer._misses == 1
+    assert framer.ends == [len(command) * i for i in range(1, 17)]
 
 
 # --- generated streams --------------------------------------------------------------------

@@ -549,3 +549,77 @@ def test_whole_commands_in_one_chunk_frame_as_line_by_line(stream):
         items, error = run(framer, split(stream))
         results.append((items, error, framer.in_message))
     assert results[0] == results[1]
+
+
+def _array(*elements: bytes) -> bytes:
+    return b"*%d\r\n" % len(elements) + b"".join(bulk(element) for element in elements)
+
+
+@pytest.mark.parametrize("requests, stream", [
+    (["LRANGE"], _array(*[b"xxx"] * 100)),
+    (["LRANGE"], _array(b"")), (["LRANGE"], _array(b"a" * 1000, b"b" * 1000)),
+    (["LRANGE"], _array(b"$3\r\nxxx", b"\r\n*1\r\n$3", b"\r\n\r\n\r\n\r")),  # framing inside
+    (["LRANGE"], _array(b"abc", b"de")),                # another length
+    (["LRANGE"], _array(b"abc", b"def")[:-2] + b"\n\n"),  # no CRLF after the last
+    (["LRANGE"], b"*2\r\n$03\r\nabc\r\n$03\r\ndef\r\n"),  # leading zeros
+    (["LRANGE"], b"*02\r\n" + bulk(b"abc") * 2),
+    (["LRANGE"], b"*3\r\n" + bulk(b"abc") * 2),         # fewer elements than counted
+    (["LRANGE"], b"*1\r\n" + bulk(b"abc") * 2),         # more: a reply after it
+    (["LRANGE", "GET"], _array(b"abc", b"def") + bulk(b"ghi")),
+    (["LRANGE"], b"*2\r\n$3\r\nabc\r\n$3\r\nde\r\n\r\n"),  # a CRLF where contents go
+    (["SUBSCRIBE"], _array(b"subscribe", b"ch")), ([], _array(b"x")),
+    (["LRANGE"], b"*2\r\n$1\r\na\r\n:1\r\n"), (["HGETALL"], b"*2\r\n$-1\r\n$-1\r\n"),
+])
+def test_an_array_of_bulk_strings_of_one_length_frames_as_line_by_line(requests, stream):
+    """The few-slices path for an array of bulk strings of one length in one chunk
+    gives what feeding it byte by byte gives (which never takes that path)."""
+    results = []
+    for split in (whole, bytewise):
+        framer = ResponseFramer()
+        framer.ends = []
+        for request in requests:
+            framer.expect(request)
+        items, error = run(framer, split(stream))
+        results.append((items, error, framer.ends if split is whole else None,
+                        len(framer._pending)))
+    assert results[0][:2] == results[1][:2] and results[0][3] == results[1][3]
+    if results[0][:2] == ([("*", False)], None):
+        assert results[0][2] == [len(stream)]
+
+
+@FAST
+@given(st.integers(1, 20), st.integers(0, 12), st.data())
+def test_generated_arrays_of_one_length_frame_as_line_by_line(count, size, data):
+    """Arrays of bulk strings of one length, valid and mangled, whole: as byte by byte."""
+    elements = [data.draw(st.binary(min_size=size, max_size=size)) for _ in range(count)]
+    valid = _array(*elements)
+    for stream in (valid, data.draw(mutated(valid))):
+        assert replies(whole(stream), ["LRANGE"]) == replies(bytewise(stream), ["LRANGE"])
+    assert replies(whole(valid), ["LRANGE"]) == ([("*", False)], None)
+
+
+@pytest.mark.parametrize("stream", [
+    b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nxxx\r\n" * 16,
+    b"*1\r\n$3\r\nG\rT\r\n",                             # a CR in the name
+    b"*1\r\n$70\r\n" + b"N" * 70 + b"\r\n",              # a name past NAME_MAX
+    b"*10\r\n" + b"$1\r\nx\r\n" * 10,                    # more arguments than 9
+    b"*2\r\n$3\r\nSET\r\n$100\r\n" + b"v" * 100 + b"\r\n",  # an argument of 100 bytes
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nxyz",  # garbage after
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",  # inline
+    b"*2\r\n$3\r\nGET\r\n$2\r\n*2\r\n",                  # an argument that looks like a command
+])
+def test_the_most_common_commands_in_one_chunk_frame_as_line_by_line(stream):
+    """The one-regular-expression path (commands of up to 9 arguments of up to 99
+    bytes) gives what feeding byte by byte gives, ends and starts included."""
+    results = []
+    for split in (whole, bytewise):
+        framer = RequestFramer()
+        framer.ends, framer.starts = [], []
+        items, error = run(framer, split(stream))
+        results.append((items, error, framer.in_message,
+                        framer.ends if split is whole else None,
+                        framer.starts if split is whole else None))
+    assert results[0][:3] == results[1][:3]
+    if results[0][1] is None and stream.startswith(b"*3"):
+        assert results[0][3] == [29 * i for i in range(1, 17)]
+        assert results[0][4] == [29 * i + 4 for i in range(16)]

@@ -196,3 +196,26 @@ def test_merged_route_stats_snapshot_as_one_process_would(values, cuts, errors):
     assert merged.production.latency.counts == whole.production.latency.counts
     assert merged.shadows["127.0.0.1:9"].latency.counts == \
         whole.shadows["127.0.0.1:9"].latency.counts
+
+
+@EXAMPLES
+@given(runs=st.lists(st.tuples(latencies, st.integers(1, 40), st.integers(0, 40)),
+                     min_size=1, max_size=20))
+def test_a_value_recorded_with_a_count_is_that_many_values_recorded_one_by_one(runs):
+    """record(seconds, count), as the observer records the answers of one chunk to
+    requests written at once: the same counts, buckets, maximum, percentiles and
+    requests and errors as `count` records of one; the total within its roundings."""
+    grouped, single = RouteStats().production, RouteStats().production
+    for value, count, errors in runs:
+        errors = min(errors, count)
+        grouped.record(value, errors, count)
+        for index in range(count):
+            single.record(value, index < errors)
+    assert grouped.latency.counts == single.latency.counts
+    assert (grouped.latency.count, grouped.latency.max) == (single.latency.count,
+                                                              single.latency.max)
+    assert (grouped.requests, grouped.errors) == (single.requests, single.errors)
+    assert math.isclose(grouped.latency.total, single.latency.total, rel_tol=1e-12)
+    assert [grouped.latency.percentile(share) for share in SHARES] == \
+        [single.latency.percentile(share) for share in SHARES]
+    assert grouped.snapshot() == single.snapshot()

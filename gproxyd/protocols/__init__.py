@@ -7,7 +7,8 @@ observer feeds it copies of the bytes as they pass:
   chunk, else the list of requests completed in it, in order (HTTP: the method;
   Redis: the command name, upper-cased).
 - ``ResponseFramer().expect(request)`` is called once for every request the
-  RequestFramer produced, in order, before the response bytes for it are fed;
+  RequestFramer produced, in order, before the response bytes for it are fed
+  (``expect_all(requests)``: the same for a list of them, in one call);
   ``.feed(data)`` returns None or the list of ``(status, is_error)`` responses completed
   in the chunk; ``.close()`` is called at the backend's EOF and completes a response
   delimited by the connection's close.

@@ -280,6 +280,9 @@ class ResponseFramer:
         (``quit`` is never answered: the server closes the connection.)
         """
 
+    def expect_all(self, requests: list) -> None:
+        """Nothing to remember either."""
+
     def close(self) -> None:
         """The server closed: replies never end that way, so raise if one was cut short."""
         state = self._state

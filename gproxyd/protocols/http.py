@@ -333,6 +333,10 @@ class ResponseFramer(_MessageFramer):
         """Queue the method of the next request the backend will answer."""
         self._pending.append(request)
 
+    def expect_all(self, requests: list) -> None:
+        """expect() each of `requests`, in order."""
+        self._pending.extend(requests)
+
     def close(self) -> list | None:
         """The backend closed: complete a close-delimited response; raise if one was cut short."""
         state = self._state

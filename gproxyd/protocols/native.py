@@ -27,6 +27,7 @@ NATIVE says whether both are importable; each protocol checks its own.
 from __future__ import annotations
 
 import re
+from itertools import islice, repeat
 
 from . import http, redis
 
@@ -172,7 +173,7 @@ class HttpResponseFramer(_Native):
     """http.ResponseFramer, with llhttp for a chunk that is one whole final answer to a
     request other than HEAD or CONNECT."""
 
-    __slots__ = ("_counts", "expect")
+    __slots__ = ("_counts", "expect", "expect_all")
 
     def __init__(self, max_head: int = http.MAX_HEAD) -> None:
         self._py = http.ResponseFramer(max_head)
@@ -181,6 +182,7 @@ class HttpResponseFramer(_Native):
         self._counts = _Counts()
         # expect(method): what http.ResponseFramer.expect does, without a call of ours
         self.expect = self._py._pending.append
+        self.expect_all = self._py._pending.extend
 
     def close(self) -> list | None:
         return self._py.close()
@@ -231,6 +233,10 @@ class RedisRequestFramer(_NativeRequests):
         if (py._state != redis._LINE or py._args or py._buf or self._misses >= MISSES
                 or not n or n > MAX_NATIVE or data[0] != 42):
             return py.feed(data)
+        if n <= redis._WHOLE_COMMANDS_MAX:
+            commands = py._small(data, n)  # the most common commands: faster still
+            if commands is not None:
+                return commands
         reader = self._parser
         if reader is None:
             reader = self._parser = _reader()
@@ -240,6 +246,7 @@ class RedisRequestFramer(_NativeRequests):
             # Every argument a bulk string ("$", its length, CRLF, its bytes, CRLF: hiredis
             # also reads "+x" or ":1" as arguments, and takes any two bytes for the
             # CRLF after a bulk string's), the chunk exactly the commands.
+            # (An index past the chunk raises IndexError: a miss too.)
             pos = 0
             while True:
                 command = reader.gets()
@@ -247,23 +254,20 @@ class RedisRequestFramer(_NativeRequests):
                     break
                 if type(command) is not list or not command:
                     return self._miss(data)
-                pos += 3 + _digits(len(command))
+                size = len(command)
+                pos += 4 if size < 10 else 3 + len(str(size))  # "*", its digits, CRLF
                 for argument in command:
-                    if type(argument) is not bytes or pos >= n or data[pos] != 36:
+                    if type(argument) is not bytes or data[pos] != 36:
                         return self._miss(data)
                     size = len(argument)
-                    pos += size + 5 + _digits(size)
-                    if pos > n or data[pos - 2] != 13 or data[pos - 1] != 10:
+                    pos += size + (6 if size < 10 else 7 if size < 100 else
+                                   5 + len(str(size)))
+                    if data[pos - 1] != 10 or data[pos - 2] != 13:
                         return self._miss(data)
-                name = _NAMES.get(command[0])
-                if name is None:
-                    name = redis._command(command[0][:redis.NAME_MAX])
-                    if len(_NAMES) < _NAMES_KEPT:
-                        _NAMES[command[0]] = name
-                commands.append(name)
+                commands.append(redis._name(command[0][:redis.NAME_MAX]))
             if pos != n or not _idle(reader):
                 return self._miss(data)
-        except hiredis.ProtocolError:
+        except (hiredis.ProtocolError, IndexError):
             return self._miss(data)
         if len(commands) > 1 and (py.ends is not None or py.starts is not None):
             return self._miss(data)
@@ -274,8 +278,13 @@ class RedisRequestFramer(_NativeRequests):
         return commands
 
 
-# hiredis's values -> the RESP2 type that gives them, for replies after the first of a chunk
-_TYPES = {bytes: "$", int: ":", list: "*", type(None): "$"}
+# hiredis's values -> (the RESP2 type that gives them, is_error), for replies after the
+# first of a chunk
+_REPLY_ERROR = ("-", True)
+_REPLIES = {bytes: ("$", False), int: (":", False), list: ("*", False),
+            type(None): ("$", False)}
+if hiredis is not None:
+    _REPLIES[hiredis.ReplyError] = _REPLY_ERROR
 
 
 class RedisResponseFramer(_Native):
@@ -299,6 +308,11 @@ class RedisResponseFramer(_Native):
             self._misses = MISSES
         self._py._pending.append(request)
 
+    def expect_all(self, requests: list) -> None:
+        if "HELLO" in requests:
+            self._misses = MISSES  # see expect()
+        self._py._pending.extend(requests)
+
     def close(self) -> None:
         return self._py.close()
 
@@ -307,8 +321,13 @@ class RedisResponseFramer(_Native):
         n = len(data)
         if ((n < SHORT_REPLY and (not n or data[0] != 42)) or self._misses >= MISSES
                 or py._state != redis._LINE or py._buf or py._counts or n > MAX_NATIVE
-                or data[0] not in _FIRST
-                or (n > 4 * redis.MAX_DEPTH and _aggregates(data) > redis.MAX_DEPTH)):
+                or data[0] not in _FIRST):
+            return py.feed(data)
+        if data[0] == 42:  # "*": an array of bulk strings of one length is faster so
+            out = py._array(data, n)
+            if out is not None:
+                return out
+        if n > 4 * redis.MAX_DEPTH and _aggregates(data) > redis.MAX_DEPTH:
             return py.feed(data)
         reader = self._parser
         if reader is None:
@@ -330,18 +349,21 @@ class RedisResponseFramer(_Native):
         count = len(replies)
         if count > 1 and py.ends is not None:
             return self._miss(data)
-        for index in range(min(count, len(pending))):
-            if pending[index] in redis._LEAVES_REQUEST_REPLY:
-                return self._miss(data)
-        out = []
-        for index, reply in enumerate(replies):
-            if pending:
-                pending.popleft()
-            if isinstance(reply, error):
-                out.append((chr(data[0]) if not index else "-", True))
-            else:
-                out.append((chr(data[0]) if not index else _TYPES.get(type(reply), "$"),
-                            False))
+        answered = pending if count >= len(pending) else islice(pending, count)
+        if not redis._LEAVES_REQUEST_REPLY.isdisjoint(answered):
+            return self._miss(data)
+        try:
+            out = list(map(_REPLIES.__getitem__, map(type, replies)))
+        except KeyError:  # a ReplyError of another class: what isinstance() says
+            out = [_REPLY_ERROR if isinstance(reply, error) else
+                   _REPLIES.get(type(reply), _REPLIES[bytes]) for reply in replies]
+        out[0] = (chr(data[0]), out[0][1])
+        if count >= len(pending):
+            pending.clear()
+        else:
+            popleft = pending.popleft
+            for _ in repeat(None, count):
+                popleft()
         if py.ends is not None:
             py.ends.append(n)
         return out
@@ -359,22 +381,6 @@ def _reader():
     reader = hiredis.Reader()
     reader.setmaxbuf(READER_KEEPS)
     return reader
-
-
-# Command names as read -> as the Python framer gives them (a client uses a few).
-_NAMES: dict[bytes, str] = {}
-_NAMES_KEPT = 1024
-
-
-def _digits(number: int) -> int:
-    """len(str(number)), sooner for the small numbers of commands."""
-    if number < 10:
-        return 1
-    if number < 100:
-        return 2
-    if number < 1000:
-        return 3
-    return len(str(number))
 
 
 def _idle(reader) -> bool:

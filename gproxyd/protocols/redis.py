@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from operator import itemgetter
 
 from . import ProtocolError, Upgraded
 
@@ -40,13 +41,15 @@ _ERRORS = ("-", "!")
 _LEAVES_REQUEST_REPLY = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"})
 
 
-def _small_bulk() -> bytes:
+def _small_bulk(byte: bytes = rb".") -> bytes:
     """A bulk string of 0 to 99 bytes, its length line included: the length's digits as
-    a trie, each leading to exactly that many bytes of contents, then CRLF."""
+    a trie, each leading to exactly that many bytes of contents (each matching `byte`),
+    then CRLF."""
     branches = [rb"0\r\n"]
     for first in range(1, 10):
-        tails = [rb"\r\n.{%d}" % first]
-        tails += [rb"%d\r\n.{%d}" % (second, first * 10 + second) for second in range(10)]
+        tails = [rb"\r\n%s{%d}" % (byte, first)]
+        tails += [rb"%d\r\n%s{%d}" % (second, byte, first * 10 + second)
+                  for second in range(10)]
         branches.append(b"%d(?:" % first + b"|".join(tails) + b")")
     return rb"\$(?:" + b"|".join(branches) + rb")\r\n"
 
@@ -62,6 +65,23 @@ _RUNS = tuple((block, re.compile(_ELEMENT + rb"{%d}" % block, re.S)) for block i
 # Whole commands in a chunk of at most this many bytes are framed in one pass (a copy of
 # the chunk is searched: find() is not a memoryview's).
 _WHOLE_COMMANDS_MAX = 16 * 1024
+# The most common commands -- 1 to 9 bulk strings of up to 99 bytes each, the first (the
+# name) without a CR -- framed by one regular expression each, a chunk of them in one
+# call: group 1 is the command, group 2 the first NAME_MAX bytes of its name. A subset
+# of what _whole() accepts; anything else is left to it.
+_SMALL_COMMAND = re.compile(
+    rb"(\*(?=[1-9]\r\n\$[0-9]{1,2}\r\n([^\r]{0,%d}))(?:" % NAME_MAX
+    + b"|".join(rb"%d\r\n%s(?:%s){%d}" % (count, _small_bulk(rb"[^\r]"), _small_bulk(),
+                                           count - 1) for count in range(1, 10))
+    + rb"))", re.S)
+_COMMAND_BYTES = itemgetter(0)
+_COMMAND_NAME = itemgetter(1)
+# Command names as read -> as framers give them (a client uses a few).
+_NAMES: dict[bytes, str] = {}
+_NAMES_KEPT = 1024
+# The header of an array whose first element is a bulk string, and that element's
+# length line: an array of bulk strings of one length is framed by a few slices (LRANGE).
+_ARRAY_HEAD = re.compile(rb"\*([1-9][0-9]{0,8})\r\n\$(0|[1-9][0-9]{0,8})\r\n")
 # The most common replies in one piece (+OK, -ERR ..., :1, a GET's bulk string, a null),
 # in a chunk of at most _WHOLE_MAX bytes, framed in one step: a subset of what the
 # line-by-line path accepts.
@@ -148,7 +168,9 @@ class RequestFramer(_LineFramer):
         n = len(data)
         if (n and n <= _WHOLE_COMMANDS_MAX and self._state == _LINE and not self._args
                 and not self._buf and data[0] == 42):
-            out = self._whole(bytes(data), n)
+            out = self._small(data, n)
+            if out is None:
+                out = self._whole(bytes(data), n)
             if out is not None:
                 return out
         out = None
@@ -216,6 +238,37 @@ class RequestFramer(_LineFramer):
             if exc.at is None:  # raised at the end of what it read
                 exc.at = pos
             raise
+        return out
+
+    def _small(self, data, n: int) -> list | None:
+        """`data` as whole commands of the most common kind (see _SMALL_COMMAND), framed
+        by one regular expression: the commands, or None to leave the chunk to _whole()."""
+        one = _SMALL_COMMAND.match(data)
+        if one is None:
+            return None
+        if one.end() == n:
+            out = [_name(one.group(2))]
+            if self.ends is not None:
+                self.ends.append(n)
+            if self.starts is not None:
+                self.starts.append(4)  # past "*N\r\n"
+            return out
+        # Matches that do not overlap and add up to the chunk's length tile it: they are
+        # its commands, one after the other.
+        found = _SMALL_COMMAND.findall(data)
+        if sum(map(len, map(_COMMAND_BYTES, found))) != n:
+            return None
+        out = list(map(_NAMES.get, map(_COMMAND_NAME, found)))
+        if None in out:
+            out = [_name(name) for _, name in found]
+        if self.ends is not None or self.starts is not None:
+            end = 0
+            for command, _ in found:
+                if self.starts is not None:
+                    self.starts.append(end + 4)
+                end += len(command)
+                if self.ends is not None:
+                    self.ends.append(end)
         return out
 
     def _whole(self, data: bytes, n: int) -> list | None:
@@ -293,6 +346,10 @@ class ResponseFramer(_LineFramer):
         """Queue the name of the next command the server will answer."""
         self._pending.append(request)
 
+    def expect_all(self, requests: list) -> None:
+        """expect() each of `requests`, in order."""
+        self._pending.extend(requests)
+
     def close(self) -> None:
         """The server closed: replies never end that way, so raise if one was cut short."""
         state = self._state
@@ -303,16 +360,20 @@ class ResponseFramer(_LineFramer):
 
     def feed(self, data) -> list | None:
         """Follow `data`; return the replies completed in it, or None when there are none."""
-        if len(data) <= _WHOLE_MAX and self._state == _LINE and not self._buf \
-                and not self._counts:
-            whole = _WHOLE_REPLY.fullmatch(data)
-            if whole is not None:
-                out = self._whole(data, whole)
+        n = len(data)
+        if n and self._state == _LINE and not self._buf and not self._counts:
+            if data[0] == 42:  # "*"
+                out = self._array(data, n)
                 if out is not None:
                     return out
+            elif n <= _WHOLE_MAX:
+                whole = _WHOLE_REPLY.fullmatch(data)
+                if whole is not None:
+                    out = self._whole(data, whole)
+                    if out is not None:
+                        return out
         out = None
         pos = 0
-        n = len(data)
         try:
             while pos < n:
                 state = self._state
@@ -370,6 +431,31 @@ class ResponseFramer(_LineFramer):
             pending.popleft()
         kind = data[0]
         return self._done(None, (_TYPES[kind], kind == 45), len(data))
+
+    def _array(self, data, n: int) -> list | None:
+        """`data` as one whole array of bulk strings of one length (LRANGE over values
+        of one size), framed by a few slices, each of one byte of every element's
+        framing; or None to leave it to the line-by-line path (anything else, a reply
+        to a command that leaves request-reply)."""
+        head = _ARRAY_HEAD.match(data)
+        if head is None:
+            return None
+        digits = head.group(2)
+        width = int(digits) + len(digits) + 5  # "$", the length, CRLF, contents, CRLF
+        first = head.start(2) - 1
+        count = int(head.group(1))
+        if first + count * width != n:
+            return None
+        pending = self._pending
+        if pending and pending[0] in _LEAVES_REQUEST_REPLY:
+            return None
+        body = bytes(data[first:])
+        for offset, byte in _framing(digits, width):
+            if body[offset::width] != byte * count:  # not that byte in every element
+                return None
+        if pending:
+            pending.popleft()
+        return self._done(None, ("*", False), n)
 
     @staticmethod
     def _skip_elements(data, pos: int, counts: list) -> int:
@@ -446,6 +532,24 @@ class ResponseFramer(_LineFramer):
         return out
 
 
+# A bulk string's length digits -> (offset, byte) of each byte of its framing
+_FRAMINGS: dict[bytes, tuple] = {}
+_FRAMINGS_KEPT = 256
+
+
+def _framing(digits: bytes, width: int) -> tuple:
+    """Where each byte of the framing of a bulk string of `width` bytes in all, whose
+    length is `digits`, is, and what it is: "$", the digits, CRLF; CRLF at its end."""
+    framing = _FRAMINGS.get(digits)
+    if framing is None:
+        line = b"$" + digits + b"\r\n"
+        framing = (*((offset, line[offset:offset + 1]) for offset in range(len(line))),
+                   (width - 2, b"\r"), (width - 1, b"\n"))
+        if len(_FRAMINGS) < _FRAMINGS_KEPT:
+            _FRAMINGS[digits] = framing
+    return framing
+
+
 def _append(out: list | None, item) -> list:
     if out is None:
         return [item]
@@ -455,6 +559,16 @@ def _append(out: list | None, item) -> list:
 
 def _command(name) -> str:
     return name.decode("latin-1").upper()
+
+
+def _name(name: bytes) -> str:
+    """_command(name), remembered for the next time (up to _NAMES_KEPT names)."""
+    command = _NAMES.get(name)
+    if command is None:
+        command = _command(name)
+        if len(_NAMES) < _NAMES_KEPT:
+            _NAMES[name] = command
+    return command
 
 
 def _length(line: bytes) -> int:
