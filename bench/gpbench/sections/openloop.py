@@ -1,14 +1,21 @@
 """openloop: production's latency at half of saturation, open-loop, with no shadow, a
 healthy shadow and a stalled one (#19 item 2).
 
-Saturation is the plain route's req/s under `wrk -c50` with the shadow matrix's ~1 KiB
-POSTs (the median of the section's first runs). Then bench/openloop.c (compiled with cc
-into the temporary directory) offers half of that rate, and then a quarter, open-loop:
-request i is due at i/RATE whatever happened to the ones before, goes out on an idle one
-of 50 kept-alive connections (or waits for the first to come free), and its latency
-counts from its due time. Rounds of the three routes in turn (plain, shadow = the second
-nginx, shadow = the server that accepts and never reads), each a gproxyd of its own, and
-of the control: the sender straight to nginx; with BENCH_BEFORE=REV
+Two saturations of the plain route with the shadow matrix's ~1 KiB POSTs: the closed-loop
+one, its req/s under `wrk -c50` (the median of the section's first runs), and the
+open-loop knee: the highest rate bench/openloop.c (compiled with cc into the temporary
+directory) can offer the plain route open-loop while it keeps up (KNEE below), found by
+bisection. wrk's 50 connections each send the next request as soon as the answer is in,
+so the proxy serves them in batches; open-loop requests come one at a time, evenly
+spaced, and each costs the proxy more, so the route saturates at a lower rate: half of
+*that* is where an open-loop latency target has headroom to mean something. The rates
+measured: half of the knee, and half and a quarter of wrk's saturation (the earlier
+runs' rates). Open-loop: request i is due at i/RATE whatever happened to the ones
+before, goes out on an idle one of 50 kept-alive connections (or waits for the first to
+come free), and its latency counts from its due time. Rounds of the three routes in turn
+(plain, shadow = the second nginx, shadow = the server that accepts and never reads),
+each a gproxyd of its own, and of the control: the sender straight to nginx; with
+BENCH_BEFORE=REV
 the same three routes of that commit's gproxyd join every round, so before and after meet
 the same machine. The sender reports its own lateness (how long after its due time it
 handed each request on): when that is high, the machine made the latency.
@@ -37,10 +44,16 @@ from ..targets import Target
 from .shadow_matrix import POST_BODY_SIZE, measure_saturation
 
 CONNECTIONS = 50
-# Shares of the plain route's saturation offered: the issue's half, and a quarter, where
-# the routes have headroom on a small machine (what a shadow does to production's latency
-# there is interference; at half, with too little CPU left, it is capacity).
-SHARES = (0.5, 0.25)
+# The rates offered: (name, share, of what): half of the open-loop knee (the issue's "half
+# of saturation", open-loop), and the shares of wrk's saturation the earlier runs used.
+POINTS = (("knee-50", 0.5, "knee"), ("50", 0.5, "wrk"), ("25", 0.25, "wrk"))
+OF = {"knee": "the open-loop knee", "wrk": "wrk -c50 saturation"}
+# The knee: the plain route keeps up with an offered rate when at least 97% of it is
+# answered within the run, under 1% of the requests waited for a free connection, and
+# its p99 is at most KNEE_P99 times the p99 at a tenth of wrk's saturation.
+KNEE_P99 = 4.0
+KNEE_STEPS = 6          # bisection steps between a tenth and all of wrk's saturation
+KNEE_SECONDS = 3.0      # each step's run, at most
 ROUTES = (("gproxyd", "none"), ("gproxyd+healthy", "healthy"),
           ("gproxyd+stalled", "stalled"))
 TARGETS = {"healthy": 1.2, "stalled": 1.1}   # p99 ÷ none, at most
@@ -64,8 +77,10 @@ class OpenLoop(Section):
     def __init__(self) -> None:
         self.sender = ""
         self.error = ""
-        self.rates: dict[float, int] = {}   # share -> offered req/s
+        self.rates: dict[str, int] = {}   # point (POINTS) -> offered req/s
         self.saturation = 0.0
+        self.knee = 0
+        self.knee_steps: list[tuple[int, dict[str, Any]]] = []  # (rate, sender's result)
         self.before = ""   # the commit BENCH_BEFORE names, if any
         self.sources: list[str] = ["after"]
 
@@ -93,13 +108,53 @@ class OpenLoop(Section):
         if not self.saturation:
             self.error = "no saturation run of the plain route finished"
             return
+        self.knee = self.find_knee(rig)
         # direct: the sender straight to nginx, the control: what the machine and the
         # sender make of the latency with no proxy at all.
         targets = ["direct"] + [name for source in self.sources for name in self.names(source)]
-        for share in SHARES:
-            rate = self.rates[share] = round(self.saturation * share)
-            rig.interleaved(measurement(share), targets,
+        for point, share, of in POINTS:
+            base = self.knee if of == "knee" else self.saturation
+            if not base:
+                continue
+            rate = self.rates[point] = round(base * share)
+            rig.interleaved(measurement(point), targets,
                             lambda target, rate=rate: self.measure(rig, target, rate))
+
+    def find_knee(self, rig: Rig) -> int:
+        """The plain route's open-loop knee (KNEE), by bisection between a tenth and all
+        of wrk's saturation; 0 if even a tenth is too much."""
+        target = rig.targets["gproxyd"]
+        seconds = min(rig.args.duration, KNEE_SECONDS)
+
+        def run(rate: int) -> dict[str, Any]:
+            result = self.send(rig, target, rate, seconds)
+            self.knee_steps.append((rate, result))
+            return result
+
+        low = round(self.saturation / 10)
+        try:
+            first = run(low)
+            calm = first["p99_ms"]
+            high = round(self.saturation)
+            if not self.keeps_up(first, low, calm):
+                return 0
+            for _ in range(KNEE_STEPS):
+                middle = (low + high) // 2
+                if self.keeps_up(run(middle), middle, calm):
+                    low = middle
+                else:
+                    high = middle
+        except BenchError as error:
+            rig.failed(target, "openloop-knee", error)
+            return 0
+        return low
+
+    @staticmethod
+    def keeps_up(result: dict[str, Any], rate: int, calm_p99: float) -> bool:
+        due = max(result["due"], 1)
+        return (result["rate"] >= 0.97 * rate
+                and result["waited_for_connection"] < 0.01 * due
+                and result["p99_ms"] <= KNEE_P99 * calm_p99)
 
     def start_before(self, rig: Rig) -> None:
         """The three routes again, each a gproxyd of its own, as committed at BEFORE."""
@@ -131,22 +186,26 @@ class OpenLoop(Section):
             except BenchError as error:
                 target.error = str(error)
 
-    def measure(self, rig: Rig, target: Target, rate: int) -> dict[str, Any]:
+    def send(self, rig: Rig, target: Target, rate: int, seconds: float) -> dict[str, Any]:
+        """One run of the open-loop sender against TARGET: its JSON result."""
         argv = [self.sender, str(target.http_port), str(rate),
-                f"{rig.args.duration:g}", str(CONNECTIONS), str(POST_BODY_SIZE)]
-        pid = target.pid
-        user, system = tree_cpu_times(pid) if pid else (0.0, 0.0)
+                f"{seconds:g}", str(CONNECTIONS), str(POST_BODY_SIZE)]
         try:
             done = subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=rig.args.duration + 30, stdin=subprocess.DEVNULL,
+                                  timeout=seconds + 30, stdin=subprocess.DEVNULL,
                                   preexec_fn=child_setup(rig.load_cpus))
         except subprocess.TimeoutExpired:
             raise BenchError("the open-loop sender did not finish in time") from None
-        user_after, system_after = tree_cpu_times(pid) if pid else (0.0, 0.0)
         if done.returncode != 0:
             raise BenchError(f"open-loop sender failed (exit {done.returncode}): "
                              f"{done.stderr.strip()[-200:]}")
-        result = json.loads(done.stdout)
+        return json.loads(done.stdout)
+
+    def measure(self, rig: Rig, target: Target, rate: int) -> dict[str, Any]:
+        pid = target.pid
+        user, system = tree_cpu_times(pid) if pid else (0.0, 0.0)
+        result = self.send(rig, target, rate, rig.args.duration)
+        user_after, system_after = tree_cpu_times(pid) if pid else (0.0, 0.0)
         values = {key: result[key] for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms",
                                                "max_ms", "lag_p50_ms", "lag_p99_ms",
                                                "lag_max_ms")}
@@ -162,16 +221,16 @@ class OpenLoop(Section):
 
     # -- the report
 
-    def round_ratios(self, rig: Rig, share: float, source: str, label: str,
+    def round_ratios(self, rig: Rig, point: str, source: str, label: str,
                      metric: str) -> list[float]:
         """Each round's METRIC of the shadow route over the plain route's that round."""
         names = dict(zip((label for _, label in ROUTES), self.names(source), strict=True))
-        top = rig.samples.get((names[label], f"{measurement(share)}.{metric}"), [])
-        bottom = rig.samples.get((names["none"], f"{measurement(share)}.{metric}"), [])
+        top = rig.samples.get((names[label], f"{measurement(point)}.{metric}"), [])
+        bottom = rig.samples.get((names["none"], f"{measurement(point)}.{metric}"), [])
         return [a / b for a, b in zip(top, bottom, strict=False) if b]
 
-    def table(self, rig: Rig, share: float) -> list[list[str]]:
-        key = measurement(share)
+    def table(self, rig: Rig, point: str) -> list[list[str]]:
+        key = measurement(point)
         head = ["metric (median of rounds)", "direct (control)"]
         columns = ["direct"]
         for source in self.sources:
@@ -190,7 +249,7 @@ class OpenLoop(Section):
                     names = self.names(source)
                     plain = rig.median(names[0], f"{key}.{metric}")
                     mine = rig.median(names[1 if which == "healthy" else 2], f"{key}.{metric}")
-                    each = self.round_ratios(rig, share, source, which, metric)
+                    each = self.round_ratios(rig, point, source, which, metric)
                     cell = ratio(mine, plain)
                     if each:
                         cell += f"; {statistics.median(each):.2f}"
@@ -198,9 +257,9 @@ class OpenLoop(Section):
                 rows.append(row)
         return rows
 
-    def verdict(self, rig: Rig, share: float) -> list[str]:
+    def verdict(self, rig: Rig, point: str) -> list[str]:
         lines = []
-        key = f"{measurement(share)}.p99_ms"
+        key = f"{measurement(point)}.p99_ms"
         for source in self.sources:
             names = self.names(source)
             plain = rig.median(names[0], key)
@@ -209,8 +268,8 @@ class OpenLoop(Section):
                 if plain and mine:
                     got = mine / plain
                     each = ", ".join(f"{value:.2f}" for value in
-                                     self.round_ratios(rig, share, source, which, "p99_ms"))
-                    lines.append(f"{share:.0%}, {source}: p99 {which} / none = {got:.2f} "
+                                     self.round_ratios(rig, point, source, which, "p99_ms"))
+                    lines.append(f"{describe(point)}, {source}: p99 {which} / none = {got:.2f} "
                                  f"(target <= {limit:g}: "
                                  f"{'met' if got <= limit else 'NOT met'}; "
                                  f"rounds: {each})")
@@ -220,32 +279,47 @@ class OpenLoop(Section):
         if self.error:
             return f"n/a: {self.error}"
         before = f" Before = commit {self.before} (BENCH_BEFORE)." if self.before else ""
-        offered = ", ".join(f"{rate:,} req/s ({share:.0%})"
-                            for share, rate in self.rates.items())
+        offered = ", ".join(f"{rate:,} req/s ({describe(point)})"
+                            for point, rate in self.rates.items())
+        steps = ", ".join(f"{rate:,} {'ok' if self.keeps_up(result, rate, calm) else 'no'} "
+                          f"(p99 {result['p99_ms']:.2f} ms, {result['rate']:,.0f} req/s, "
+                          f"{result['waited_for_connection']:,} of {result['due']:,} waited)"
+                          for calm in [self.knee_steps[0][1]["p99_ms"]] if self.knee_steps
+                          for rate, result in self.knee_steps)
         return (f"Saturation of the plain route (wrk -c50, ~{POST_BODY_SIZE} B POSTs, median "
-                f"of {rig.args.runs} runs): {self.saturation:,.0f} req/s; offered open-loop: "
+                f"of {rig.args.runs} runs): {self.saturation:,.0f} req/s; its open-loop knee: "
+                f"{self.knee:,} req/s (the plain route keeps up: at least 97% answered, "
+                f"under 1% waited for a connection, p99 at most {KNEE_P99:g}x the p99 at a "
+                f"tenth of wrk's saturation; bisection, runs of "
+                f"{min(rig.args.duration, KNEE_SECONDS):g} s: {steps}); offered open-loop: "
                 f"{offered}, over {CONNECTIONS} connections, {rig.args.runs} rounds of "
                 f"{rig.args.duration:g} s each.{before}")
 
     def chapter(self, rig: Rig) -> list[str]:
         lines = ["", "## Open-loop latency with shadows (#19 item 2)", "", self.intro(rig)]
-        for share, rate in self.rates.items():
-            lines += ["", f"At {share:.0%} of saturation, {rate:,} req/s offered:", "",
-                      markdown_table(self.table(rig, share)), ""]
-            lines += [f"- {line}" for line in self.verdict(rig, share)]
+        for point, rate in self.rates.items():
+            lines += ["", f"At {describe(point)}, {rate:,} req/s offered:", "",
+                      markdown_table(self.table(rig, point)), ""]
+            lines += [f"- {line}" for line in self.verdict(rig, point)]
         return lines
 
     def console(self, rig: Rig) -> list[str]:
         lines = ["", self.intro(rig)]
-        for share, rate in self.rates.items():
-            lines += ["", f"at {share:.0%} of saturation, {rate:,} req/s offered:",
-                      text_table(self.table(rig, share)), *self.verdict(rig, share)]
+        for point, rate in self.rates.items():
+            lines += ["", f"at {describe(point)}, {rate:,} req/s offered:",
+                      text_table(self.table(rig, point)), *self.verdict(rig, point)]
         return lines
 
 
-def measurement(share: float) -> str:
-    """The measurement's name at SHARE of saturation: openloop-50, openloop-25."""
-    return f"openloop-{share * 100:.0f}"
+def measurement(point: str) -> str:
+    """The measurement's name at POINT (POINTS): openloop-knee-50, openloop-50, ..."""
+    return f"openloop-{point}"
+
+
+def describe(point: str) -> str:
+    """POINT in words: "50% of the open-loop knee"."""
+    share, of = next((share, of) for name, share, of in POINTS if name == point)
+    return f"{share:.0%} of {OF[of]}"
 
 
 SECTION = OpenLoop()
