@@ -1,9 +1,11 @@
 """ShadowSink: a bounded, isolated mirror of one client stream to one shadow backend.
 
 The session calls `feed()` with every client chunk, after production has it, and
-`finish()` at the client's EOF. Neither ever blocks or waits for the shadow. A chunk is
-written at once when nothing else waits in this turn of the event loop, else queued
-and written once the loop has served what was waiting (production first; see
+`finish()` at the client's EOF. Neither ever blocks or waits for the shadow. A chunk
+that starts a new turn of the conversation (a request after production's answer to the
+one before) is written at once if the shadow has answered the turn before too; any other
+chunk is written at once when nothing else waits in this turn of the event loop, else
+queued and written once the loop has served what was waiting (production first; see
 _SpareTime); with `shadow-write-delay`, it is queued and written with whatever else the
 same client sent within the delay. What the shadow's socket does not take stays
 queued until it is writable. One queue holds at most `shadow-buffer` bytes, and all
@@ -531,10 +533,11 @@ class ShadowSink:
     # --- what the session calls ----------------------------------------------------------
 
     def feed(self, chunk, new_turn: bool = False) -> None:
-        """Write `chunk` to the shadow now if nothing else waits for the event loop,
-        else queue a copy of it for spare time (or for the write delay); drop the
-        shadow if its queue would overflow. `new_turn`: production got this chunk only
-        after it had answered (see _turns)."""
+        """Write `chunk` to the shadow now if it starts a turn the shadow is ready for,
+        or if nothing else waits for the event loop; else queue a copy of it for spare
+        time (or for the write delay, or for the shadow's answer to the turn before);
+        drop the shadow if its queue would overflow. `new_turn`: production got this
+        chunk only after it had answered (see _turns)."""
         state = self.state
         if state != "open" and state != "connecting":
             return
