@@ -326,6 +326,11 @@ def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool] | None:
 
 def _compare_http(rules: Rules, production: Answer,
                   shadow: Answer) -> tuple[list[str], int | None]:
+    if production.raw == shadow.raw and production.digest is None and shadow.digest is None:
+        # Byte for byte the same (an A/A pair, or any two answers with no per-answer
+        # header such as a Date that changed in between): equal under any rules, at the
+        # cost of one memcmp instead of parsing both heads (~10 us in Python).
+        return [], None
     mine, theirs = _Response.parse(production.raw), _Response.parse(shadow.raw)
     digested = production.digest is not None or shadow.digest is not None
     if not digested and (mine.status is None or theirs.status is None):
