@@ -547,7 +547,7 @@ class ShadowSink:
             if self._fed != upstream.sent.bytes:
                 turns.append(self._fed)  # its gate: once the bytes before are written
             elif (upstream.received.bytes <= self._received_when_written
-                    and not self._read_now()):
+                    and not (self._lazy and self._read_now())):
                 turns.append(self._fed)  # all written, no answer since: wait for one
                 self._gate_mark = self._received_when_written
             else:  # it has answered since all before was written: nothing to wait for
