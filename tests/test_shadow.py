@@ -537,3 +537,50 @@ def test_lingering_shadows_past_shadow_max_connections_drop_the_oldest(
     assert whys == ["1-unanswered"] * 2 + ["over-shadow-max-connections"] * 3
     assert "shadow connections lingering (shadow-max-connections): dropping the oldest" \
         in caplog.text
+
+
+def test_a_shadow_that_keeps_up_again_has_its_answers_read_in_bulk_again(servers, proxy):
+    """A tcp-level shadow's answers are read once per 32 KiB (SO_RCVLOWAT) while it keeps
+    up, per answer while a request waits for its answer to the one before (turns), and
+    in bulk again once it has kept up for 16 turns in a row."""
+    slow_turns = (1, 2)
+
+    def echo_slow_twice(conn):
+        for turn in range(40):
+            data = conn.sock.recv(65536)
+            if not data:
+                return
+            conn.take(data)
+            if turn in slow_turns:
+                gevent.sleep(0.3)  # production has answered long before
+            conn.sock.sendall(data)
+            conn.sent += len(data)
+
+    production, shadow = servers.echo(), servers._start(echo_slow_twice, "tcp4", 0)
+    proxied = proxy(production, [shadow])
+    client = proxied.connect()
+
+    def low_water() -> int:
+        [session] = proxied.listener.sessions
+        [sink] = session.shadows
+        return sink.upstream.channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+    try:
+        for turn in range(40):
+            request = b"request %02d\n" % turn
+            client.sendall(request)
+            assert recv_exactly(client, len(request)) == request
+            if turn in slow_turns:
+                continue  # the next request comes before the shadow's answer
+            wait_until(lambda turn=turn: shadow.conns[0].sent == 11 * (turn + 1),
+                       what="the shadow's answer")
+            if turn == 0:
+                assert low_water() == 32 * 1024
+            elif turn == slow_turns[-1] + 1:
+                assert low_water() == 1  # turns waited for the shadow's answers
+        assert low_water() == 32 * 1024
+    finally:
+        client.close()
+    stats = proxied.shadow_stats(shadow)
+    wait_until(lambda: stats.outcomes.get("done") == 1, what="the shadow connection done")
+    assert (stats.bytes_sent, stats.bytes_received, stats.turn_timeouts) == (440, 440, 0)
