@@ -44,6 +44,9 @@ class Channel:
     it (their reads see EOF, their writes fail), so no greenlet has to be killed.
     Each direction has one user at a time: one reader callback or waiting greenlet, one
     writer callback or waiting greenlet.
+
+    Each watcher is made when it is first needed (making one costs a syscall: gevent
+    checks the descriptor): most client sockets never wait to write.
     """
     __slots__ = ("sock", "fd", "_hub", "_reader", "_writer", "closed")
 
@@ -53,9 +56,8 @@ class Channel:
         self.sock = sock
         self.fd = sock.fileno()
         self._hub = get_hub()
-        loop = self._hub.loop
-        self._reader = loop.io(self.fd, 1)
-        self._writer = loop.io(self.fd, 2)
+        self._reader = None
+        self._writer = None
         self.closed = False
         if sock.family != socket.AF_UNIX:
             # Cut-through: a small write goes out now, not after Nagle's delay.
@@ -65,23 +67,49 @@ class Channel:
 
     def start_reading(self, callback: Callable[[], None]) -> None:
         """Call `callback()` each time the socket is readable (data, EOF or an error)."""
-        self._reader.start(callback)
+        reader = self._reader
+        if reader is None:
+            reader = self._watch_reads()
+        reader.start(callback)
 
     def stop_reading(self) -> None:
-        self._reader.stop()
+        if self._reader is not None:
+            self._reader.stop()
 
     def start_writing(self, callback: Callable[[], None]) -> None:
         """Call `callback()` each time the socket can take more bytes, until stop_writing():
         how the rest of a write that did not fit is written when the peer has read."""
-        self._writer.start(callback)
+        writer = self._writer
+        if writer is None:
+            writer = self._watch_writes()
+        writer.start(callback)
 
     def stop_writing(self) -> None:
-        self._writer.stop()
+        if self._writer is not None:
+            self._writer.stop()
 
     @property
     def waiting_to_write(self) -> bool:
         """A writer waits for room (start_writing is in effect, or a greenlet flushes)."""
-        return self._writer.active
+        return self._writer is not None and self._writer.active
+
+    @property
+    def read_pending(self) -> bool:
+        """The loop found the socket readable in this turn and has yet to call the reader
+        callback."""
+        return self._reader is not None and self._reader.pending
+
+    def _watch_reads(self):
+        if self.closed:  # its descriptor may be another socket's by now
+            raise _closed_error()
+        self._reader = reader = self._hub.loop.io(self.fd, 1)
+        return reader
+
+    def _watch_writes(self):
+        if self.closed:
+            raise _closed_error()
+        self._writer = writer = self._hub.loop.io(self.fd, 2)
+        return writer
 
     def stamp_arrivals(self) -> None:
         """Have the kernel stamp each arriving segment (SO_TIMESTAMPNS): read with
@@ -94,7 +122,7 @@ class Channel:
     # --- waits (in a greenlet) -----------------------------------------------------------
 
     def wait_readable(self) -> None:
-        self._hub.wait(self._reader)
+        self._hub.wait(self._reader if self._reader is not None else self._watch_reads())
 
     def flush(self, data) -> None:
         """Write all of `data`, waiting (cooperatively) while the peer is slow to read."""
@@ -104,7 +132,8 @@ class Channel:
             try:
                 sent = send(view)
             except BlockingIOError:
-                self._hub.wait(self._writer)
+                self._hub.wait(self._writer if self._writer is not None
+                               else self._watch_writes())
                 continue
             view = view[sent:]
 
@@ -139,6 +168,8 @@ class Channel:
         if not self.closed:
             self.closed = True
             for watcher in (self._reader, self._writer):
+                if watcher is None:
+                    continue
                 callback = watcher.callback
                 if callback is not None and hasattr(getattr(callback, "__self__", None),
                                                     "throw"):

@@ -3,6 +3,7 @@
 Every route is tried raw (the splice pump) and with a shadow (the copy pump, which shows
 each chunk to the shadow sink first): both must move the client's bytes untouched.
 """
+import _socket
 import fcntl
 import os
 import socket
@@ -12,6 +13,10 @@ import termios
 import gevent
 import pytest
 from backends import hash_to_eof, recv_exactly, recv_to_eof, sha256, wait_for_lines, wait_until
+from gevent.event import AsyncResult
+
+from gproxyd.channel import Channel
+from gproxyd.relay import Counter, Direction, Relay
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024  # gproxyd.relay.CHUNK: the most a pump holds in user space or a pipe
@@ -199,3 +204,62 @@ def test_ipv6_listener_to_ipv6_backend(servers, proxy, caplog):
     line, = wait_for_lines(caplog)
     assert line["client"].startswith("[::1]:")
     assert line["production"] == echo.address
+
+
+# --- Relay itself, on socket pairs: both ends readable in one turn of the loop ----------
+
+def _relayed_pair():
+    """A Relay between two socket pairs: (client app end, production app end, Relay,
+    its outcome). The proxy ends are plain sockets in Channels, as a listener makes."""
+    client_app, client_proxy = _socket.socketpair()
+    production_proxy, production_app = _socket.socketpair()
+    client, production = Channel(client_proxy), Channel(production_proxy)
+    relay = Relay(Direction(client, production, Counter()),
+                  Direction(production, client, Counter()))
+    outcome = AsyncResult()
+
+    def done(failure):
+        assert not outcome.ready(), "on_done called twice"
+        client.close()
+        production.close()
+        outcome.set(failure)
+    relay.start(done)
+    # The app ends as the test's own (cooperative) sockets.
+    return (socket.socket(fileno=client_app.detach()),
+            socket.socket(fileno=production_app.detach()), outcome)
+
+
+@pytest.mark.parametrize("first", ["client", "production"])
+def test_both_ends_closing_in_one_turn_deliver_both_answers_and_eofs(first):
+    # As with HTTP's Connection: close: the request, the answer and both EOFs are
+    # all there when the loop next looks; in either order of readiness.
+    client, production, outcome = _relayed_pair()
+    ends = {"client": (client, b"request"), "production": (production, b"answer")}
+    order = [first, "production" if first == "client" else "client"]
+    for name in order:  # no yield in between: one turn sees both
+        sock, data = ends[name]
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    assert recv_to_eof(production) == b"request"
+    assert recv_to_eof(client) == b"answer"
+    assert outcome.get(timeout=5) is None
+
+
+@pytest.mark.parametrize("first", ["client", "production"])
+def test_one_end_closing_while_the_other_sends_in_the_same_turn(first):
+    # The client's EOF and production's bytes arrive together: production still gets
+    # the EOF (passed on after the read of its bytes), the client its bytes, and the
+    # relay goes on until production ends too.
+    client, production, outcome = _relayed_pair()
+    steps = {"client": lambda: client.shutdown(socket.SHUT_WR),
+             "production": lambda: production.sendall(b"not done yet")}
+    steps[first]()
+    steps["production" if first == "client" else "client"]()
+
+    assert recv_to_eof(production) == b"", "the client's EOF did not reach production"
+    assert recv_exactly(client, 12) == b"not done yet"
+    assert not outcome.ready()
+    send_then_half_close(production, b"now done")
+    assert recv_to_eof(client) == b"now done"
+    assert outcome.get(timeout=5) is None

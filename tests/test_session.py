@@ -192,3 +192,40 @@ def test_a_client_reset_reaches_production_as_a_reset(servers, proxy):
     conn = production.conns[0]
     assert conn.done.wait(5)
     assert isinstance(conn.error, ConnectionResetError), conn.error
+
+
+@pytest.mark.parametrize("ends", ["both-eof", "client-reset"])
+def test_an_ended_session_is_freed_by_reference_counting_alone(servers, proxy, ends):
+    # Reference cycles would leave each connection's objects to the cycle collector,
+    # whose passes cost more than the rest of a short connection's Python.
+    import gc
+
+    from gproxyd.channel import Channel
+    from gproxyd.relay import Direction, Relay
+    from gproxyd.session import Session
+    from gproxyd.upstream import Upstream
+    ours = (Session, Upstream, Channel, Relay, Direction)
+    proxied = proxy(servers.echo())
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            client = proxied.connect()
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+            if ends == "client-reset":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                client.shutdown(socket.SHUT_WR)
+                assert recv_to_eof(client) == b""
+            client.close()
+        wait_until(lambda: proxied.stats.active == 0)
+        gc.collect()
+        left = [type(thing).__name__ for thing in gc.garbage if isinstance(thing, ours)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+    assert proxied.stats.total == 3
