@@ -183,7 +183,8 @@ class Relay:
             self._done(broken)
 
     def _done(self, failure: Broken | None) -> None:
-        self._stop()
+        if failure is not None:
+            self._stop()  # else each way has stopped itself at its EOF
         # The directions refer to their relay: letting go of them here breaks the cycle,
         # so a finished connection is freed by reference counting, not left to the
         # cycle collector (whose passes cost ~10 us a connection under connect load).
