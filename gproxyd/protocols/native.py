@@ -10,7 +10,10 @@ offsets where each ends are wanted (`ends`, `starts`), interim (1xx) and upgrade
 answers, an answer to HEAD or CONNECT, short Redis replies (Python is as fast), replies
 after HELLO (RESP3, which hiredis reads otherwise), subscriptions, anything the C
 parser rejects. A framer whose chunks miss twice stops trying the C parser: its
-connection does not fit it.
+connection does not fit it. Two Redis cases go to the Python framer's one-pass scans
+before hiredis, which are faster still: whole commands of up to 9 short arguments (one
+regular expression per chunk, offsets included), and an array of bulk strings of one
+length (LRANGE: a slice per framing byte, no object per element).
 
 Where the C parsers are more lenient than the Python framers, the checks here close
 the gaps known (the request and status lines, commands of bulk strings only, RESP2
