@@ -406,9 +406,11 @@ class _SpareTime:
     finds nothing pending (a libev idle watcher): under a burst, production's part of
     it is served first, and a shadow gets what its client sent meanwhile in one
     write. A loop that never runs out of work writes them at the latest after _LATEST.
-    Measured (bench/run.py, shadow-matrix): a saturated route with a healthy shadow on
-    the same 2 cores kept 0.60x of its no-shadow req/s, against 0.45x when every chunk
-    was written at once; below saturation nothing waits, so nothing changes.
+    A chunk that starts a new turn does not wait here (see ShadowSink.feed): under
+    request-reply load that made the shadow answer after the client's next request,
+    which then waited for the answer; a saturated route with a healthy shadow on the
+    same 2 cores kept 0.38-0.39x of its no-shadow req/s that way, 0.46-0.52x with new
+    turns written at once (bench/run.py --only shadow-matrix, bench/results.md).
     """
 
     def __init__(self):
