@@ -52,8 +52,8 @@ _IS_ERROR = itemgetter(1)  # of a framer's (status, is_error)
 
 
 class Exchanges:
-    __slots__ = ("stats", "route_stats", "label", "_requests", "_responses", "_pending",
-                 "_connected", "_answered", "answers", "failures",
+    __slots__ = ("stats", "route_stats", "label", "watching", "_requests", "_responses",
+                 "_pending", "_connected", "_answered", "answers", "failures",
                  "_by_turn", "_turn_sent", "_last_sent", "_early", "_comparison", "_name",
                  "_capture", "_request_capture", "_kept", "_recording")
 
@@ -72,6 +72,9 @@ class Exchanges:
         framers = new_framers(protocol, max_head, shared, use_native)
         self._requests = framers[0] if framers else None
         self._responses = framers[1] if framers else None
+        # sent() and received() want the bytes: framed, and after a fallback measuring
+        # by turn, so for good (an attribute: the taps ask for every chunk).
+        self.watching = bool(framers)
         # Send times of requests not answered yet; only framed protocols pair them (an
         # idle tcp connection should not carry an empty deque).
         self._pending: deque[float] | None = deque() if framers else None
@@ -124,11 +127,6 @@ class Exchanges:
         """The framing of the client stream this one follows, while it follows one."""
         requests = self._requests
         return requests.shared if type(requests) is RequestFollower else None
-
-    @property
-    def watching(self) -> bool:
-        """sent() and received() want the bytes: framed, or measuring by turn."""
-        return self._requests is not None or self._by_turn
 
     def sent(self, data, at: float = 0.0) -> None:
         """Bytes written to the backend (the client's requests); only while watching.
