@@ -220,6 +220,10 @@ class Listener:
         self.sessions: set[Session] = set()
         self._no_sessions = Event()
         self._no_sessions.set()
+        # Ended sessions whose shadows linger (in the hub, see Session.finish_then).
+        self._lingering = 0
+        self._none_lingering = Event()
+        self._none_lingering.set()
         self._sampler = random.Random(route.shadow_seed)
         self._listening = sock or bind(route.listen, mode=route.listen_mode,
                                        owner=route.listen_owner)
@@ -419,8 +423,10 @@ class Listener:
             session.abort("stopped: drain-timeout passed")
         if leftover:
             self._no_sessions.wait(self.route.shadow_linger + 1)
-        # Greenlets still running: shadows lingering after their session.
-        self._greenlets.join(timeout=self.route.shadow_linger + 1)
+        # Shadows lingering after their session: in the hub, and in greenlets (hooks).
+        deadline = time.monotonic() + self.route.shadow_linger + 1
+        self._none_lingering.wait(self.route.shadow_linger + 1)
+        self._greenlets.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._reaper is not None:
             self._reaper.kill(block=False)
         if self.archive is not None:
@@ -530,14 +536,20 @@ class Listener:
         self.stats.active -= 1
         if not self.sessions and not self._handshakes:
             self._no_sessions.set()
-        shadows = session.shadows
-        if not shadows or (session.dispatch is None and
-                           not any(sink.alive for sink in shadows)):
-            # Nothing to linger for (with hooks, a shadow's answers may still be on their
-            # way to them): no greenlet, which would cost ~15 us.
+        if not session.shadows:
             session.finish()
-        else:  # they may linger: not in a callback, and drain waits for it
-            self._greenlets.spawn(session.finish)
+        elif session.dispatch is None:  # the shadows linger in the hub; drain waits
+            self._lingering += 1
+            self._none_lingering.clear()
+            session.finish_then(self._settled)
+        else:  # with hooks, a shadow's answers may still be on their way to them:
+            self._greenlets.spawn(session.finish)  # linger in a greenlet drain waits for
+
+    def _settled(self) -> None:
+        """An ended session's shadows are all decided."""
+        self._lingering -= 1
+        if not self._lingering:
+            self._none_lingering.set()
 
     def _reap_idle(self) -> None:
         while True:

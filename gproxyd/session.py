@@ -53,7 +53,7 @@ class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
                  "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
                  "_client_writes", "_production_done", "_on_end", "_candidates",
-                 "_answered_mark", "_filter", "_archive", "_destination")
+                 "_answered_mark", "_filter", "_archive", "_destination", "_unsettled")
 
     def __init__(self, route: Route, client: Channel, peer: str, stats: RouteStats,
                  mirror: bool, hooks: HookSet | None = None, spawn: Callable = gevent.spawn,
@@ -476,6 +476,28 @@ class Session:
         deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
         for sink in self.shadows:
             sink.linger(max(0.0, deadline - time.monotonic()))
+        self._log_line()
+
+    def finish_then(self, on_done: Callable[[], None]) -> None:
+        """finish() without blocking, from the hub, for a session without hooks:
+        `on_done()` once every shadow's outcome is decided and the line is logged."""
+        deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
+        self._unsettled = len(self.shadows)
+        if not self._unsettled:
+            self._log_line()
+            on_done()
+            return
+        settled = partial(self._settled, on_done)
+        for sink in self.shadows:
+            sink.linger_then(max(0.0, deadline - time.monotonic()), settled)
+
+    def _settled(self, on_done: Callable[[], None]) -> None:
+        self._unsettled -= 1
+        if not self._unsettled:
+            self._log_line()
+            on_done()
+
+    def _log_line(self) -> None:
         if log.isEnabledFor(logging.INFO):
             duration = time.monotonic() - self.started
             shadows = "".join(f" shadow[{sink.address}]={sink.state}"

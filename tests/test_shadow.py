@@ -584,3 +584,22 @@ def test_a_shadow_that_keeps_up_again_has_its_answers_read_in_bulk_again(servers
     stats = proxied.shadow_stats(shadow)
     wait_until(lambda: stats.outcomes.get("done") == 1, what="the shadow connection done")
     assert (stats.bytes_sent, stats.bytes_received, stats.turn_timeouts) == (440, 440, 0)
+
+
+def test_shadows_linger_after_their_session_in_the_hub_and_drain_waits_for_them(
+        servers, proxy):
+    """A session without hooks whose shadow has not answered yet when it ends leaves the
+    shadow lingering in the event loop (no greenlet per session); drain() waits for it,
+    and its outcome is counted before drain returns."""
+    slow = servers.sink(reply_at_eof=b"late", delay=0.5)
+    proxied = proxy(servers.echo(), shadow=[slow], shadow_linger="5s")
+    assert exchange(proxied, b"request") == (sha256(b"request"), 7)
+    listener = proxied.listener
+    wait_until(lambda: not listener.sessions, what="the session ended")
+    stats = proxied.shadow_stats(slow)
+    assert stats.outcomes == {}, "the shadow was decided before it answered"
+    assert len(listener._greenlets) == 0, "a greenlet lingers for the shadow"
+    listener.close()
+    assert listener.drain(5) == 0
+    assert stats.outcomes == {"done": 1}
+    assert stats.bytes_received == len(b"late")
