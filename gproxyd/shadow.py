@@ -531,7 +531,13 @@ class ShadowSink:
             self._answers = SimpleQueue()
             self._answer_greenlet = spawn(self._deliver_answers)
         self._stats.mirrored += 1
-        upstream.connect(route.shadow_connect_timeout, self._connected, spawn)
+        self._connect_timeout = route.shadow_connect_timeout
+        self._spawn = spawn
+
+    def connect(self) -> None:
+        """Open the shadow connection: the session calls it once production's connect
+        is under way, so that the shadow's connect() stays off the client's path."""
+        self.upstream.connect(self._connect_timeout, self._connected, self._spawn)
 
     @property
     def alive(self) -> bool:
