@@ -160,16 +160,14 @@ class Session:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self, on_end: Callable[["Session"], None]) -> None:
-        """Connect production, then the shadows, then relay; called once, from the hub.
-        `on_end(self)` is called once, when client and production are closed; shadows
-        still running are left to `finish()`."""
+        """Connect production, then relay; called once, from the hub. `on_end(self)` is
+        called once, when client and production are closed; shadows still running are
+        left to `finish()`."""
         self._on_end = on_end
         if self.dispatch is not None and self.dispatch.hooks.on_connect is not None:
             self._spawn(self._hooked_connect)
         else:
             self._connect([self._destination])
-        for sink in self.shadows:  # production's connect is on its way first
-            sink.connect()
 
     def _hooked_connect(self) -> None:
         candidates = self.dispatch.connect(self._destination)

@@ -531,13 +531,7 @@ class ShadowSink:
             self._answers = SimpleQueue()
             self._answer_greenlet = spawn(self._deliver_answers)
         self._stats.mirrored += 1
-        self._connect_timeout = route.shadow_connect_timeout
-        self._spawn = spawn
-
-    def connect(self) -> None:
-        """Open the shadow connection: the session calls it once production's connect
-        is under way, so that the shadow's connect() stays off the client's path."""
-        self.upstream.connect(self._connect_timeout, self._connected, self._spawn)
+        upstream.connect(route.shadow_connect_timeout, self._connected, spawn)
 
     @property
     def alive(self) -> bool:
