@@ -35,6 +35,22 @@ def replies(chunks, requests=()) -> tuple[list, str | None]:
 
 
 
+def framed_both_ways(requests, stream: bytes) -> tuple:
+    """`stream` fed to a fresh framer expecting `requests`, whole and then byte by byte
+    (which never takes the one-chunk paths): (replies, error, replies still expected)
+    each way, and the ends the whole way reported."""
+    results = []
+    for split in (whole, bytewise):
+        framer = ResponseFramer()
+        framer.ends = []
+        for request in requests:
+            framer.expect(request)
+        items, error = run(framer, split(stream))
+        results.append(((items, error, len(framer._pending)), framer.ends))
+    (whole_way, ends), (byte_way, _) = results
+    return whole_way, byte_way, ends
+
+
 def bulk(data: bytes, kind: bytes = b"$") -> bytes:
     return kind + b"%d\r\n" % len(data) + data + b"\r\n"
 
@@ -519,15 +535,8 @@ def test_close_after_whole_replies_completes_nothing():
 def test_a_whole_short_reply_in_one_chunk_frames_as_line_by_line(requests, reply):
     """The one-step path for a short reply in one chunk gives what feeding it byte by
     byte gives (which never takes that path), ends and errors included."""
-    results = []
-    for split in (whole, bytewise):
-        framer = ResponseFramer()
-        framer.ends = []
-        for request in requests:
-            framer.expect(request)
-        items, error = run(framer, split(reply))
-        results.append((items, error, len(framer._pending)))
-    assert results[0] == results[1]
+    whole_way, byte_way, _ = framed_both_ways(requests, reply)
+    assert whole_way == byte_way
 
 
 @pytest.mark.parametrize("stream", [
@@ -573,18 +582,10 @@ def _array(*elements: bytes) -> bytes:
 def test_an_array_of_bulk_strings_of_one_length_frames_as_line_by_line(requests, stream):
     """The few-slices path for an array of bulk strings of one length in one chunk
     gives what feeding it byte by byte gives (which never takes that path)."""
-    results = []
-    for split in (whole, bytewise):
-        framer = ResponseFramer()
-        framer.ends = []
-        for request in requests:
-            framer.expect(request)
-        items, error = run(framer, split(stream))
-        results.append((items, error, framer.ends if split is whole else None,
-                        len(framer._pending)))
-    assert results[0][:2] == results[1][:2] and results[0][3] == results[1][3]
-    if results[0][:2] == ([("*", False)], None):
-        assert results[0][2] == [len(stream)]
+    whole_way, byte_way, ends = framed_both_ways(requests, stream)
+    assert whole_way == byte_way
+    if whole_way[:2] == ([("*", False)], None):
+        assert ends == [len(stream)]
 
 
 @FAST
