@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from . import REPO_DIR, BenchError
-from .processes import last_line
+from .processes import last_line, wait_listening
+
+if TYPE_CHECKING:
+    from .rig import Rig
 
 EX_CONFIG = 78
 
@@ -63,3 +67,13 @@ def gproxyd_version(source: str) -> str:
                              capture_output=True, text=True, timeout=30,
                              cwd=source, env=gproxyd_env(source))
     return last_line(version)
+
+
+def start_gproxyd(rig: "Rig", name: str, conf: str, source: str, ports: list[int]):
+    """Check CONF with the gproxyd in SOURCE, start that gproxyd as NAME (on the proxy's
+    CPUs) and wait until it listens on PORTS: (its process, its log). Raises BenchError."""
+    check_config(conf, source)
+    proc, log = rig.procs.start(name, [sys.executable, "-m", "gproxyd", "-c", conf],
+                                cpus=rig.proxy_cpus, env=gproxyd_env(source), cwd=source)
+    wait_listening(ports, proc, log)
+    return proc, log

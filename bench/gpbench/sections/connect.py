@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 
 from .. import BenchError
 from ..configs import gproxyd_conf
-from ..processes import wait_listening
 from ..procfs import free_port
 from ..rig import Rig
 from ..section import Row, Section, per
-from ..source import check_config, export_revision, gproxyd_env
+from ..source import export_revision, start_gproxyd
 from ..tables import fmt, markdown_table, ratio, text_table
 from ..targets import BASE, VARIANTS, Target
 
@@ -99,11 +97,8 @@ class Connect(Section):
                                       [("http", target.http_port, rig.nginx_port, lines)]))
         code = self.before_source
         try:
-            check_config(conf, code)
-            target.proc, target.log = rig.procs.start(
-                target.name, [sys.executable, "-m", "gproxyd", "-c", conf],
-                cpus=rig.proxy_cpus, env=gproxyd_env(code), cwd=code)
-            wait_listening([target.http_port], target.proc, target.log)
+            target.proc, target.log = start_gproxyd(rig, target.name, conf, code,
+                                                    [target.http_port])
         except BenchError as error:
             target.error = f"{target.name}: {error}"
 

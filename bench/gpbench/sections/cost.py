@@ -18,7 +18,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 from .. import BenchError
@@ -27,7 +26,7 @@ from ..processes import child_setup, last_line, wait_listening
 from ..procfs import free_port, tree_cpu_times
 from ..rig import Rig
 from ..section import Section, per
-from ..source import check_config, export_revision, gproxyd_env
+from ..source import export_revision, start_gproxyd
 from ..tables import fmt, markdown_table, ratio, text_table
 from ..targets import Target
 
@@ -126,11 +125,8 @@ class Cost(Section):
         targets = [Target(f"{source}:{route}", f"gproxyd ({source}), {LABELS[route]}",
                           http_port=ports[route]) for route in ports]
         try:
-            check_config(conf, code)
-            proc, log = rig.procs.start(f"cost-{source}",
-                                        [sys.executable, "-m", "gproxyd", "-c", conf],
-                                        cpus=rig.proxy_cpus, env=gproxyd_env(code), cwd=code)
-            wait_listening([port for _, port, _, _ in routes], proc, log)
+            proc, log = start_gproxyd(rig, f"cost-{source}", conf, code,
+                                      [port for _, port, _, _ in routes])
         except BenchError as error:
             for target in targets:
                 target.error = f"gproxyd ({source}): {error}"

@@ -29,16 +29,15 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from typing import Any
 
 from .. import BENCH_DIR, BenchError
 from ..configs import gproxyd_conf
-from ..processes import child_setup, wait_listening
+from ..processes import child_setup
 from ..procfs import free_port, shadow_queues, tree_cpu_times
 from ..rig import Rig
 from ..section import Section, per
-from ..source import check_config, export_revision, gproxyd_env
+from ..source import export_revision, start_gproxyd
 from ..tables import fmt, markdown_table, ratio, text_table
 from ..targets import Target
 from .shadow_matrix import POST_BODY_SIZE, measure_saturation
@@ -177,11 +176,8 @@ class OpenLoop(Section):
                 handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port,
                                                 lines)]))
             try:
-                check_config(conf, code)
-                target.proc, target.log = rig.procs.start(
-                    target.name, [sys.executable, "-m", "gproxyd", "-c", conf],
-                    cpus=rig.proxy_cpus, env=gproxyd_env(code), cwd=code)
-                wait_listening([target.http_port], target.proc, target.log)
+                target.proc, target.log = start_gproxyd(rig, target.name, conf, code,
+                                                        [target.http_port])
                 rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
             except BenchError as error:
                 target.error = str(error)
