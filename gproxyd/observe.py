@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections import deque
-from itertools import islice, repeat
+from itertools import repeat
 from operator import itemgetter
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -298,10 +298,8 @@ class Exchanges:
                 sent = pending.popleft()
                 record(now - (sent if sent > answered else answered), failures)
                 return
-            if count == len(pending):
-                sents = pending
-            else:
-                sents = list(islice(pending, count))
+            popleft = pending.popleft
+            sents = [popleft() for _ in repeat(None, count)]
             first = sents[0]
             if sents.count(first) == count:
                 record(now - (first if first > answered else answered), failures, count)
@@ -311,12 +309,6 @@ class Exchanges:
                 for sent, times in collections.Counter(sents).items():
                     record(now - (sent if sent > answered else answered), failures, times)
                     failures = 0
-            if sents is pending:
-                pending.clear()
-            else:
-                popleft = pending.popleft
-                for _ in repeat(None, count):
-                    popleft()
             return
         for index, (_status, is_error) in enumerate(done):
             early = not pending
