@@ -448,6 +448,43 @@ def test_starting_at_once_creates_the_schema_once(url, raw):
             store.close()
 
 
+PROCESSES_OPENING = """
+import os, sys, tempfile
+from gproxyd.interceptors.archive import ArchiveError, open_store
+failures = []
+for round in range(int(sys.argv[2])):
+    url = f"sqlite:///{tempfile.mkdtemp(dir=sys.argv[1])}/jobs.db"
+    go_read, go_write = os.pipe()
+    children = []
+    for owner in ("a", "b"):
+        child = os.fork()
+        if child == 0:
+            os.read(go_read, 1)
+            try:
+                open_store(url, owner).close()
+            except ArchiveError as error:
+                print(error, flush=True)
+                os._exit(1)
+            os._exit(0)
+        children.append(child)
+    os.write(go_write, b"go")
+    for child in children:
+        failures.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+print("failed", sum(code != 0 for code in failures), "of", len(failures))
+"""
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path):
+    """Two processes (two workers) starting at once on a new file race to switch it to
+    WAL; SQLite answers the loser "database is locked" without waiting (a third of the
+    rounds before the retry). 40 rounds: every open succeeds."""
+    run = subprocess.run([sys.executable, "-c", PROCESSES_OPENING, str(tmp_path), "40"],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "failed 0 of 80", run.stdout
+
+
 def test_a_closed_store_says_so(stores):
     store = stores()
     store.close()

@@ -355,6 +355,7 @@ def _outcome(function: Callable, args: tuple) -> tuple[bool, Any]:
 
 
 _os_lock = get_original("_thread", "allocate_lock")
+_thread_sleep = get_original("time", "sleep")   # in a pool thread: blocks that thread only
 
 
 class _SqliteStore(Store):
@@ -416,7 +417,7 @@ class _SqliteStore(Store):
         try:
             # WAL: readers and the writer do not block each other. FULL: a commit is
             # synced to disk before it returns (NORMAL could lose the last ones on a crash).
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._journal_mode_wal(db)
             if mode != "wal":
                 raise ArchiveError(f"cannot use write-ahead logging there (journal mode "
                                    f"stays {mode!r})")
@@ -426,6 +427,23 @@ class _SqliteStore(Store):
             raise
         with self._connection_lock:
             self._db = db
+
+    @staticmethod
+    def _journal_mode_wal(db: sqlite3.Connection) -> str:
+        """Switches a new file to WAL; the mode it ends in. Processes starting at once on
+        a new file race for this switch, and SQLite answers the loser "database is locked"
+        at once, without its busy timeout (about one start in three of two workers): so
+        the loser tries again, up to SQLITE_BUSY_TIMEOUT."""
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+        pause = 0.001
+        while True:
+            try:
+                return db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                    raise
+            _thread_sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _transaction(self, work: Callable[[Any], Any], write: bool = True) -> Any:
         return self._in_thread(self._run, work, write)
