@@ -172,8 +172,28 @@ class Daemon:
         self.process = subprocess.Popen(self.args, env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         if wait_ready:
-            self.notify.wait_for("READY=1")
+            self.wait_ready()
         return self
+
+    def wait_ready(self) -> None:
+        """Until READY=1; a daemon that exits or stays silent fails the test with its
+        exit status, its stderr and the end of its log (what it said about why)."""
+        def ready_or_gone():
+            return self.process.poll() is not None or any(
+                "READY=1" in message.split("\n") for message in self.notify.collect())
+        try:
+            wait_until(ready_or_gone, what="sd_notify 'READY=1'")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self._last_words()}") from None
+        if self.process.poll() is not None:
+            raise AssertionError(f"gproxyd exited with status {self.process.returncode} "
+                                 f"before it was ready\n{self._last_words()}")
+
+    def _last_words(self) -> str:
+        stderr = ""
+        if self.process.poll() is not None:
+            stderr = self.process.stderr.read().decode(errors="replace")
+        return f"stderr: {stderr[-2000:]!r}\nlog, its end: {self.log()[-3000:]}"
 
     @property
     def pid(self) -> int:
