@@ -1,6 +1,6 @@
 /* An open-loop HTTP/1.1 sender for the openloop bench section (#19 item 2).
 
-   openloop PORT RATE SECONDS CONNECTIONS BODY_BYTES
+   openloop PORT RATE SECONDS CONNECTIONS BODY_BYTES [LATENCIES_FILE]
 
    Request i (a POST of BODY_BYTES to 127.0.0.1:PORT/post) is due at i/RATE seconds after
    the start, whether or not earlier ones were answered: a timerfd wakes the sender at each
@@ -17,7 +17,10 @@
    Prints one JSON object: requests due, answered, errors, unanswered at the end, latency
    percentiles (ms), and the sender's own lateness (how long after its due time the
    scheduler handed each request on, p50/p99/max in ms): when that is large the machine,
-   not the target, made the latency. Standard C and Linux (epoll, timerfd) only. */
+   not the target, made the latency. With LATENCIES_FILE, every answered request's latency
+   is written there too, in microseconds, as native uint32s in ascending order, so that
+   the rounds of a run can be pooled: the p99 of all their requests, not a median of
+   each round's p99. Standard C and Linux (epoll, timerfd) only. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -138,9 +141,24 @@ static void arm(int timer, double at) {
     timerfd_settime(timer, TFD_TIMER_ABSTIME, &spec, NULL);
 }
 
+static int write_latencies(const char *path) {
+    FILE *file = fopen(path, "wb");
+    if (!file) return -1;
+    for (size_t i = 0; i < n_latencies; i++) {
+        double us = latencies[i] * 1e6 + 0.5;
+        uint32_t value = us >= 4294967295.0 ? UINT32_MAX : (uint32_t)us;
+        if (fwrite(&value, sizeof value, 1, file) != 1) {
+            fclose(file);
+            return -1;
+        }
+    }
+    return fclose(file);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: openloop PORT RATE SECONDS CONNECTIONS BODY_BYTES\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: openloop PORT RATE SECONDS CONNECTIONS BODY_BYTES "
+                        "[LATENCIES_FILE]\n");
         return 2;
     }
     int port = atoi(argv[1]);
@@ -246,6 +264,10 @@ int main(int argc, char **argv) {
     double elapsed = now() - start;
     qsort(latencies, n_latencies, sizeof *latencies, compare);
     qsort(lags, n_lags, sizeof *lags, compare);
+    if (argc == 7 && write_latencies(argv[6]) < 0) {
+        fprintf(stderr, "openloop: cannot write %s: %s\n", argv[6], strerror(errno));
+        return 1;
+    }
     printf("{\"due\": %zu, \"answered\": %zu, \"errors\": %ld, \"unanswered\": %zu, "
            "\"seconds\": %.3f, \"rate\": %.1f, "
            "\"p50_ms\": %.4f, \"p90_ms\": %.4f, \"p99_ms\": %.4f, \"p999_ms\": %.4f, "
