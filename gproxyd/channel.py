@@ -102,14 +102,29 @@ class Channel:
     def _watch_reads(self):
         if self.closed:  # its descriptor may be another socket's by now
             raise _closed_error()
-        self._reader = reader = self._hub.loop.io(self.fd, 1)
+        self._reader = reader = self._hub.loop.io(self.fd, _READ)
         return reader
 
     def _watch_writes(self):
         if self.closed:
             raise _closed_error()
-        self._writer = writer = self._hub.loop.io(self.fd, 2)
+        self._writer = writer = self._hub.loop.io(self.fd, _WRITE)
         return writer
+
+    def _watch_connect(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(events)` once a non-blocking connect has ended (Connecting):
+        WRITE alone is a connect that worked; READ too, a failed one (an error makes the
+        socket readable) or data already there. The watcher is the reader's afterwards
+        (_connect_ended): one watcher and one fcntl (gevent checks each new watcher's
+        descriptor) less a connection."""
+        self._reader = reader = self._hub.loop.io(self.fd, _READ | _WRITE)
+        reader.start(callback, pass_events=True)
+
+    def _connect_ended(self) -> None:
+        reader = self._reader
+        if reader is not None:  # else the connect was watched by a writer
+            reader.stop()
+            reader.events = _READ
 
     def stamp_arrivals(self) -> None:
         """Have the kernel stamp each arriving segment (SO_TIMESTAMPNS): read with
@@ -167,17 +182,19 @@ class Channel:
         """Close the socket; a greenlet still waiting on it gets OSError(EBADF)."""
         if not self.closed:
             self.closed = True
-            for watcher in (self._reader, self._writer):
-                if watcher is None:
-                    continue
-                callback = watcher.callback
-                if callback is not None and hasattr(getattr(callback, "__self__", None),
-                                                    "throw"):
-                    self._hub.cancel_wait(watcher, _closed_error(), True)  # a greenlet
-                else:
-                    watcher.stop()  # idle, or a callback's
-                    watcher.close()
+            # A stopped watcher (no callback: most, by the time a connection closes)
+            # needs nothing more: an io watcher's close() is its stop().
+            if self._reader is not None and self._reader.callback is not None:
+                self._release(self._reader)
+            if self._writer is not None and self._writer.callback is not None:
+                self._release(self._writer)
             self.sock.close()
+
+    def _release(self, watcher) -> None:
+        if hasattr(getattr(watcher.callback, "__self__", None), "throw"):
+            self._hub.cancel_wait(watcher, _closed_error(), True)  # a greenlet
+        else:
+            watcher.stop()  # a callback's
 
 
 # SO_TIMESTAMPNS (= SCM_TIMESTAMPNS), which the socket module does not name: the kernel's
@@ -186,6 +203,7 @@ _SO_TIMESTAMPNS = 35
 STAMP_SPACE = socket.CMSG_SPACE(16)
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 _TIMESPEC = struct.Struct("qq")
+_READ, _WRITE = 1, 2  # libev's EV_READ, EV_WRITE
 
 
 def arrival(ancillary: list) -> float:
@@ -229,8 +247,8 @@ class Connecting:
             self._answer_soon(loop, error.errno or errno.EMFILE, error)
             return
         code = self._channel.sock.connect_ex(address.sockaddr)
-        if code in (errno.EINPROGRESS, errno.EAGAIN):
-            self._channel.start_writing(self._writable)
+        if code == errno.EINPROGRESS or code == errno.EAGAIN:
+            self._channel._watch_connect(self._writable)
             self._timer = loop.timer(timeout)
             self._timer.start(self._timed_out)
         else:  # the kernel answered at once (a unix socket, a refused local port)
@@ -259,12 +277,21 @@ class Connecting:
             self._channel = None
 
     def _stop(self) -> None:
+        self._channel.stop_reading()
         self._channel.stop_writing()
         self._timer.stop()
 
-    def _writable(self) -> None:
-        self._stop()
-        self._finish(self._channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    def _writable(self, events: int = 0) -> None:
+        """The connect has ended. `events`: libev's (see Channel._watch_connect); without
+        them (a watcher of writes only), or with READ among them, SO_ERROR says how."""
+        self._timer.stop()
+        channel = self._channel
+        channel._connect_ended()
+        if events == _WRITE:  # connected: a failed connect is readable too (EPOLLERR)
+            self._finish(0)
+            return
+        channel.stop_writing()
+        self._finish(channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
 
     def _timed_out(self) -> None:
         self._stop()

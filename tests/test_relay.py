@@ -4,6 +4,7 @@ Every route is tried raw (the splice pump) and with a shadow (the copy pump, whi
 each chunk to the shadow sink first): both must move the client's bytes untouched.
 """
 import _socket
+import errno
 import fcntl
 import os
 import socket
@@ -15,8 +16,9 @@ import pytest
 from backends import hash_to_eof, recv_exactly, recv_to_eof, sha256, wait_for_lines, wait_until
 from gevent.event import AsyncResult
 
-from gproxyd.channel import Channel
+from gproxyd.channel import Channel, Connecting
 from gproxyd.relay import Counter, Direction, Relay
+from gproxyd.settings import address
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024  # gproxyd.relay.CHUNK: the most a pump holds in user space or a pipe
@@ -263,3 +265,44 @@ def test_one_end_closing_while_the_other_sends_in_the_same_turn(first):
     send_then_half_close(production, b"now done")
     assert recv_to_eof(client) == b"now done"
     assert outcome.get(timeout=5) is None
+
+
+# --- Connecting: how a non-blocking connect's outcome is learnt -------------------------
+
+def _connecting(target: str):
+    """Connecting(target) and its outcome, (channel, error), once it is known."""
+    outcome = AsyncResult()
+    Connecting(address(target), 5, lambda *answer: outcome.set(answer))
+    return outcome
+
+
+def test_a_connect_the_server_answers_with_bytes_before_the_loop_looks_is_connected():
+    # The socket is then readable as well as writable when the loop first sees it, as a
+    # failed connect is: the connect's outcome is asked of the kernel, and it worked.
+    # The watcher that saw the connect reads from then on.
+    listening = _socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    outcome = _connecting(f"127.0.0.1:{listening.getsockname()[1]}")
+    fd, _ = listening._accept()  # no yield to the hub from here...
+    server = socket.socket(fileno=fd)
+    server.sendall(b"greeting")  # ...to here
+    channel, error = outcome.get(timeout=5)
+    assert error is None
+    read = AsyncResult()
+    channel.start_reading(lambda: read.set(channel.sock.recv(100)))
+    assert read.get(timeout=5) == b"greeting"
+    channel.close()
+    server.close()
+    listening.close()
+
+
+@pytest.mark.parametrize("where", ["127.0.0.1", "[::1]"])
+def test_a_refused_connect_is_refused(where):
+    probe = _socket.socket(socket.AF_INET6 if ":" in where else socket.AF_INET)
+    probe.bind((where.strip("[]"), 0))
+    port = probe.getsockname()[1]
+    probe.close()  # bound, never listened: the port refuses
+    channel, error = _connecting(f"{where}:{port}").get(timeout=5)
+    assert channel is None
+    assert error.errno == errno.ECONNREFUSED
