@@ -11,7 +11,7 @@ from framing import FAST, bytewise, feed, run, whole
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxyd.protocols import FRAMERS, ProtocolError
+from gproxyd.protocols import FRAMERS, ProtocolError, new_request_framer
 from gproxyd.protocols.redis import (
     MAX_DEPTH,
     MAX_LINE,
@@ -608,19 +608,36 @@ def test_generated_arrays_of_one_length_frame_as_line_by_line(count, size, data)
     b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nxyz",  # garbage after
     b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",  # inline
     b"*2\r\n$3\r\nGET\r\n$2\r\n*2\r\n",                  # an argument that looks like a command
+    b"*1\r\n$0\r\n\r\n" * 2,                            # empty names
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$0\r\n\r\n*1\r\n$4\r\nPING\r\n",
+    b"*1\r\n$0\r\n\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$150\r\n",  # cut short
+    b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nSET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n",  # too few
 ])
-def test_the_most_common_commands_in_one_chunk_frame_as_line_by_line(stream):
+@pytest.mark.parametrize("positions", [True, False])
+def test_the_most_common_commands_in_one_chunk_frame_as_line_by_line(stream, positions):
     """The one-regular-expression path (commands of up to 9 arguments of up to 99
-    bytes) gives what feeding byte by byte gives, ends and starts included."""
+    bytes) gives what feeding byte by byte gives, ends and starts included (framed
+    with them and without)."""
     results = []
     for split in (whole, bytewise):
         framer = RequestFramer()
-        framer.ends, framer.starts = [], []
+        if positions:
+            framer.ends, framer.starts = [], []
         items, error = run(framer, split(stream))
         results.append((items, error, framer.in_message,
                         framer.ends if split is whole else None,
                         framer.starts if split is whole else None))
     assert results[0][:3] == results[1][:3]
-    if results[0][1] is None and stream.startswith(b"*3"):
+    if positions and results[0][1] is None and stream.startswith(b"*3"):
         assert results[0][3] == [29 * i for i in range(1, 17)]
         assert results[0][4] == [29 * i + 4 for i in range(16)]
+
+
+def test_a_command_with_an_empty_name_does_not_let_garbage_pass_later():
+    """The one-expression path takes a chunk as whole commands when every name it
+    finds is known; what is not a command is found as an empty name, so an empty name
+    framed earlier must not become a known one."""
+    for framer in (RequestFramer(), new_request_framer("redis")):  # with hiredis's too
+        assert framer.feed(b"*1\r\n$0\r\n\r\n" * 2) == ["", ""]
+        with pytest.raises(ProtocolError):
+            framer.feed(b"*1\r\n$3\r\nGET\r\n*1\r\n$2\r\nxyz\r\n")

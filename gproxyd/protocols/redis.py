@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from operator import itemgetter
 
 from . import ProtocolError, Upgraded
 
@@ -66,18 +65,19 @@ _RUNS = tuple((block, re.compile(_ELEMENT + rb"{%d}" % block, re.S)) for block i
 # the chunk is searched: find() is not a memoryview's).
 _WHOLE_COMMANDS_MAX = 16 * 1024
 # The most common commands -- 1 to 9 bulk strings of up to 99 bytes each, the first (the
-# name) without a CR -- framed by one regular expression each, a chunk of them in one
-# call: group 1 is the command, group 2 the first NAME_MAX bytes of its name. A subset
-# of what _whole() accepts; anything else is left to it. (The arguments are written out,
-# not repeated with {n}: ~15% faster to match, ~40 ms more to compile at start-up.)
+# name) without a CR -- framed by one regular expression, a chunk of them in one
+# findall(): its group is the first NAME_MAX bytes of each command's name. A subset of
+# what _whole() accepts; anything else is left to it. Anything else where a command
+# should start is matched, to the end of the chunk, as an empty name (never a key of
+# _NAMES): a chunk is whole commands when no name found is empty, which needs no
+# tuple per command nor their lengths added up. (The arguments are written out, not
+# repeated with {n}: ~15% faster to match, ~40 ms more to compile at start-up.)
 _SMALL_COMMAND = re.compile(
-    rb"(\*(?=[1-9]\r\n\$[0-9]{1,2}\r\n([^\r]{0,%d}))(?:" % NAME_MAX
+    rb"\*(?=[1-9]\r\n\$[0-9]{1,2}\r\n([^\r]{0,%d}))(?:" % NAME_MAX
     + b"|".join(rb"%d\r\n%s%s" % (count, _small_bulk(rb"[^\r]"),
                                     b"(?:%s)" % _small_bulk() * (count - 1))
                 for count in range(1, 10))
-    + rb"))", re.S)
-_COMMAND_BYTES = itemgetter(0)
-_COMMAND_NAME = itemgetter(1)
+    + rb")|.+", re.S)
 # Command names as read -> as framers give them (a client uses a few).
 _NAMES: dict[bytes, str] = {}
 _NAMES_KEPT = 1024
@@ -244,36 +244,51 @@ class RequestFramer(_LineFramer):
         return out
 
     def _small(self, data, n: int) -> list | None:
-        """`data` as whole commands of the most common kind (see _SMALL_COMMAND), framed
-        by one regular expression: the commands, or None to leave the chunk to _whole()."""
+        """`data` (not empty) as whole commands of the most common kind (see
+        _SMALL_COMMAND), framed by one regular expression: the commands, or None to
+        leave the chunk to _whole()."""
+        # The first apart: a chunk of one command (request-reply) needs no list of them.
         one = _SMALL_COMMAND.match(data)
-        if one is None:
+        name = one[1]
+        if not name:  # not a command of that kind, or an empty name
             return None
-        if one.end() == n:
-            name = one.group(2)
-            out = [_NAMES.get(name) or _name(name)]
+        first = _NAMES.get(name) or _name(name)
+        end = one.end()
+        if end == n:
             if self.ends is not None:
                 self.ends.append(n)
             if self.starts is not None:
                 self.starts.append(4)  # past "*N\r\n"
-            return out
-        # Matches that do not overlap and add up to the chunk's length tile it: they are
-        # its commands, one after the other.
-        found = _SMALL_COMMAND.findall(data, one.end())
-        if sum(map(len, map(_COMMAND_BYTES, found))) != n - one.end():
-            return None
-        found.insert(0, one.groups())
-        out = list(map(_NAMES.get, map(_COMMAND_NAME, found)))
-        if None in out:
-            out = [_name(name) for _, name in found]
+            return [first]
         if self.ends is not None or self.starts is not None:
-            end = 0
-            for command, _ in found:
-                if self.starts is not None:
-                    self.starts.append(end + 4)
-                end += len(command)
-                if self.ends is not None:
-                    self.ends.append(end)
+            return self._small_at(data, first, end)
+        found = _SMALL_COMMAND.findall(data, end)
+        out = list(map(_NAMES.get, found))
+        if None in out:
+            if b"" in found:  # not whole commands (or one with an empty name)
+                return None
+            out = list(map(_name, found))
+        out.insert(0, first)
+        return out
+
+    def _small_at(self, data, first: str, end: int) -> list | None:
+        """_small() of a chunk of several commands, the first (`first`) ending at `end`,
+        with where each starts and ends."""
+        out = [first]
+        starts = [4]
+        ends = [end]
+        for match in _SMALL_COMMAND.finditer(data, end):
+            name = match[1]
+            if not name:
+                return None
+            out.append(_NAMES.get(name) or _name(name))
+            start, end = match.span()
+            starts.append(start + 4)
+            ends.append(end)
+        if self.ends is not None:
+            self.ends += ends
+        if self.starts is not None:
+            self.starts += starts
         return out
 
     def _whole(self, data: bytes, n: int) -> list | None:
@@ -572,7 +587,7 @@ def _name(name: bytes) -> str:
     command = _NAMES.get(name)
     if command is None:
         command = _command(name)
-        if len(_NAMES) < _NAMES_KEPT:
+        if name and len(_NAMES) < _NAMES_KEPT:  # never b"": see _SMALL_COMMAND
             _NAMES[name] = command
     return command
 
