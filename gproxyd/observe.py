@@ -24,10 +24,8 @@ that backend's own.
 """
 from __future__ import annotations
 
-import collections
 import logging
 from collections import deque
-from itertools import repeat
 from operator import itemgetter
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -53,7 +51,7 @@ _IS_ERROR = itemgetter(1)  # of a framer's (status, is_error)
 
 class Exchanges:
     __slots__ = ("stats", "route_stats", "label", "watching", "_requests", "_responses",
-                 "_pending", "_connected", "_answered", "answers", "failures",
+                 "_pending", "_owed", "_connected", "_answered", "answers", "failures",
                  "_by_turn", "_turn_sent", "_last_sent", "_early", "_comparison", "_name",
                  "_capture", "_request_capture", "_kept", "_recording")
 
@@ -75,9 +73,11 @@ class Exchanges:
         # sent() and received() want the bytes: framed, and after a fallback measuring
         # by turn, so for good (an attribute: the taps ask for every chunk).
         self.watching = bool(framers)
-        # Send times of requests not answered yet; only framed protocols pair them (an
+        # Requests not answered yet, in order, as (send time, how many were sent then):
+        # a pipeline written at once is one entry. Only framed protocols pair them (an
         # idle tcp connection should not carry an empty deque).
-        self._pending: deque[float] | None = deque() if framers else None
+        self._pending: deque[tuple[float, int]] | None = deque() if framers else None
+        self._owed = 0  # the requests in _pending
         self._connected = monotonic()
         self._answered = 0.0  # when the latest complete answer arrived
         self.answers = 0      # this connection's answers, and how many were errors
@@ -146,15 +146,15 @@ class Exchanges:
                 self._turn_sent = sending  # this chunk starts a turn
                 return
             if done:
-                pending = self._pending
-                if self._early or len(pending) + len(done) > _MAX_PENDING:
+                count = len(done)
+                if self._early or self._owed + count > _MAX_PENDING:
                     self._expect(done)
                     return
-                if len(done) == 1:
-                    pending.append(sending)
+                self._pending.append((sending, count))
+                self._owed += count
+                if count == 1:
                     self._responses.expect(done[0])
-                else:  # a pipeline written at once: one send time each, in one step
-                    pending.extend(repeat(sending, len(done)))
+                else:
                     self._responses.expect_all(done)
             return
         try:
@@ -183,10 +183,11 @@ class Exchanges:
             if self._early:  # answered already (see _complete)
                 self._early -= 1
                 continue
-            if len(self._pending) >= _MAX_PENDING:
+            if self._owed >= _MAX_PENDING:
                 self._fall_back("too many requests without an answer")
                 return
-            self._pending.append(now)
+            self._pending.append((now, 1))
+            self._owed += 1
             self._responses.expect(request)
             if kept is not None:
                 self._kept.append(kept[index].raw)
@@ -217,25 +218,35 @@ class Exchanges:
         if capture is not None:
             self._complete(done, at, capture.feed(data, self._responses.ends))
         elif done:
-            pending = self._pending
-            if len(done) > 1 or not pending or self._comparison is not None:
+            count = len(done)
+            if self._owed < count or self._comparison is not None:
                 self._complete(done, at)
                 return
-            # The common case, in short: one answer to a request sent, no comparison.
+            # The common case, in short: answers to requests sent, no comparison. Those
+            # to requests written at once have the same latency: one record for them.
+            pending = self._pending
+            sent, sent_count = pending[0]
+            if sent_count == count:
+                pending.popleft()
+            elif sent_count > count:  # the rest of that write is still owed
+                pending[0] = (sent, sent_count - count)
+            else:  # answers to several writes
+                self._complete(done, at)
+                return
             now = at or monotonic()
-            sent = pending.popleft()
+            self._owed -= count
             answered = self._answered
             self._answered = now
-            is_error = done[0][1]
-            self.stats.record(now - (sent if sent > answered else answered), is_error)
-            self.answers += 1
-            self.failures += is_error
+            failures = done[0][1] if count == 1 else sum(map(_IS_ERROR, done))
+            self.stats.record(now - (sent if sent > answered else answered), failures, count)
+            self.answers += count
+            self.failures += failures
 
     @property
     def unanswered(self) -> int:
         """Requests sent and not answered (by turn: the turn waiting for an answer)."""
         if self._pending is not None:
-            return len(self._pending)
+            return self._owed
         return int(bool(self._turn_sent))
 
     def closed(self, sent: Counter, received: Counter, error: bool = False,
@@ -258,8 +269,8 @@ class Exchanges:
                 self.stats.errors += 1  # an answer cut short
             if done:  # an answer delimited by the close
                 self._complete(done, 0.0, [self._capture.take()] if self._capture else None)
-            if owed_answers and self._pending:
-                self.stats.timeouts += len(self._pending)
+            if owed_answers:
+                self.stats.timeouts += self._owed
             self._stop_comparing()
             return
         if self._by_turn:
@@ -287,31 +298,28 @@ class Exchanges:
         self._answered = now
         record = self.stats.record
         count = len(done)
-        if self._comparison is None and len(pending) >= count:
+        if self._comparison is None and self._owed >= count:
             # Every answer to a request sent, nothing compared (a pipeline's answers):
             # answers to requests sent at the same time (in one write) have the same
-            # latency, so they are recorded together, one histogram step per send time.
+            # latency, so they are recorded together, one histogram step per write.
+            # The errors go with the first record (only their sum is counted).
             failures = sum(map(_IS_ERROR, done))
             self.answers += count
             self.failures += failures
-            if count == 1:
-                sent = pending.popleft()
-                record(now - (sent if sent > answered else answered), failures)
-                return
-            popleft = pending.popleft
-            sents = [popleft() for _ in repeat(None, count)]
-            first = sents[0]
-            if sents.count(first) == count:
-                record(now - (first if first > answered else answered), failures, count)
-            else:
-                # Several writes: the errors go with the first send time's record (only
-                # their sum is counted).
-                for sent, times in collections.Counter(sents).items():
-                    record(now - (sent if sent > answered else answered), failures, times)
-                    failures = 0
+            self._owed -= count
+            while count:
+                sent, sent_count = pending[0]
+                if sent_count > count:
+                    pending[0] = (sent, sent_count - count)
+                    sent_count = count
+                else:
+                    pending.popleft()
+                record(now - (sent if sent > answered else answered), failures, sent_count)
+                failures = 0
+                count -= sent_count
             return
         for index, (_status, is_error) in enumerate(done):
-            early = not pending
+            early = not self._owed
             if early:
                 if not self._requests.in_message:
                     self._fall_back("a response nobody asked for")
@@ -319,8 +327,14 @@ class Exchanges:
                 # An early answer (a 413 before the body was sent, a server that does
                 # not read the body): paired with the request still being sent.
                 self._early += 1
-                pending.append(self._last_sent)
-            sent = pending.popleft()
+                pending.append((self._last_sent, 1))
+                self._owed += 1
+            sent, sent_count = pending[0]
+            if sent_count > 1:
+                pending[0] = (sent, sent_count - 1)
+            else:
+                pending.popleft()
+            self._owed -= 1
             latency = now - (sent if sent > answered else answered)
             record(latency, is_error)
             self.answers += 1
@@ -347,7 +361,7 @@ class Exchanges:
         byte to the first answer byte after it. What was counted so far stays counted;
         a request still unanswered opens the first turn."""
         if self._pending:
-            self._turn_sent = self._pending[-1]
+            self._turn_sent = self._pending[-1][0]
         self._stop_comparing()
         self._stop_recording()
         if type(self._requests) is RequestFollower:
