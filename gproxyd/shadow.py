@@ -94,6 +94,23 @@ def _autotuning_most() -> int:
 
 
 _AUTOTUNING_MOST = _autotuning_most()
+
+
+def _largest_settable() -> int:
+    """net.core.wmem_max: the most SO_SNDBUF takes (the kernel then doubles it); 0 if
+    unknown."""
+    try:
+        with open("/proc/sys/net/core/wmem_max") as value:
+            return int(value.read())
+    except (OSError, ValueError):
+        return 0
+
+
+# Read once, like tcp_wmem above: what a socket is granted follows from it, so it is not
+# read back from each socket (a getsockopt a shadow connection). Under 4 KiB the kernel's
+# own minimum may apply instead: then it is read back.
+_LARGEST_SETTABLE = _largest_settable()
+_GRANTED_IS_KNOWN = _LARGEST_SETTABLE >= 4096
 # The smallest kernel send buffer a shadow socket gets however many there are (the
 # kernel's size, which is twice what SO_SNDBUF asks for).
 SEND_BUFFER_FLOOR = 32 * 1024
@@ -199,7 +216,8 @@ class _Budget:
         else:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // 2)
-                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                granted = 2 * min(size // 2, _LARGEST_SETTABLE) if _GRANTED_IS_KNOWN \
+                    else sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             except OSError:
                 return 0
         self.sockets += 1
@@ -1027,7 +1045,8 @@ class ShadowSink:
         if self._channel is not None:
             self._channel.stop_reading()
             self._channel.stop_writing()
-            self._count_unread()
+            if not self._answered:  # else its EOF was read: all before it was counted
+                self._count_unread()
         self._reference_sent = self._reference.sent.bytes
         self.upstream.close(error=state == "reset", owed_answers=state in ("done", "timeout"))
         if self._answers is not None:

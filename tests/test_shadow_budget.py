@@ -271,6 +271,21 @@ def test_shadow_sockets_get_the_send_buffer_the_rule_gives(servers, proxy, monke
     settled(before)
 
 
+@pytest.mark.parametrize("most", [32 * KiB, 1 * MiB, 3 * MiB])
+def test_the_send_buffer_counted_is_the_one_the_kernel_granted(most):
+    """What a shadow socket is counted for (worked out, not read back) is what
+    SO_SNDBUF reads on it."""
+    budget = shadow._Budget()
+    budget.limit = 1024 * MiB  # an eighth of it is more than `most`: `most` is asked for
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        granted = budget.size_send_buffer(sock, most)
+        assert granted == sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    finally:
+        sock.close()
+    assert (budget.sockets, budget.send_buffers) == (1, granted)
+
+
 def test_a_unix_shadow_socket_is_left_alone(servers, proxy):
     production, healthy = servers.echo(), servers.sink(family="unix")
     proxied = proxy(production, shadow=[healthy])
