@@ -221,9 +221,7 @@ def _closed_error() -> OSError:
     return OSError(errno.EBADF, "socket closed while in use")
 
 
-def new_channel(family: int) -> Channel:
-    """A fresh non-blocking TCP or unix stream socket, as a Channel."""
-    return Channel(_socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
+_NEW_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # a connect's socket
 
 
 class Connecting:
@@ -241,7 +239,7 @@ class Connecting:
         self._on_done = on_done
         loop = get_hub().loop
         try:
-            self._channel = new_channel(address.family)
+            self._channel = Channel(_socket.socket(address.family, _NEW_STREAM))
         except OSError as error:  # out of file descriptors, typically
             self._channel = None
             self._answer_soon(loop, error.errno or errno.EMFILE, error)
@@ -288,7 +286,8 @@ class Connecting:
         channel = self._channel
         channel._connect_ended()
         if events == _WRITE:  # connected: a failed connect is readable too (EPOLLERR)
-            self._finish(0)
+            self._channel = None
+            self._on_done(channel, None)
             return
         channel.stop_writing()
         self._finish(channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))

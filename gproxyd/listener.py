@@ -19,6 +19,7 @@ import os
 import random
 import socket
 import stat
+import sys
 import time
 from collections import deque
 
@@ -47,6 +48,7 @@ log = logging.getLogger("gproxyd.listener")
 # The standard library's class even after monkey-patching: the server accepts from it
 # without gevent's wrapper, and wraps nothing.
 _StdlibSocket = get_original("socket", "socket")
+_INET = socket.AF_INET
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKLOG = 4096
 _ACCEPT_PAUSE = 0.1  # seconds without accepting after running out of descriptors
@@ -160,28 +162,45 @@ class _Server(StreamServer):
         # start() on a libev timer that has fired once fires at the next loop turn.
         self._resume = self.loop.timer(_ACCEPT_PAUSE, _ACCEPT_PAUSE)
 
-    def do_close(self, sock, *args) -> None:
-        # gevent closes the client socket when the handler returns; here the Session
-        # owns it and may outlive the handler (libev callbacks relay it).
-        pass
+    def _do_read(self) -> None:
+        """gevent's accept loop, for this server: no pool (never full), so no full()
+        before each accept, and the accept and the handler called in place (three
+        method calls less a connection). The rest as gevent's: up to max_accept
+        connections a readable event; an error reported, and accepting paused for
+        `delay`, which doubles while errors follow each other (out of descriptors
+        excepted: _pause_accepting); the handler owns the socket (plain, unwrapped)."""
+        accept, handle = self.socket._accept, self._handle
+        family, kind = self._family, self._type
+        for _ in range(self.max_accept):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(error)
+                    return
+                self.loop.handle_error(self, *sys.exc_info())
+                if self.is_fatal_error(error):
+                    self.close()
+                    sys.stderr.write(f"ERROR: {self} failed with {error}\n")
+                    return
+                self._back_off()
+                return
+            self.delay = self.min_delay
+            try:
+                handle(_socket.socket(family, kind, 0, fd), address)
+            except BaseException:
+                self.loop.handle_error(((address,), self), *sys.exc_info())
+                self._back_off()
+                return
 
-    def do_handle(self, sock, address) -> None:
-        # gevent's wraps the handler in a try/finally calling do_close(): with no
-        # spawn and nothing to close, the handler is called straight away (an error
-        # still reaches _do_read, which logs it and backs off as before).
-        self._handle(sock, address)
-
-    def do_read(self):
-        try:
-            fd, address = self.socket._accept()
-        except BlockingIOError:
-            return None
-        except OSError as error:
-            if error.errno not in _OUT_OF_RESOURCES:
-                raise
-            self._pause_accepting(error)
-            return None
-        return _socket.socket(self._family, self._type, 0, fd), address
+    def _back_off(self) -> None:
+        if self.delay >= 0:
+            self.stop_accepting()
+            self._timer = self.loop.timer(self.delay)
+            self._timer.start(self._start_accepting_if_started)
+            self.delay = min(self.max_delay, self.delay * 2)
 
     def _pause_accepting(self, error: OSError) -> None:
         # Accepting again at once would spin: the pending connection stays readable.
@@ -212,6 +231,9 @@ class Listener:
         """`hooks`: the route's hooks, imported by the caller (hooks.load_route_hooks)."""
         self.route = route
         self.hooks = hooks
+        # Accepted connections go straight to their session: no PROXY header to read,
+        # no ends to learn beyond the peer's address (TLS is asked per connection).
+        self._direct = route.accept_proxy == "off" and not _needs_endpoints(route)
         self.stats = stats or RouteStats()
         self._read_stats_with(route)
         self.archive = Archive(route, self.stats) if route.archive else None
@@ -307,6 +329,7 @@ class Listener:
         if route.listen_transparent and not self.route.listen_transparent:
             self._set_transparent(route)
         self.route, self.hooks = route, hooks
+        self._direct = route.accept_proxy == "off" and not _needs_endpoints(route)
 
     def _read_stats_with(self, route: Route) -> None:
         """What the route's numbers are read with: kept by its stats, which outlive
@@ -454,7 +477,11 @@ class Listener:
         except BaseException:
             sock.close()
             raise
-        if route.accept_proxy != "off":
+        if self._direct and (self.tls is None or self.tls.server is None):
+            # _admit() without its steps: peer as _peer_name() writes it
+            self._open(route, channel, f"{address[0]}:{address[1]}" if sock.family == _INET
+                       else _peer_name(sock.family, address), None, self.tls)
+        elif route.accept_proxy != "off":
             self._await_header(route, channel, address)
         else:
             self._admit(route, channel, address, None)

@@ -138,7 +138,7 @@ class Relay:
         """Relay from now on; `on_done(failure or None)` when done (must not block)."""
         self._on_done = on_done
         for way in self._ways:
-            way.start()
+            way.src.start_reading(way._readable)
 
     def run(self) -> Broken | None:
         """Relay until done (blocks the calling greenlet); returns the failure, if any."""
@@ -223,9 +223,6 @@ class Direction:
         self.piped = 0        # bytes sitting in the pipe
         self.bulk = False
 
-    def start(self) -> None:
-        self.src.start_reading(self._readable)
-
     def stop(self) -> None:
         self.src.stop_reading()
         self.dst.stop_writing()
@@ -256,7 +253,12 @@ class Direction:
                 except OSError as error:
                     raise Broken(self.src, error) from None
             if received == 0:
-                self.stop()
+                # Reading stops here; writing to dst was stopped when this read was
+                # started again (_writable), and the pipe, if any, is empty.
+                self.src.stop_reading()
+                if self.pipe is not None:
+                    _pipes.give(self.pipe)
+                    self.pipe = None
                 if self.on_eof is not None:
                     self.on_eof()
                 self.relay.reached_eof(self)

@@ -83,7 +83,7 @@ class Session:
         self._idle_mark = (0, self.started)
         self._production_failed = False
         self._production_done = False
-        self._candidates: list[Address] = []
+        self._candidates: list[Address] | tuple = ()  # production's addresses left
         self._answered_mark = 0  # production's answer bytes at the client's last chunk
         self._on_end: Callable[["Session"], None] | None = None
         self._archive = archive
@@ -102,15 +102,17 @@ class Session:
                                          [address.text for address in shadows],
                                          self._reply, self.abort)
             self._client_writes = Semaphore()
-        on_answer = self._shadow_answer if hooks is not None else None
-        self.shadows = [
-            ShadowSink(Upstream(address, stats.shadow(address.text),
-                                Exchanges(route.protocol, stats.shadow(address.text), stats,
-                                          f"{label} shadow {address}",
-                                          route.observe_max_header, shared),
-                                f"route {route.name}: shadow"),
-                       route, label, spawn, self.production, on_answer)
-            for address in shadows]
+        self.shadows: list[ShadowSink] = []
+        for address in shadows:
+            backend = stats.shadow(address.text)
+            self.shadows.append(ShadowSink(
+                Upstream(address, backend,
+                         Exchanges(route.protocol, backend, stats,
+                                   f"{label} shadow {address.text}", route.observe_max_header,
+                                   shared),
+                         f"route {route.name}: shadow"),
+                route, label, spawn, self.production,
+                self._shadow_answer if hooks is not None else None))
         self._filter: RequestFilter | None = None
         if self.shadows and self.production.observer.watching:
             comparison = self._pair_answers()
@@ -167,7 +169,8 @@ class Session:
         if self.dispatch is not None and self.dispatch.hooks.on_connect is not None:
             self._spawn(self._hooked_connect)
         else:
-            self._connect([self._destination])
+            self.production.connect(self.route.connect_timeout, self._production_connected,
+                                    self._spawn, self._destination)
 
     def _hooked_connect(self) -> None:
         candidates = self.dispatch.connect(self._destination)
@@ -213,17 +216,25 @@ class Session:
         # With nothing to mirror, the observer's own methods are the taps: one Python
         # call less a chunk each way (watching never changes on a connection).
         watching = observer.watching
-        up = Direction(self.client, self.production.channel, self.production.sent,
-                       self._mirror if self.shadows else observer.sent if watching else None,
-                       self._client_eof, clocked=watching)
+        if self.shadows:
+            up = Direction(self.client, self.production.channel, self.production.sent,
+                           self._mirror, self._client_eof, clocked=watching)
+        else:
+            up = Direction(self.client, self.production.channel, self.production.sent,
+                           observer.sent if watching else None, clocked=watching)
         down = Direction(self.production.channel, self.client, self.production.received,
                          observer.received if watching else None, stamped=watching)
-        Relay(up, down).start(self._relayed)
+        Relay(up, down).start(self._end)
 
-    def _end(self) -> None:
+    def _end(self, failure: Broken | None = None) -> None:
+        """Close client and production and call on_end, once; `failure`: what ended the
+        relay, if it failed."""
+        if failure is not None:
+            self._fail(failure)
         on_end, self._on_end = self._on_end, None
         if on_end is not None:  # once
-            self._close()
+            self.client.close()
+            self.production.close(error=self._production_failed)
             on_end(self)
 
     def abort(self, reason: str) -> None:
@@ -248,11 +259,6 @@ class Session:
         return now - self._idle_mark[1]
 
     # --- without hooks: libev callbacks ------------------------------------------------
-
-    def _relayed(self, failure: Broken | None) -> None:
-        if failure is not None:
-            self._fail(failure)
-        self._end()
 
     def _new_turn(self) -> bool:
         """Production has answered since the client's last chunk: this one starts a new
@@ -464,15 +470,12 @@ class Session:
                         _describe(broken.error))
         self.abort(f"{side}: {_describe(broken.error)}")
 
-    def _close(self) -> None:
-        self.client.close()
-        self.production.close(error=self._production_failed)
-
     def finish(self) -> None:
         """After on_end: give shadows their linger time, then log the connection's line."""
-        deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
-        for sink in self.shadows:
-            sink.linger(max(0.0, deadline - time.monotonic()))
+        if self.shadows:
+            deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
+            for sink in self.shadows:
+                sink.linger(max(0.0, deadline - time.monotonic()))
         self._log_line()
 
     def finish_then(self, on_done: Callable[[], None]) -> None:
