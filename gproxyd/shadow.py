@@ -57,7 +57,7 @@ class _Lingering:
 
     def add(self, sink: "ShadowSink") -> None:
         self._sinks[sink] = None
-        bound = self.limit or self._default_bound()
+        bound = self.limit or self._nofile_bound or self._default_bound()
         while len(self._sinks) > bound:
             oldest = next(iter(self._sinks))
             del self._sinks[oldest]
@@ -200,10 +200,11 @@ class _Budget:
     def let_go(self, sink: "ShadowSink", cause: str | None) -> None:
         """`sink` is ending: what its queue holds is let go; `cause`: why (one of
         stats.DROP_CAUSES), None if it was not dropped and nothing waited."""
-        self.queued -= sink.held
+        queue = sink._queue
+        self.queued -= queue.held
         if cause is not None:
             self.drops[cause] = self.drops.get(cause, 0) + 1
-            self.dropped_bytes[cause] = self.dropped_bytes.get(cause, 0) + sink.queued
+            self.dropped_bytes[cause] = self.dropped_bytes.get(cause, 0) + queue.size
         if sink.budget_entry is not None:
             sink.budget_entry[0] = None
 
@@ -518,15 +519,15 @@ class ShadowSink:
         # bursts production never saw (queueing in the shadow, measured as its latency).
         self._write_delay = route.shadow_write_delay
         self._delay_timer = None    # created at the first delayed write
-        self._spare_time = _spare_time()  # without a delay, what writes the queue
         self._loop = gevent.get_hub().loop
         self._waiting = False       # the delay timer runs, or spare time is awaited
         self._eof = False           # the client has sent EOF
         self._written_eof = False   # ...and it has been passed on to the shadow
         self._answered = False      # the shadow has sent EOF
         self._channel: Channel | None = None
-        self._ended = Event()
+        self._ended: Event | None = None  # what linger() waits on, while it does
         self.state = "connecting"
+        self.alive = True           # state is connecting or open: no outcome yet
         # Turns: offsets in the client stream where a chunk came that production got only
         # after it had answered. The shadow gets the bytes from such an offset on only
         # once it has answered too (or after shadow-turn-timeout): handshakes then reach
@@ -550,10 +551,6 @@ class ShadowSink:
             self._answer_greenlet = spawn(self._deliver_answers)
         self._stats.mirrored += 1
         upstream.connect(route.shadow_connect_timeout, self._connected, spawn)
-
-    @property
-    def alive(self) -> bool:
-        return self.state in ("connecting", "open")
 
     @property
     def queued(self) -> int:
@@ -622,7 +619,7 @@ class ShadowSink:
                 self._delay_timer = self._loop.timer(self._write_delay, self._write_delay)
             self._delay_timer.again(self.write_waiting)
         else:
-            self._spare_time.add(self)
+            _spare_time().add(self)
 
     def _enqueue(self, chunk) -> bool:
         """Queue a copy of `chunk`; False if that dropped this shadow connection (past
@@ -661,6 +658,7 @@ class ShadowSink:
         self.finish()
         if self.alive:
             LINGERING.add(self)
+            self._ended = Event()
             try:
                 self._ended.wait(timeout)
             finally:
@@ -673,24 +671,23 @@ class ShadowSink:
         """linger() without blocking, from the hub (a sink without on_answer: no answer
         greenlet to join): `on_done()` once the outcome is decided, at the latest after
         `timeout`. A greenlet per lingering connection costs ~15 us more."""
-        self.finish()
+        if not self._eof:  # else the session's finish() at the client's EOF is done
+            self.finish()
         if not self.alive:
             self._decide()
             on_done()
             return
         LINGERING.add(self)
         self._settle = (self._loop.timer(timeout), on_done)
-        self._ended.rawlink(self._settled)
         self._settle[0].start(self._settled)
 
-    def _settled(self, _=None) -> None:
-        """Ended, or out of linger time: whichever comes first."""
+    def _settled(self) -> None:
+        """Ended (called by _end), or out of linger time: whichever comes first."""
         if self._settle is None:
             return
         (timer, on_done), self._settle = self._settle, None
         timer.stop()
         timer.close()
-        self._ended.unlink(self._settled)
         LINGERING.discard(self)
         self._decide()
         on_done()
@@ -842,7 +839,7 @@ class ShadowSink:
                 self._channel.stop_writing()
                 if not self._waiting:
                     self._waiting = True
-                    self._spare_time.add(self)
+                    _spare_time().add(self)
                 return
             pieces = queue.pieces(left if room is None else min(room, left))
             sent = self._send(pieces[0] if len(pieces) == 1 else pieces)
@@ -1030,7 +1027,8 @@ class ShadowSink:
         if not self.alive:
             return
         self.state = state
-        cause = self.why if state == "dropped" else "shadow-failed" if self.queued else None
+        self.alive = False
+        cause = self.why if state == "dropped" else "shadow-failed" if self._queue.size else None
         BUDGET.let_go(self, cause)
         if cause is not None:
             self._stats.drops[cause] = self._stats.drops.get(cause, 0) + 1
@@ -1051,4 +1049,7 @@ class ShadowSink:
         self.upstream.close(error=state == "reset", owed_answers=state in ("done", "timeout"))
         if self._answers is not None:
             self._answers.put(None)
-        self._ended.set()
+        if self._ended is not None:
+            self._ended.set()  # linger() waits in a greenlet
+        elif self._settle is not None:
+            self._settled()  # linger_then() waits in the hub
