@@ -247,34 +247,33 @@ class RequestFramer(_LineFramer):
         """`data` (not empty) as whole commands of the most common kind (see
         _SMALL_COMMAND), framed by one regular expression: the commands, or None to
         leave the chunk to _whole()."""
-        # The first apart: a chunk of one command (request-reply) needs no list of them.
+        if self.ends is not None or self.starts is not None:
+            return self._small_at(data, n)
+        found = _SMALL_COMMAND.findall(data)
+        if len(found) == 1:  # request-reply: no list of names to map
+            name = found[0]
+            return [_NAMES.get(name) or _name(name)] if name else None
+        out = list(map(_NAMES.get, found))
+        if None in out:
+            if b"" in found:  # not whole commands (or one with an empty name)
+                return None
+            out = list(map(_name, found))
+        return out
+
+    def _small_at(self, data, n: int) -> list | None:
+        """_small(), with where each command starts and ends."""
         one = _SMALL_COMMAND.match(data)
         name = one[1]
-        if not name:  # not a command of that kind, or an empty name
+        if not name:
             return None
-        first = _NAMES.get(name) or _name(name)
+        out = [_NAMES.get(name) or _name(name)]
         end = one.end()
         if end == n:
             if self.ends is not None:
                 self.ends.append(n)
             if self.starts is not None:
                 self.starts.append(4)  # past "*N\r\n"
-            return [first]
-        if self.ends is not None or self.starts is not None:
-            return self._small_at(data, first, end)
-        found = _SMALL_COMMAND.findall(data, end)
-        out = list(map(_NAMES.get, found))
-        if None in out:
-            if b"" in found:  # not whole commands (or one with an empty name)
-                return None
-            out = list(map(_name, found))
-        out.insert(0, first)
-        return out
-
-    def _small_at(self, data, first: str, end: int) -> list | None:
-        """_small() of a chunk of several commands, the first (`first`) ending at `end`,
-        with where each starts and ends."""
-        out = [first]
+            return out
         starts = [4]
         ends = [end]
         for match in _SMALL_COMMAND.finditer(data, end):
