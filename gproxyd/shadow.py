@@ -3,12 +3,12 @@
 The session calls `feed()` with every client chunk, after production has it, and
 `finish()` at the client's EOF. Neither ever blocks or waits for the shadow. A chunk
 that starts a new turn of the conversation (a request after production's answer to the
-one before) is written at once if the shadow has answered the turn before too; any other
-chunk is written at once when nothing else waits in this turn of the event loop, else
-queued and written once the loop has served what was waiting (production first; see
-_SpareTime); with `shadow-write-delay`, it is queued and written with whatever else the
-same client sent within the delay. What the shadow's socket does not take stays
-queued until it is writable. One queue holds at most `shadow-buffer` bytes, and all
+one before) is written at once if the shadow has answered the turn before too, and so is
+a connection's first chunk; any other chunk is written at once when nothing else waits
+in this turn of the event loop, else queued and written once the loop has served what
+was waiting (production first; see _SpareTime); with `shadow-write-delay`, it is queued
+and written with whatever else the same client sent within the delay. What the
+shadow's socket does not take stays queued until it is writable. One queue holds at most `shadow-buffer` bytes, and all
 the queues of the process together at most `shadow-memory` (BUDGET): a shadow
 connection past either is dropped (counted, logged once) while production carries on
 untouched. Connecting, flushing the queue and reading (and discarding) the
@@ -433,11 +433,13 @@ class _SpareTime:
     finds nothing pending (a libev idle watcher): under a burst, production's part of
     it is served first, and a shadow gets what its client sent meanwhile in one
     write. A loop that never runs out of work writes them at the latest after _LATEST.
-    A chunk that starts a new turn does not wait here (see ShadowSink.feed): under
-    request-reply load that made the shadow answer after the client's next request,
-    which then waited for the answer; a saturated route with a healthy shadow on the
-    same 2 cores kept 0.38-0.39x of its no-shadow req/s that way, 0.46-0.52x with new
-    turns written at once (bench/run.py --only shadow-matrix, bench/results.md).
+    A connection's first chunk does not wait here, nor does a chunk that starts a new
+    turn (see ShadowSink.feed). Waiting made the shadow answer a new turn after the
+    client's next request, which then waited for the answer; a saturated route with a
+    healthy shadow on the same 2 cores kept 0.38-0.39x of its no-shadow req/s that way,
+    0.46-0.52x with new turns written at once (bench/run.py --only shadow-matrix,
+    bench/results.md). A first chunk (with Connection: close, the whole request) saves
+    the copy into the queue and the trip through spare time.
     """
 
     def __init__(self):
@@ -565,10 +567,10 @@ class ShadowSink:
     # --- what the session calls ----------------------------------------------------------
 
     def feed(self, chunk, new_turn: bool = False) -> None:
-        """Write `chunk` to the shadow now if it starts a turn the shadow is ready for,
-        or if nothing else waits for the event loop; else queue a copy of it for spare
-        time (or for the write delay, or for the shadow's answer to the turn before);
-        drop the shadow if its queue would overflow. `new_turn`: production got this
+        """Write `chunk` to the shadow now if it starts a turn the shadow is ready for or
+        the connection, or if nothing else waits for the event loop; else queue a copy
+        of it for spare time (or for the write delay, or for the shadow's answer to the
+        turn before); drop the shadow if its queue would overflow. `new_turn`: production got this
         chunk only after it had answered (see _turns)."""
         state = self.state
         if state != "open" and state != "connecting":
@@ -586,15 +588,17 @@ class ShadowSink:
                 self._calm += 1
                 if self._calm == _CALM_TURNS and not self._lazy:
                     self._read_lazily()
+        first = not self._fed
         self._fed += len(chunk)
         if (state == "open" and not self._write_delay and not self._queue.size
-                and (new_turn or not self._loop.pendingcnt)
+                and (new_turn or first or not self._loop.pendingcnt)
                 and (not turns or self._room() >= len(chunk))):
             # A new turn (one request of a request-reply conversation) has nothing to be
             # batched with, and waiting would make the shadow answer after the client's
-            # next request, which would then wait for it (see _turns): it goes now. A
-            # chunk continuing a stream goes now only if nothing else waits in this turn
-            # of the event loop (no one to go first).
+            # next request, which would then wait for it (see _turns): it goes now; so
+            # does the connection's first chunk (its first request: nothing came before
+            # it). A chunk continuing a stream goes now only if nothing else waits in
+            # this turn of the event loop (no one to go first).
             sent = self._send(chunk)
             if sent is None or sent == len(chunk):
                 return

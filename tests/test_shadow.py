@@ -27,8 +27,13 @@ from backends import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gproxyd.config import make_route
+from gproxyd.observe import Exchanges
 from gproxyd.report import verdict
-from gproxyd.shadow import _Queue
+from gproxyd.settings import address
+from gproxyd.shadow import ShadowSink, _Queue
+from gproxyd.stats import RouteStats
+from gproxyd.upstream import Upstream
 
 MiB = 1024 * 1024
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,6 +246,51 @@ def test_a_busy_event_loop_does_not_keep_the_shadows_waiting(servers, proxy, cap
         assert conn.sha256 == sha256(b"connect\nwhile the loop is busy\n")
     lines = wait_for_lines(caplog, count=2)
     assert [line["shadows"] for line in lines] == [{shadow.address: "done"}] * 2
+
+
+def test_a_connections_first_chunk_goes_to_the_shadow_at_once_even_when_the_loop_is_busy(
+        servers):
+    """A connection's first chunk has nothing before it to be batched with: it is
+    written to a connected shadow from the callback that feeds it, while other events
+    wait in the same turn of the loop (later chunks of a stream wait for spare time).
+    Two sinks are fed from two io callbacks made ready for the same turn: whichever
+    runs first sees the other pending."""
+    route = make_route("test", listen="127.0.0.1:0", production="127.0.0.1:1")
+    stats = RouteStats()
+    production = Upstream(route.production, stats.production,
+                          Exchanges("tcp", stats.production, stats, "test"))
+    shadow = servers.sink()
+    sinks = []
+    for _ in range(2):
+        upstream = Upstream(address(shadow.address), stats.shadow(shadow.address),
+                            Exchanges("tcp", stats.shadow(shadow.address), stats, "test"))
+        sinks.append(ShadowSink(upstream, route, "test", gevent.spawn, production))
+    wait_until(lambda: all(sink.state == "open" for sink in sinks), what="both connected")
+
+    loop = gevent.get_hub().loop
+    pairs = [socket.socketpair() for _ in sinks]
+    seen = []  # (events still pending when fed, bytes written by the time feed returned)
+
+    def feed(sink, watcher):
+        watcher.stop()
+        pending = loop.pendingcnt
+        sink.feed(memoryview(b"first request"))
+        seen.append((pending, sink.upstream.sent.bytes))
+    watchers = [loop.io(pair[1].fileno(), 1) for pair in pairs]
+    for sink, watcher in zip(sinks, watchers):
+        watcher.start(feed, sink, watcher)
+    for pair in pairs:  # no yield in between: both readable in the same turn
+        pair[0].send(b"x")
+    wait_until(lambda: len(seen) == 2, what="both fed")
+
+    assert max(pending for pending, _ in seen) >= 1, "never fed while another event waited"
+    assert [written for _, written in seen] == [13, 13]
+    for sink in sinks:
+        sink.linger(5)
+    assert [sink.state for sink in sinks] == ["done", "done"]
+    for pair in pairs:
+        for end in pair:
+            end.close()
 
 
 # --- shadow-write-delay --------------------------------------------------------------------
