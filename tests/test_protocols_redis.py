@@ -641,3 +641,64 @@ def test_a_command_with_an_empty_name_does_not_let_garbage_pass_later():
         assert framer.feed(b"*1\r\n$0\r\n\r\n" * 2) == ["", ""]
         with pytest.raises(ProtocolError):
             framer.feed(b"*1\r\n$3\r\nGET\r\n*1\r\n$2\r\nxyz\r\n")
+
+
+def _short_replies_both_ways(requests, stream: bytes) -> tuple:
+    """`stream` fed to a fresh framer expecting `requests` (no offsets wanted), whole
+    and byte by byte: (replies, error, replies still expected) each way."""
+    results = []
+    for split in (whole, bytewise):
+        framer = ResponseFramer()
+        for request in requests:
+            framer.expect(request)
+        items, error = run(framer, split(stream))
+        results.append((items, error, len(framer._pending)))
+    return results
+
+
+@pytest.mark.parametrize("requests, stream", [
+    (["SET"] * 16, b"+OK\r\n" * 16),
+    (["GET"] * 16, b"$3\r\nxxx\r\n" * 16),
+    (["SET", "INCR", "GET", "GET", "DEL"],
+     b"+OK\r\n-ERR value is not an integer\r\n$-1\r\n$0\r\n\r\n:1\r\n"),
+    (["GET"] * 3, b"$4\r\n\r\n\r\n\r\n$2\r\n+O\r\n:-12\r\n"),    # framing in the contents
+    (["GET"] * 2, b"+OK\r\n+OK\r\n+OK\r\n"),                     # more replies than asked
+    ([], b"+OK\r\n:1\r\n"),
+    (["GET", "SUBSCRIBE", "GET"], b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n+OK\r\n"),
+    (["GET", "MONITOR", "GET"], b"+OK\r\n+OK\r\n+OK\r\n"),       # leaves request-reply
+    (["GET", "SUBSCRIBE"], b"+OK\r\n-ERR no\r\n"),               # a refused SUBSCRIBE stays
+    (["GET"] * 2, b"+OK\r\n+OK\r"), (["GET"] * 2, b"+OK\r\n$3\r\nxx\r\n"),  # cut short, too short
+    (["GET"] * 2, b"+OK\r\n$100\r\n" + b"v" * 100 + b"\r\n"),   # a bulk string of 100 bytes
+    (["GET"] * 2, b"+OK\r\n:0x1\r\n"), (["GET"] * 2, b"+OK\n+OK\n"),  # bad integer, bare LF
+    (["GET"] * 2, b"+O\rK\r\n+OK\r\n"), (["GET"] * 2, b"+OK\r\n_\r\n"),  # a CR, RESP3's null
+    (["GET"] * 2, b":1\r\n$03\r\nabc\r\n"), (["GET"] * 2, b":1\r\n|1\r\n+a\r\n+b\r\n+OK\r\n"),
+])
+def test_short_replies_in_one_chunk_frame_as_line_by_line(requests, stream):
+    """The one-expression path for a chunk of short replies (a pipeline's answers)
+    gives what feeding them byte by byte gives (which never takes that path)."""
+    whole_way, byte_way = _short_replies_both_ways(requests, stream)
+    assert whole_way == byte_way
+
+
+# Mostly a line's text, sometimes with a CR or LF in it.
+_LINE_TEXT = (st.binary(max_size=20).map(lambda text: text.replace(b"\r", b"").replace(b"\n", b""))
+              | st.binary(max_size=5))
+SHORT_REPLY = st.one_of(
+    st.builds(lambda text: b"+" + text + b"\r\n", _LINE_TEXT),
+    st.builds(lambda text: b"-ERR " + text + b"\r\n", _LINE_TEXT),
+    st.builds(lambda number: b":%d\r\n" % number, st.integers(-10**18, 10**18)),
+    st.builds(lambda data: bulk(data), st.binary(max_size=120)),
+    st.just(b"$-1\r\n"))
+
+
+@FAST
+@given(st.lists(SHORT_REPLY, min_size=1, max_size=20), st.data())
+def test_generated_short_replies_in_one_chunk_frame_as_line_by_line(parts, data):
+    """Runs of short replies, valid and mangled, answering requests that may leave
+    request-reply, whole in one chunk: as byte by byte."""
+    requests = data.draw(st.lists(st.sampled_from(["GET", "SET", "SUBSCRIBE", "MONITOR"]),
+                                  max_size=len(parts) + 1))
+    valid = b"".join(parts)
+    for stream in (valid, data.draw(mutated(valid))):
+        whole_way, byte_way = _short_replies_both_ways(requests, stream)
+        assert whole_way == byte_way

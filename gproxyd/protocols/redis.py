@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from itertools import islice, repeat
 
 from . import ProtocolError, Upgraded
 
@@ -91,6 +92,16 @@ _WHOLE_MAX = 512
 _WHOLE_ITEMS = {kind: (chr(kind), kind == 45) for kind in b"+-:$"}  # what each completes
 _WHOLE_REPLY = re.compile(rb"(?:[+-][^\r\n]*|:[-+]?[0-9]{1,18}|\$-1|\$([0-9]{1,18})\r\n(.*))\r\n",
                           re.S)
+
+# Chunks of several short replies (a pipeline's answers: +OK, -ERR ..., :1, a GET's
+# bulk string, a null), in a chunk of at most _WHOLE_COMMANDS_MAX bytes, framed by one
+# findall(): its group is each reply's type byte. Anything else where a reply should
+# start is matched, to the end of the chunk, as an empty group (which _RUN_ITEMS does
+# not hold): so a chunk is whole replies when every group found is a type. A subset of
+# what the line-by-line path accepts (CRLF line ends, bulk strings of up to 99 bytes).
+_REPLY_RUN = re.compile(rb"(?=([-+:$]))(?:[-+][^\r\n]*\r\n|:[-+]?[0-9]{1,18}\r\n|\$-1\r\n|"
+                        + _small_bulk() + rb")|.+", re.S)
+_RUN_ITEMS = {kind: (chr(kind[0]), kind == b"-") for kind in (b"+", b"-", b":", b"$")}
 
 
 class _LineFramer:
@@ -385,10 +396,15 @@ class ResponseFramer(_LineFramer):
                 out = self._array(data, n)
                 if out is not None:
                     return out
-            elif n <= _WHOLE_MAX:
-                whole = _WHOLE_REPLY.fullmatch(data)
-                if whole is not None:
-                    out = self._whole(data, whole)
+            else:
+                if n <= _WHOLE_MAX:
+                    whole = _WHOLE_REPLY.fullmatch(data)
+                    if whole is not None:
+                        out = self._whole(data, whole)
+                        if out is not None:
+                            return out
+                if n <= _WHOLE_COMMANDS_MAX and self.ends is None:
+                    out = self._replies(data)
                     if out is not None:
                         return out
         out = None
@@ -451,6 +467,28 @@ class ResponseFramer(_LineFramer):
         if self.ends is not None:
             self.ends.append(len(data))
         return [_WHOLE_ITEMS[data[0]]]
+
+    def _replies(self, data) -> list | None:
+        """`data` as whole short replies (see _REPLY_RUN), framed by one regular
+        expression: the replies, or None to leave the chunk to the line-by-line path
+        (anything else, a reply to a command that leaves request-reply). No offsets:
+        a framer that wants them (`ends`) does not call this."""
+        out = list(map(_RUN_ITEMS.get, _REPLY_RUN.findall(data)))
+        if None in out:
+            return None
+        pending = self._pending
+        count = len(out)
+        if count >= len(pending):
+            if not _LEAVES_REQUEST_REPLY.isdisjoint(pending):
+                return None
+            pending.clear()
+        else:
+            if not _LEAVES_REQUEST_REPLY.isdisjoint(islice(pending, count)):
+                return None
+            popleft = pending.popleft
+            for _ in repeat(None, count):
+                popleft()
+        return out
 
     def _array(self, data, n: int) -> list | None:
         """`data` as one whole array of bulk strings of one length (LRANGE over values
