@@ -115,16 +115,10 @@ class Channel:
         """Call `callback(events)` once a non-blocking connect has ended (Connecting):
         WRITE alone is a connect that worked; READ too, a failed one (an error makes the
         socket readable) or data already there. The watcher is the reader's afterwards
-        (_connect_ended): one watcher and one fcntl (gevent checks each new watcher's
-        descriptor) less a connection."""
+        (Connecting._writable makes it one): one watcher and one fcntl (gevent checks
+        each new watcher's descriptor) less a connection."""
         self._reader = reader = self._hub.loop.io(self.fd, _READ | _WRITE)
         reader.start(callback, pass_events=True)
-
-    def _connect_ended(self) -> None:
-        reader = self._reader
-        if reader is not None:  # else the connect was watched by a writer
-            reader.stop()
-            reader.events = _READ
 
     def stamp_arrivals(self) -> None:
         """Have the kernel stamp each arriving segment (SO_TIMESTAMPNS): read with
@@ -284,7 +278,10 @@ class Connecting:
         them (a watcher of writes only), or with READ among them, SO_ERROR says how."""
         self._timer.stop()
         channel = self._channel
-        channel._connect_ended()
+        watcher = channel._reader
+        if watcher is not None:  # else the connect was watched by a writer
+            watcher.stop()
+            watcher.events = _READ  # the reader's from now on
         if events == _WRITE:  # connected: a failed connect is readable too (EPOLLERR)
             self._channel = None
             self._on_done(channel, None)

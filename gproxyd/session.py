@@ -476,7 +476,8 @@ class Session:
             deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
             for sink in self.shadows:
                 sink.linger(max(0.0, deadline - time.monotonic()))
-        self._log_line()
+        if log.isEnabledFor(logging.INFO):
+            self._log_line()
 
     def finish_then(self, on_done: Callable[[], None]) -> None:
         """finish() without blocking, from the hub, for a session without hooks:
@@ -484,7 +485,8 @@ class Session:
         deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
         self._unsettled = len(self.shadows)
         if not self._unsettled:
-            self._log_line()
+            if log.isEnabledFor(logging.INFO):
+                self._log_line()
             on_done()
             return
         settled = partial(self._settled, on_done)
@@ -494,28 +496,29 @@ class Session:
     def _settled(self, on_done: Callable[[], None]) -> None:
         self._unsettled -= 1
         if not self._unsettled:
-            self._log_line()
+            if log.isEnabledFor(logging.INFO):
+                self._log_line()
             on_done()
 
     def _log_line(self) -> None:
-        if log.isEnabledFor(logging.INFO):
-            duration = time.monotonic() - self.started
-            shadows = "".join(f" shadow[{sink.address}]={sink.state}"
-                              + (f"({sink.why})" if sink.why else "") for sink in self.shadows)
-            # The same as keys of their own, for log-format = json.
-            fields = {"route": self.route.name, "client": self.peer,
-                      "production": self._destination.text,
-                      "duration": round(duration, 6), "up": self.production.sent.bytes,
-                      "down": self.production.received.bytes,
-                      "shadows": {sink.address.text: {"outcome": sink.state,
-                                                      "why": sink.why or None}
-                                  for sink in self.shadows},
-                      "close": self.reason or EOF}
-            log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "
-                     "close=%s", self.route.name, self.peer, self._destination,
-                     duration, self.production.sent.bytes,
-                     self.production.received.bytes, shadows, self.reason or EOF,
-                     extra={"fields": fields})
+        """The connection's line (the caller has checked that INFO is logged)."""
+        duration = time.monotonic() - self.started
+        shadows = "".join(f" shadow[{sink.address}]={sink.state}"
+                          + (f"({sink.why})" if sink.why else "") for sink in self.shadows)
+        # The same as keys of their own, for log-format = json.
+        fields = {"route": self.route.name, "client": self.peer,
+                  "production": self._destination.text,
+                  "duration": round(duration, 6), "up": self.production.sent.bytes,
+                  "down": self.production.received.bytes,
+                  "shadows": {sink.address.text: {"outcome": sink.state,
+                                                  "why": sink.why or None}
+                              for sink in self.shadows},
+                  "close": self.reason or EOF}
+        log.info("route=%s client=%s production=%s duration=%.3fs up=%d down=%d%s "
+                 "close=%s", self.route.name, self.peer, self._destination,
+                 duration, self.production.sent.bytes,
+                 self.production.received.bytes, shadows, self.reason or EOF,
+                 extra={"fields": fields})
 
 
 def _nothing() -> None:

@@ -494,6 +494,15 @@ class ShadowSink:
     carried on, or its answers differ from production's in size or error rate; see
     _divergence). `why` says more, for the log line.
     """
+    # One a shadow connection: no instance dict to fill, and none for the cycle
+    # collector to traverse while the connection lives.
+    __slots__ = ("upstream", "_reference", "_reference_sent", "_divergence_share", "why",
+                 "address", "name", "_limit", "_stats", "_label", "_queue", "budget_step",
+                 "budget_entry", "_send_buffer", "_write_delay", "_delay_timer", "_loop",
+                 "_waiting", "_eof", "_written_eof", "_answered", "_channel", "_ended",
+                 "state", "alive", "_turns", "_fed", "_gate_mark", "_received_when_written",
+                 "_turn_timeout", "_keeps_turns", "_lazy", "_calm", "_stamped",
+                 "_turn_timer", "_settle", "_on_answer", "_answers", "_answer_greenlet")
 
     def __init__(self, upstream: Upstream, route: Route, label: str, spawn: Callable,
                  reference: Upstream, on_answer: Callable | None = None):
@@ -1036,7 +1045,8 @@ class ShadowSink:
         BUDGET.let_go(self, cause)
         if cause is not None:
             self._stats.drops[cause] = self._stats.drops.get(cause, 0) + 1
-        self._queue.clear()
+        if self._queue.size:  # else it holds nothing
+            self._queue.clear()
         if self._send_buffer:
             BUDGET.release_send_buffer(self._send_buffer)
             self._send_buffer = 0
