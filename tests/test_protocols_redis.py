@@ -702,3 +702,38 @@ def test_generated_short_replies_in_one_chunk_frame_as_line_by_line(parts, data)
     for stream in (valid, data.draw(mutated(valid))):
         whole_way, byte_way = _short_replies_both_ways(requests, stream)
         assert whole_way == byte_way
+
+
+@pytest.mark.parametrize("requests, stream", [
+    (["INCR"] * 21, b"".join(b":%d\r\n" % number for number in range(-10, 11))),
+    (["GET"] * 5, b"$3\r\nabc\r\n$-1\r\n$0\r\n\r\n$2\r\n\r\n\r\n$99\r\n" + b"v" * 99 + b"\r\n"),
+    (["SET"] * 15, b"+OK\r\n" * 16), (["SET"] * 17, b"+OK\r\n" * 16),  # one more, one fewer
+    (["SET"] * 7 + ["SUBSCRIBE"] + ["SET"] * 8, b"+OK\r\n" * 16),
+    (["MONITOR", "GET"], b"+OK\r\n+OK\r\n"),
+    (["GET"] * 4, b"$3\r\nabc\r\n" * 3 + b"$100\r\n" + b"v" * 100 + b"\r\n"),
+    (["GET"] * 4, b"$3\r\nabc\r\n" * 3 + b"+OK\r\n"), (["SET"] * 4, b"+OK\r\n" * 3 + b"-ERR\r\n"),
+    (["SET"] * 2, b"+OK\r\n+OK"), (["SET"] * 2, b"+OK\r\n+OK\r\n\r\n"),
+])
+def test_answers_of_one_type_in_one_chunk_frame_as_line_by_line(requests, stream):
+    """The few-matches path for a chunk answering every request expected with replies
+    of one type, none an error, gives what feeding them byte by byte gives."""
+    whole_way, byte_way = _short_replies_both_ways(requests, stream)
+    assert whole_way == byte_way
+
+
+@FAST
+@given(st.sampled_from([b"+", b":", b"$"]), st.integers(1, 40), st.data())
+def test_generated_answers_of_one_type_frame_as_line_by_line(kind, count, data):
+    """Runs of replies of one type answering as many requests (some of which may leave
+    request-reply), valid and mangled, whole in one chunk: as byte by byte."""
+    one = {b"+": SHORT_REPLY.filter(lambda reply: reply[:1] == b"+"),
+           b":": st.builds(lambda number: b":%d\r\n" % number, st.integers(-10**18, 10**18)),
+           b"$": st.builds(lambda data: bulk(data), st.binary(max_size=100)) | st.just(b"$-1\r\n")}
+    valid = b"".join(data.draw(one[kind]) for _ in range(count))
+    requests = ["GET"] * count
+    if data.draw(st.booleans()):
+        requests[data.draw(st.integers(0, count - 1))] = data.draw(
+            st.sampled_from(["SUBSCRIBE", "MONITOR"]))
+    for stream in (valid, data.draw(mutated(valid))):
+        whole_way, byte_way = _short_replies_both_ways(requests, stream)
+        assert whole_way == byte_way

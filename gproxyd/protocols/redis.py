@@ -102,6 +102,15 @@ _WHOLE_REPLY = re.compile(rb"(?:[+-][^\r\n]*|:[-+]?[0-9]{1,18}|\$-1|\$([0-9]{1,1
 _REPLY_RUN = re.compile(rb"(?=([-+:$]))(?:[-+][^\r\n]*\r\n|:[-+]?[0-9]{1,18}\r\n|\$-1\r\n|"
                         + _small_bulk() + rb")|.+", re.S)
 _RUN_ITEMS = {kind: (chr(kind[0]), kind == b"-") for kind in (b"+", b"-", b":", b"$")}
+# A pipeline's answers of one type, none an error (a run of SETs' +OK, of GETs' bulk
+# strings of up to 99 bytes or nulls, of INCRs' integers): checked 16, 4 or 1 at a time
+# by a regular expression, with no object per reply. A subset of _REPLY_RUN's.
+_SAME_REPLIES = {
+    kind: tuple((block, re.compile(rb"(?:%s){%d}" % (element, block), re.S))
+                for block in (16, 4, 1))
+    for kind, element in ((ord("+"), rb"\+[^\r\n]*\r\n"), (ord(":"), rb":[-+]?[0-9]{1,18}\r\n"),
+                          (ord("$"), rb"(?:\$-1\r\n|" + _small_bulk() + rb")"))}
+_SAME_ITEMS = {kind: (chr(kind), False) for kind in _SAME_REPLIES}
 
 
 class _LineFramer:
@@ -404,7 +413,9 @@ class ResponseFramer(_LineFramer):
                         if out is not None:
                             return out
                 if n <= _WHOLE_COMMANDS_MAX and self.ends is None:
-                    out = self._replies(data)
+                    out = self._same(data, n)
+                    if out is None:
+                        out = self._replies(data)
                     if out is not None:
                         return out
         out = None
@@ -467,6 +478,30 @@ class ResponseFramer(_LineFramer):
         if self.ends is not None:
             self.ends.append(len(data))
         return [_WHOLE_ITEMS[data[0]]]
+
+    def _same(self, data, n: int) -> list | None:
+        """`data` as the answers to every request expected, two or more, all of one
+        type and none an error (see _SAME_REPLIES): the replies, or None to leave the
+        chunk to the other paths (anything else, an answer to a command that leaves
+        request-reply). No offsets: a framer that wants them does not call this."""
+        pending = self._pending
+        count = len(pending)
+        runs = _SAME_REPLIES.get(data[0])
+        if count < 2 or runs is None:
+            return None
+        pos = 0
+        left = count
+        for block, run in runs:
+            while left >= block:
+                match = run.match(data, pos)
+                if match is None:
+                    return None
+                pos = match.end()
+                left -= block
+        if pos != n or not _LEAVES_REQUEST_REPLY.isdisjoint(pending):
+            return None
+        pending.clear()
+        return [_SAME_ITEMS[data[0]]] * count
 
     def _replies(self, data) -> list | None:
         """`data` as whole short replies (see _REPLY_RUN), framed by one regular
