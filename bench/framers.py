@@ -3,12 +3,18 @@
 redis-benchmark's SET/GET/LRANGE_100), one message per feed (request-reply) and 16
 (pipelined). Prints CPU microseconds per message, the best of several repeats.
 
-    .venv/bin/python bench/framers.py [--repeat 7] [--messages 20000]
+    .venv/bin/python bench/framers.py [--repeat 7] [--messages 20000] [--observer]
 
 httptools and hiredis are optional: a missing one shows as n/a. What each does per
 message is what a passive observer needs at least: the HTTP request's method, the
 answer's status; the command's name, the reply's type and whether it is an error. Their
 limits for passive framing are in the notes printed at the end.
+
+--observer also measures the whole observer on redis-benchmark's traffic
+(Exchanges.sent and received, framers and records included), driven as the relay
+drives it: 50 connections in turn, each chunk a memoryview of one shared buffer, the
+send and arrival times passed in; what the relay does itself (the copy into the
+buffer, the slice, the clock) is measured alone and subtracted.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gproxyd.observe import Exchanges  # noqa: E402
 from gproxyd.protocols import new_framers  # noqa: E402
+from gproxyd.stats import RouteStats  # noqa: E402
 
 try:
     import httptools
@@ -155,10 +163,58 @@ def measure(make, case, batch: int, messages: int, repeat: int) -> float | None:
     return best
 
 
+# redis-benchmark's (-c 50): (name, one write of commands, the chunk answering it, commands)
+PIPELINES = [
+    ("-P1 SET", SET, REPLY_OK, 1),
+    ("-P16 SET", SET * 16, REPLY_OK * 16, 16),
+    ("-P16 GET", GET_CMD * 16, REPLY_GET * 16, 16),
+    ("LRANGE 0 99", LRANGE, REPLY_LRANGE, 1),
+]
+CONNECTIONS = 50
+
+
+def measure_observer(pipeline, use_native: bool, messages: int, repeat: int) -> float:
+    """CPU us per command of the whole observer (see --observer), best of `repeat`."""
+    _, request, reply, commands = pipeline
+    buffer = bytearray(max(len(request), len(reply)))
+    view = memoryview(buffer)
+    rounds = max(1, messages // (commands * CONNECTIONS))
+    best = None
+    for _ in range(repeat):
+        stats = RouteStats()
+        observers = [Exchanges("redis", stats.production, stats, "bench", use_native=use_native)
+                     for _ in range(CONNECTIONS)]
+        start = time.process_time()
+        for _ in range(rounds):
+            for observer in observers:
+                buffer[:len(request)] = request
+                observer.sent(view[:len(request)], time.monotonic())
+            for observer in observers:
+                buffer[:len(reply)] = reply
+                observer.received(view[:len(reply)], time.monotonic())
+        elapsed = time.process_time() - start
+        start = time.process_time()
+        for _ in range(rounds):
+            for observer in observers:
+                buffer[:len(request)] = request
+                view[:len(request)], time.monotonic()
+            for observer in observers:
+                buffer[:len(reply)] = reply
+                view[:len(reply)], time.monotonic()
+        elapsed -= time.process_time() - start
+        assert stats.production.requests == rounds * CONNECTIONS * commands, pipeline[0]
+        assert stats.parser_fallbacks == 0, pipeline[0]
+        per = elapsed * 1e6 / (rounds * CONNECTIONS * commands)
+        best = per if best is None or per < best else best
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--observer", action="store_true",
+                        help="also the whole observer on redis-benchmark's pipelines")
     args = parser.parse_args()
     versions = [f"python {sys.version.split()[0]}",
                 f"httptools {httptools.__version__}" if httptools else "httptools n/a",
@@ -176,6 +232,16 @@ def main() -> None:
             ratio = f"{both / mine:.2f}" if both is not None else "n/a"
             print(f"| {case[0]} | {batch} | {mine:.2f} | {shown(theirs)} | {shown(both)} "
                   f"| {ratio} |")
+    if args.observer:
+        print(f"\nThe whole observer, CPU us per command, best of {args.repeat} "
+              f"(redis-benchmark -c {CONNECTIONS})\n")
+        print("| pipeline | pure Python | hiredis in front |")
+        print("|---|---:|---:|")
+        for pipeline in PIPELINES:
+            pure_us = measure_observer(pipeline, False, args.messages, args.repeat)
+            both = (measure_observer(pipeline, True, args.messages, args.repeat)
+                    if hiredis is not None else None)
+            print(f"| {pipeline[0]} | {pure_us:.2f} | {shown(both)} |")
 
 
 def shown(value: float | None) -> str:
