@@ -273,12 +273,12 @@ class RequestFramer(_LineFramer):
         if len(found) == 1:  # request-reply: no list of names to map
             name = found[0]
             return [_NAMES.get(name) or _name(name)] if name else None
-        out = list(map(_NAMES.get, found))
-        if None in out:
-            if b"" in found:  # not whole commands (or one with an empty name)
+        try:
+            return list(map(_NAMES.__getitem__, found))
+        except KeyError:  # a name not seen yet, or not whole commands
+            if b"" in found:  # (or a command with an empty name)
                 return None
-            out = list(map(_name, found))
-        return out
+            return list(map(_name, found))
 
     def _small_at(self, data, n: int) -> list | None:
         """_small(), with where each command starts and ends."""
@@ -508,8 +508,9 @@ class ResponseFramer(_LineFramer):
         expression: the replies, or None to leave the chunk to the line-by-line path
         (anything else, a reply to a command that leaves request-reply). No offsets:
         a framer that wants them (`ends`) does not call this."""
-        out = list(map(_RUN_ITEMS.get, _REPLY_RUN.findall(data)))
-        if None in out:
+        try:
+            out = list(map(_RUN_ITEMS.__getitem__, _REPLY_RUN.findall(data)))
+        except KeyError:  # not whole short replies
             return None
         pending = self._pending
         count = len(out)
