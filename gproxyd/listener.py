@@ -247,11 +247,13 @@ class Listener:
         self._none_lingering = Event()
         self._none_lingering.set()
         self._sampler = random.Random(route.shadow_seed)
+        self._on_session_end = self._ended  # bound once, not a method object a session
         self._listening = sock or bind(route.listen, mode=route.listen_mode,
                                        owner=route.listen_owner)
         # The server calls _handle in the hub, with no greenlet: most sessions never need
         # one. Those that do (hooks, host names) and lingering shadows run in this pool.
         self._greenlets = Pool()
+        self._spawn = self._greenlets.spawn  # bound once, not a method object a session
         self._server = _Server(self._listening, self._handle, spawn=None)
         self._reaper: gevent.Greenlet | None = None
         self._last_rejection_log = 0.0
@@ -542,7 +544,7 @@ class Listener:
                                          self._sampler.random() < route.shadow_sample)
         try:
             session = Session(route, channel, peer,
-                              self.stats, mirror, self.hooks, self._greenlets.spawn,
+                              self.stats, mirror, self.hooks, self._spawn,
                               self.archive if route.archive else None, found)
         except BaseException:
             channel.close()  # do_close() leaves it to the session, and there is none
@@ -555,7 +557,7 @@ class Listener:
         self.stats.total += 1
         if tls is not None:
             tls.secure(session)  # production-tls, shadow-tls
-        session.start(self._ended)
+        session.start(self._on_session_end)
 
     def _ended(self, session: Session) -> None:
         """A session closed its client and production (maybe from a libev callback)."""

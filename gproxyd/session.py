@@ -51,7 +51,7 @@ def _describe(error: BaseException) -> str:
 
 class Session:
     __slots__ = ("route", "client", "peer", "stats", "production", "shadows", "started",
-                 "reason", "dispatch", "_spawn", "_idle_mark", "_production_failed",
+                 "reason", "dispatch", "_spawn", "_idle_bytes", "_idle_since", "_production_failed",
                  "_client_writes", "_production_done", "_on_end", "_candidates",
                  "_answered_mark", "_filter", "_archive", "_destination", "_unsettled")
 
@@ -80,7 +80,9 @@ class Session:
                                    f"route {route.name}: production")
         self.started = time.monotonic()
         self.reason = ""
-        self._idle_mark = (0, self.started)
+        # Bytes moved and since when, as idle_seconds() last saw them (two numbers, not
+        # a tuple: nothing for the cycle collector to track while the connection lives).
+        self._idle_bytes, self._idle_since = 0, self.started
         self._production_failed = False
         self._production_done = False
         self._candidates: list[Address] | tuple = ()  # production's addresses left
@@ -102,10 +104,10 @@ class Session:
                                          [address.text for address in shadows],
                                          self._reply, self.abort)
             self._client_writes = Semaphore()
-        self.shadows: list[ShadowSink] = []
+        sinks = []
         for address in shadows:
             backend = stats.shadow(address.text)
-            self.shadows.append(ShadowSink(
+            sinks.append(ShadowSink(
                 Upstream(address, backend,
                          Exchanges(route.protocol, backend, stats,
                                    f"{label} shadow {address.text}", route.observe_max_header,
@@ -113,6 +115,9 @@ class Session:
                          f"route {route.name}: shadow"),
                 route, label, spawn, self.production,
                 self._shadow_answer if hooks is not None else None))
+        # Without shadows, the empty tuple every session shares: no list kept (and
+        # tracked by the cycle collector) a connection.
+        self.shadows: list[ShadowSink] | tuple[()] = sinks or ()
         self._filter: RequestFilter | None = None
         if self.shadows and self.production.observer.watching:
             comparison = self._pair_answers()
@@ -254,9 +259,9 @@ class Session:
     def idle_seconds(self, now: float) -> float:
         """How long no byte has moved either way, as seen at successive calls."""
         moved = self.production.sent.bytes + self.production.received.bytes
-        if moved != self._idle_mark[0]:
-            self._idle_mark = (moved, now)
-        return now - self._idle_mark[1]
+        if moved != self._idle_bytes:
+            self._idle_bytes, self._idle_since = moved, now
+        return now - self._idle_since
 
     # --- without hooks: libev callbacks ------------------------------------------------
 

@@ -346,7 +346,9 @@ class _Queue:
     __slots__ = ("_pieces", "size", "held")
 
     def __init__(self):
-        self._pieces: deque = deque()   # bytes, and then _Blocks
+        # bytes, and then _Blocks; made at the first append (most shadows of short
+        # connections never queue: no deque kept for them)
+        self._pieces: deque | tuple[()] = ()
         self.size = 0
         self.held = 0
 
@@ -356,6 +358,8 @@ class _Queue:
         if not size:
             return
         pieces = self._pieces
+        if type(pieces) is tuple:
+            pieces = self._pieces = deque()
         self.size += size
         last = pieces[-1] if pieces else None
         if type(last) is _Block:
@@ -420,7 +424,7 @@ class _Queue:
         for piece in self._pieces:
             if type(piece) is _Block:
                 piece.release()
-        self._pieces.clear()
+        self._pieces = ()
         self.size = 0
         self.held = 0
 
@@ -543,7 +547,7 @@ class ShadowSink:
         # after it had answered. The shadow gets the bytes from such an offset on only
         # once it has answered too (or after shadow-turn-timeout): handshakes then reach
         # it as they reached production (PostgreSQL's SSLRequest, then StartupMessage).
-        self._turns: deque = deque()
+        self._turns: deque | tuple[()] = ()  # a deque from the first turn that waits
         self._fed = 0               # bytes of the client stream given to feed()
         self._gate_mark = -1        # answer bytes when the turn's gate was reached
         self._received_when_written = 0  # answer bytes when all fed bytes were written
@@ -588,10 +592,10 @@ class ShadowSink:
         if new_turn and self._keeps_turns:
             upstream = self.upstream
             if self._fed != upstream.sent.bytes:
-                turns.append(self._fed)  # its gate: once the bytes before are written
+                turns = self._gate(self._fed)  # once the bytes before are written
             elif (upstream.received.bytes <= self._received_when_written
                     and not (self._lazy and self._read_now())):
-                turns.append(self._fed)  # all written, no answer since: wait for one
+                turns = self._gate(self._fed)  # all written, no answer since: wait for one
                 self._gate_mark = self._received_when_written
             else:  # it has answered since all before was written: nothing to wait for
                 self._calm += 1
@@ -869,6 +873,14 @@ class ShadowSink:
             self._pass_eof()
 
     # --- turns -----------------------------------------------------------------------------
+
+    def _gate(self, offset: int) -> deque:
+        """A turn starts at `offset` of the client stream; the turns waiting."""
+        turns = self._turns
+        if type(turns) is tuple:
+            turns = self._turns = deque()
+        turns.append(offset)
+        return turns
 
     def _room(self) -> int:
         """How many more bytes the shadow may be given now (turns permitting)."""
