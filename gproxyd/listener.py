@@ -547,7 +547,7 @@ class Listener:
                               self.stats, mirror, self.hooks, self._spawn,
                               self.archive if route.archive else None, found)
         except BaseException:
-            channel.close()  # do_close() leaves it to the session, and there is none
+            channel.close()  # the session would own it, and there is none
             raise
         if self.recorder is not None:
             session.production.observer.record_in(Recording(self._current_recorder))
