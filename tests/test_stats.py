@@ -219,3 +219,18 @@ def test_a_value_recorded_with_a_count_is_that_many_values_recorded_one_by_one(r
     assert [grouped.latency.percentile(share) for share in SHARES] == \
         [single.latency.percentile(share) for share in SHARES]
     assert grouped.snapshot() == single.snapshot()
+
+
+def test_every_value_up_to_twice_the_looked_up_range_lands_in_its_bucket():
+    """Values below ~16 ms find their bucket in a table, larger ones by arithmetic:
+    each whole microsecond on both sides of the seam lands in the bucket whose bounds
+    hold it."""
+    histogram = Histogram()
+    values = range(2 * 16384 + 100)
+    for micros in values:
+        histogram.record((micros + 0.5) / 1e6)
+    for index, hits in enumerate(histogram.counts):
+        if hits:
+            low, high = Histogram._bounds(index)
+            assert hits == len(range(low, min(high, len(values))))
+    assert histogram.count == len(values)
