@@ -272,24 +272,25 @@ class Direction:
                 self._flush_pipe()
             else:
                 sending = monotonic() if self.clocked else 0.0
+                chunk = _shared_view[:received]  # one view for the send and the tap
                 try:
-                    sent = self.dst.sock.send(_shared_view[:received])
+                    sent = self.dst.sock.send(chunk)
                 except BlockingIOError:
                     sent = 0
                 except OSError as error:
                     raise Broken(self.dst, error) from None
                 if sent < received:
-                    self.pending = _shared_view[sent:received].tobytes()
+                    self.pending = chunk[sent:].tobytes()
                     self._wait_for_dst()
                 if self.tap is not None:
                     # After production has it: a shadow's loopback write (which runs
                     # the shadow's wake-up in our syscall) must not delay production.
                     if self.stamped:
-                        self.tap(_shared_view[:received], arrival(ancillary))
+                        self.tap(chunk, arrival(ancillary))
                     elif self.clocked:
-                        self.tap(_shared_view[:received], sending)
+                        self.tap(chunk, sending)
                     else:
-                        self.tap(_shared_view[:received])
+                        self.tap(chunk)
             self.bulk = received >= SMALL and self.tap is None
             if not self.bulk and self.pipe is not None and not self.piped:
                 _pipes.give(self.pipe)

@@ -963,11 +963,10 @@ class ShadowSink:
             counter.first = monotonic()
             self._read_lazily()
         counter.bytes += received
-        chunk = memoryview(discard_buffer)[:received]
         if observer.watching:
-            observer.received(chunk, arrived)
+            observer.received(memoryview(discard_buffer)[:received], arrived)
         if self._answers is not None:
-            self._answers.put(bytes(chunk))
+            self._answers.put(bytes(memoryview(discard_buffer)[:received]))
         if self._turns:
             self._answered_turn()
 
