@@ -645,28 +645,35 @@ REDIS_ERROR = b"-ERR busy\r\n"
 
 
 @st.composite
-def pipelined_conversation(draw) -> list:
+def pipelined_conversation(draw, whole_runs: bool = False) -> list:
     """Writes of 1 to 20 commands and chunks of their replies (some errors), each piece
     at a time after the one before or at the same time, some cut in two: [(direction,
-    bytes, when in µs, [completions: (kind, is_error) per answer or None per request])]."""
+    bytes, when in µs, [completions: (kind, is_error) per answer or None per request])].
+    `whole_runs`: mostly writes of one command, answered all at once without errors in
+    one chunk (the framers' path for answers of one type)."""
     steps, owed, now = [], [], 0
     for _ in range(draw(st.integers(1, 30))):
         if owed and draw(st.booleans()):
-            count = draw(st.integers(1, len(owed)))
+            whole = whole_runs and draw(st.booleans())
+            count = len(owed) if whole else draw(st.integers(1, len(owed)))
             answered, owed = owed[:count], owed[count:]
-            errors = draw(st.lists(st.booleans(), min_size=count, max_size=count))
+            errors = ([False] * count if whole else
+                      draw(st.lists(st.booleans(), min_size=count, max_size=count)))
             replies = [REDIS_ERROR if error else REDIS_REPLIES[kind]
                        for kind, error in zip(answered, errors, strict=True)]
             steps.append(("received", replies, errors))
         else:
-            kinds = draw(st.lists(st.integers(0, 2), min_size=1, max_size=20))
+            if whole_runs and draw(st.booleans()):
+                kinds = [draw(st.integers(0, 2))] * draw(st.integers(1, 20))
+            else:
+                kinds = draw(st.lists(st.integers(0, 2), min_size=1, max_size=20))
             owed += kinds
             steps.append(("sent", [REDIS_COMMANDS[kind] for kind in kinds], None))
     timed = []
     for direction, messages, errors in steps:
         data = b"".join(messages)
         ends = list(itertools.accumulate(map(len, messages)))
-        cut = draw(st.integers(0, len(data)))
+        cut = 0 if whole_runs and draw(st.booleans()) else draw(st.integers(0, len(data)))
         for begin, end in ((0, cut), (cut, len(data))):
             if begin == end:
                 continue
@@ -697,12 +704,13 @@ def answer_by_answer(conversation) -> tuple:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conversation=pipelined_conversation(), use_native=st.booleans())
+@given(conversation=st.booleans().flatmap(pipelined_conversation), use_native=st.booleans())
 def test_the_answers_of_a_chunk_recorded_at_once_count_as_one_by_one(conversation,
                                                                     use_native):
     """Pipelines written at once, answered in chunks of any size (from one write or
-    several, cut anywhere, some errors): requests, errors, every histogram bucket, the
-    maximum and what is still owed are what recording each answer on its own gives."""
+    several, cut anywhere, some errors; or all at once, of one type): requests, errors,
+    every histogram bucket, the maximum and what is still owed are what recording each
+    answer on its own gives."""
     route_stats = RouteStats()
     observer = Exchanges("redis", route_stats.production, route_stats, "test",
                          use_native=use_native)
