@@ -10,10 +10,12 @@ offsets where each ends are wanted (`ends`, `starts`), interim (1xx) and upgrade
 answers, an answer to HEAD or CONNECT, short Redis replies (Python is as fast), replies
 after HELLO (RESP3, which hiredis reads otherwise), subscriptions, anything the C
 parser rejects. A framer whose chunks miss twice stops trying the C parser: its
-connection does not fit it. Two Redis cases go to the Python framer's one-pass scans
+connection does not fit it. Three Redis cases go to the Python framer's one-pass scans
 before hiredis, which are faster still: whole commands of up to 9 short arguments (one
-regular expression per chunk, offsets included), and an array of bulk strings of one
-length (LRANGE: a slice per framing byte, no object per element).
+regular expression per chunk, offsets included), an array of bulk strings of one
+length (LRANGE: a slice per framing byte, no object per element), and the answers to
+every command expected, all of one type and none an error (a pipeline of SETs or
+GETs: a regular expression 16 replies at a time, no object per reply).
 
 Where the C parsers are more lenient than the Python framers, the checks here close
 the gaps known (the request and status lines, commands of bulk strings only, RESP2
@@ -328,6 +330,10 @@ class RedisResponseFramer(_Native):
             return py.feed(data)
         if data[0] == 42:  # "*": an array of bulk strings of one length is faster so
             out = py._array(data, n)
+            if out is not None:
+                return out
+        elif py.ends is None:  # a pipeline's answers of one type: faster so
+            out = py._same(data, n)
             if out is not None:
                 return out
         if n > 4 * redis.MAX_DEPTH and _aggregates(data) > redis.MAX_DEPTH:
