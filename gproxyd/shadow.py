@@ -346,9 +346,7 @@ class _Queue:
     __slots__ = ("_pieces", "size", "held")
 
     def __init__(self):
-        # bytes, and then _Blocks; made at the first append (most shadows of short
-        # connections never queue: no deque kept for them)
-        self._pieces: deque | tuple[()] = ()
+        self._pieces: deque = deque()   # bytes, and then _Blocks
         self.size = 0
         self.held = 0
 
@@ -358,8 +356,6 @@ class _Queue:
         if not size:
             return
         pieces = self._pieces
-        if type(pieces) is tuple:
-            pieces = self._pieces = deque()
         self.size += size
         last = pieces[-1] if pieces else None
         if type(last) is _Block:
@@ -424,9 +420,14 @@ class _Queue:
         for piece in self._pieces:
             if type(piece) is _Block:
                 piece.release()
-        self._pieces = ()
+        self._pieces.clear()
         self.size = 0
         self.held = 0
+
+
+# What a shadow connection that has not queued anything reads as its queue (sizes 0);
+# never appended to: most shadows of short connections write everything at once.
+_NOTHING_QUEUED = _Queue()
 
 
 class _SpareTime:
@@ -525,7 +526,7 @@ class ShadowSink:
         self._limit = route.shadow_buffer
         self._stats = upstream.stats
         self._label = label
-        self._queue = _Queue()
+        self._queue = _NOTHING_QUEUED  # its own _Queue from the first chunk it queues
         self.budget_step = 0        # BUDGET's bookkeeping: the step of its newest heap entry,
         self.budget_entry = None    # and what its heap entries hold (see _Budget)
         self._send_buffer = 0       # the kernel send buffer BUDGET granted its socket
@@ -642,6 +643,8 @@ class ShadowSink:
         """Queue a copy of `chunk`; False if that dropped this shadow connection (past
         shadow-buffer, or the furthest behind when shadow-memory is full)."""
         queue = self._queue
+        if queue is _NOTHING_QUEUED:
+            queue = self._queue = _Queue()
         size = len(chunk)
         if queue.size + size > self._limit:
             self.drop("over-buffer", f"more than {self._limit} bytes waiting (shadow-buffer)")
