@@ -31,7 +31,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from .compare import Capture, Comparison
-from .protocols import SHAREABLE, ProtocolError, Upgraded, new_framers
+from .protocols import FRAMERS, SHAREABLE, ProtocolError, Upgraded, new_framers
 from .protocols.shared import RequestFollower, SharedRequests
 from .relay import Counter
 from .stats import BackendStats, RouteStats
@@ -67,7 +67,8 @@ class Exchanges:
         self.stats = stats
         self.route_stats = route_stats
         self.label = label
-        framers = new_framers(protocol, max_head, shared, use_native)
+        framers = (new_framers(protocol, max_head, shared, use_native)
+                   if protocol in FRAMERS else None)  # tcp: no call a connection
         self._requests = framers[0] if framers else None
         self._responses = framers[1] if framers else None
         # sent() and received() want the bytes: framed, and after a fallback measuring
@@ -254,7 +255,8 @@ class Exchanges:
         """The backend's side is done: `sent`/`received` are its byte counters; `error`
         if it ended by a reset or failure. `owed_answers` (shadows): requests still
         unanswered are counted as timeouts, not as answered requests."""
-        self._stop_recording()
+        if self._recording is not None:
+            self._stop_recording()
         self.stats.bytes_sent += sent.bytes
         self.stats.bytes_received += received.bytes
         if error:
