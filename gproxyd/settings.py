@@ -514,8 +514,9 @@ ROUTE_OPTIONS: tuple[Option, ...] = (
     Option("shadow-write-delay", duration, "0",
            "Longest a client byte may wait before it is written to a shadow; what the same "
            "client sends meanwhile goes out in the same write. 0 (the default): a chunk "
-           "goes to the shadows right after production when it starts a new turn (see "
-           "shadow-turn-timeout) or nothing else waits in the event loop, else once the "
+           "goes to the shadows right after production when it is the connection's first, "
+           "starts a new turn (see shadow-turn-timeout) or nothing else waits in the event "
+           "loop, else once the "
            "loop has served what was waiting (production first), at the latest 2 ms "
            "later. A few ms (e.g. 5ms) always batches: fewer "
            "shadow writes, each request reaches the shadow that much later.", "DURATION"),
