@@ -195,10 +195,10 @@ def measure_observer(pipeline, use_native: bool, messages: int, repeat: int) -> 
         elapsed = time.process_time() - start
         start = time.process_time()
         for _ in range(rounds):
-            for observer in observers:
+            for _observer in observers:
                 buffer[:len(request)] = request
                 view[:len(request)], time.monotonic()
-            for observer in observers:
+            for _observer in observers:
                 buffer[:len(reply)] = reply
                 view[:len(reply)], time.monotonic()
         elapsed -= time.process_time() - start

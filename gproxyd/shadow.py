@@ -8,8 +8,9 @@ a connection's first chunk; any other chunk is written at once when nothing else
 in this turn of the event loop, else queued and written once the loop has served what
 was waiting (production first; see _SpareTime); with `shadow-write-delay`, it is queued
 and written with whatever else the same client sent within the delay. What the
-shadow's socket does not take stays queued until it is writable. One queue holds at most `shadow-buffer` bytes, and all
-the queues of the process together at most `shadow-memory` (BUDGET): a shadow
+shadow's socket does not take stays queued until it is writable. One queue holds at
+most `shadow-buffer` bytes, and all the queues of the process together at most
+`shadow-memory` (BUDGET): a shadow
 connection past either is dropped (counted, logged once) while production carries on
 untouched. Connecting, flushing the queue and reading (and discarding) the
 shadow's answers are driven by libev callbacks on the shadow's own socket: no greenlet

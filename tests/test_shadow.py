@@ -277,7 +277,7 @@ def test_a_connections_first_chunk_goes_to_the_shadow_at_once_even_when_the_loop
         sink.feed(memoryview(b"first request"))
         seen.append((pending, sink.upstream.sent.bytes))
     watchers = [loop.io(pair[1].fileno(), 1) for pair in pairs]
-    for sink, watcher in zip(sinks, watchers):
+    for sink, watcher in zip(sinks, watchers, strict=True):
         watcher.start(feed, sink, watcher)
     for pair in pairs:  # no yield in between: both readable in the same turn
         pair[0].send(b"x")
