@@ -83,17 +83,24 @@ class Stack:
         self.url = f"http://{self.admin.address}/"
         self.session = requests.Session()
         self.sent = 0
+        self._sending = False
         self._client: gevent.Greenlet | None = None
 
     def start_traffic(self, rate: float = 80.0) -> None:
+        self._sending = True
+
         def send():
-            while True:
+            while self._sending:
                 self.get(f"/items/{self.sent}")
                 gevent.sleep(1 / rate)
         self._client = gevent.spawn(send)
 
     def stop_traffic(self) -> None:
+        """After the request in flight, if any: killed in the middle of one, the client
+        would not count a request that production answered and /stats counts."""
         if self._client is not None:
+            self._sending = False
+            self._client.join(timeout=10)
             self._client.kill()
             self._client = None
 
