@@ -487,16 +487,14 @@ class Session:
     def finish_then(self, on_done: Callable[[], None]) -> None:
         """finish() without blocking, from the hub, for a session without hooks:
         `on_done()` once every shadow's outcome is decided and the line is logged."""
-        deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
-        self._unsettled = len(self.shadows)
-        if not self._unsettled:
-            if log.isEnabledFor(logging.INFO):
-                self._log_line()
-            on_done()
-            return
-        settled = partial(self._settled, on_done)
-        for sink in self.shadows:
-            sink.linger_then(max(0.0, deadline - time.monotonic()), settled)
+        # One count per shadow, and one for this call: done once all have settled.
+        self._unsettled = len(self.shadows) + 1
+        if self.shadows:
+            deadline = time.monotonic() + self.route.shadow_linger  # one for all shadows
+            settled = partial(self._settled, on_done)
+            for sink in self.shadows:
+                sink.linger_then(max(0.0, deadline - time.monotonic()), settled)
+        self._settled(on_done)
 
     def _settled(self, on_done: Callable[[], None]) -> None:
         self._unsettled -= 1

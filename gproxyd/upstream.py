@@ -140,10 +140,7 @@ class Upstream:
         if self._closed:
             return
         self._closed = True
-        self._on_connected = None  # cancel(), inline: once a connection
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
+        self.cancel()
         if self.channel is not None:
             self.channel.close()
             self.observer.closed(self.sent, self.received, error, owed_answers)
