@@ -28,6 +28,21 @@ is shown beside it.
 
 Targets: p99 with a healthy shadow at most 1.2x the plain route's, with a stalled one at
 most 1.1x.
+
+The shadow's load (CONTROL): on one machine the healthy shadow's nginx shares the CPUs of
+production's nginx and of the sender, so part of the healthy route's ratio is the shadow
+backend's own work, which a shadow on another host would not add. The plain route is
+measured again while a second sender offers the same rate straight to the shadow's
+nginx: its p99 over the plain route's is that share (an upper bound: the second sender
+costs CPU too), and the healthy route's p99 over its p99 is what mirroring in gproxyd
+adds on top.
+
+The A/A route (AGAIN): a second gproxyd with the plain route's configuration, measured in
+the same rounds. Its pooled p99 over the plain route's is what this machine makes of two
+identical routes; a shadow ratio closer to 1 than that is not a measured difference.
+On the 2-CPU benchmark VM (December 2026) two identical routes read 0.49x and 0.77x
+apart (the p99 of 50 connections at ~14k req/s is decided by a few of the machine's
+stalls; one route's 4 s rounds spread from 0.34 to 1.59 ms).
 """
 from __future__ import annotations
 
@@ -66,6 +81,10 @@ POOLED = ((0.99, "p99 ms"), (0.999, "p99.9 ms"))
 ROUTES = (("gproxyd", "none"), ("gproxyd+healthy", "healthy"),
           ("gproxyd+stalled", "stalled"))
 TARGETS = {"healthy": 1.2, "stalled": 1.1}   # p99 ÷ none, at most
+# The plain gproxyd again, with a second sender loading the shadow's nginx (see above).
+CONTROL = "gproxyd+shadow-load"
+# A second gproxyd with the plain route, for the A/A check (see above).
+AGAIN = "gproxyd-again"
 ROWS = (("achieved", "achieved req/s", 0), ("p50_ms", "p50 ms", 3),
         ("p90_ms", "p90 ms", 3), ("p99_ms", "p99 ms", 3), ("p999_ms", "p99.9 ms", 3),
         ("max_ms", "max ms", 2), ("lag_p50_ms", "sender late, p50 ms", 3),
@@ -73,7 +92,8 @@ ROWS = (("achieved", "achieved req/s", 0), ("p50_ms", "p50 ms", 3),
         ("waited", "requests that waited for a free connection", 0),
         ("errors", "errors + unanswered", 0), ("cpu_us", "gproxyd CPU us/req", 1),
         ("cpu_user_us", "...of which user space", 1),
-        ("queued_kib", "kernel-queued towards the shadow at the end, KiB", 0))
+        ("queued_kib", "kernel-queued towards the shadow at the end, KiB", 0),
+        ("load_achieved", "second sender straight to the shadow's nginx, req/s", 0))
 
 
 class OpenLoop(Section):
@@ -122,9 +142,15 @@ class OpenLoop(Section):
             self.error = "no saturation run of the plain route finished"
             return
         self.knee = self.find_knee(rig)
+        plain = rig.targets["gproxyd"]
+        rig.targets[CONTROL] = Target(
+            CONTROL, "the plain route, while a second sender offers the same rate straight "
+            "to the shadow's nginx", http_port=plain.http_port, proc=plain.proc)
+        self.start_again(rig)
         # direct: the sender straight to nginx, the control: what the machine and the
         # sender make of the latency with no proxy at all.
-        targets = ["direct"] + [name for source in self.sources for name in self.names(source)]
+        targets = ["direct"] + [name for source in self.sources
+                                for name in self.names(source)] + [AGAIN, CONTROL]
         for point, share, of in POINTS:
             base = self.knee if of == "knee" else self.saturation
             if not base:
@@ -171,6 +197,20 @@ class OpenLoop(Section):
         return (result["rate"] >= 0.97 * rate
                 and result["waited_for_connection"] < 0.01 * due
                 and result["p99_ms"] <= KNEE_P99 * calm_p99)
+
+    def start_again(self, rig: Rig) -> None:
+        """AGAIN: a gproxyd of its own with the plain route, the same code."""
+        target = rig.targets[AGAIN] = Target(AGAIN, "the plain route again, another gproxyd")
+        target.http_port = free_port()
+        conf = os.path.join(rig.workdir, "again.conf")
+        with open(conf, "w") as handle:
+            handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port, ())]))
+        try:
+            target.proc, target.log = start_gproxyd(rig, AGAIN, conf, rig.gproxyd_source,
+                                                    [target.http_port])
+            rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
+        except BenchError as error:
+            target.error = str(error)
 
     def start_before(self, rig: Rig) -> None:
         """The three routes again, each a gproxyd of its own, as committed at BEFORE."""
@@ -221,8 +261,12 @@ class OpenLoop(Section):
     def measure(self, rig: Rig, target: Target, rate: int, point: str) -> dict[str, Any]:
         pid = target.pid
         latencies = os.path.join(rig.workdir, "openloop-latencies")
+        load = self.load_shadow(rig, rate) if target.name == CONTROL else None
         user, system = tree_cpu_times(pid) if pid else (0.0, 0.0)
-        result = self.send(rig, target, rate, rig.args.duration, latencies)
+        try:
+            result = self.send(rig, target, rate, rig.args.duration, latencies)
+        finally:
+            shadow_load = self.finish_load(load) if load else None
         user_after, system_after = tree_cpu_times(pid) if pid else (0.0, 0.0)
         with open(latencies, "rb") as handle:
             self.pooled.setdefault((target.name, point), array("I")).frombytes(handle.read())
@@ -237,7 +281,31 @@ class OpenLoop(Section):
                           cpu_user_us=per(user_after - user, result["answered"]))
         if target.shadow_port:
             values["queued_kib"] = shadow_queues(target.shadow_port)[1] // 1024
+        if shadow_load is not None:
+            values["load_achieved"] = shadow_load["rate"]
         return values
+
+    def load_shadow(self, rig: Rig, rate: int) -> subprocess.Popen:
+        """The control's second sender: RATE straight to the shadow's nginx, for as long
+        as the measured run."""
+        argv = [self.sender, str(rig.shadow_nginx_port), str(rate),
+                f"{rig.args.duration:g}", str(CONNECTIONS), str(POST_BODY_SIZE)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True,
+                                preexec_fn=child_setup(rig.load_cpus))
+
+    @staticmethod
+    def finish_load(load: subprocess.Popen) -> dict[str, Any]:
+        try:
+            out, err = load.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            load.communicate()
+            raise BenchError("the control's second sender did not finish in time") from None
+        if load.returncode != 0:
+            raise BenchError(f"the control's second sender failed (exit {load.returncode}): "
+                             f"{err.strip()[-200:]}")
+        return json.loads(out)
 
     # -- the report
 
@@ -257,6 +325,8 @@ class OpenLoop(Section):
             for name, (_, label) in zip(self.names(source), ROUTES, strict=True):
                 columns.append(name)
                 head.append(label if len(self.sources) == 1 else f"{source}: {label}")
+        columns += [AGAIN, CONTROL]
+        head += ["none, again (A/A)", "none + the shadow's load"]
         rows = [head]
         for metric, label, digits in ROWS:
             rows.append([label] + [fmt(rig.median(name, f"{key}.{metric}"), digits)
@@ -273,7 +343,18 @@ class OpenLoop(Section):
                                                 point, share),
                                  self.pooled_ms(names[0], point, share))
                     row += ["", "", cell] if which == "stalled" else ["", cell, ""]
-                rows.append(row)
+                rows.append(row + ["", ""])
+        for share, label in POOLED:
+            plain = self.pooled_ms("gproxyd", point, share)
+            loaded = self.pooled_ms(CONTROL, point, share)
+            blank = [""] * (1 + 3 * len(self.sources))
+            rows.append([f"{label} none again / none, pooled (A/A)"] + blank
+                        + [ratio(self.pooled_ms(AGAIN, point, share), plain), ""])
+            rows.append([f"{label} none + the shadow's load / none, pooled"] + blank
+                        + ["", ratio(loaded, plain)])
+            rows.append([f"{label} healthy / none + the shadow's load, pooled"] + blank
+                        + ["", ratio(self.pooled_ms("gproxyd+healthy", point, share),
+                                     loaded)])
         for metric in ("p50_ms", "p99_ms"):
             for which in ("healthy", "stalled"):
                 row = [f"{metric[:3]} {which} / none: of medians; median of rounds' ratios",
@@ -287,7 +368,7 @@ class OpenLoop(Section):
                     if each:
                         cell += f"; {statistics.median(each):.2f}"
                     row += ["", "", cell] if which == "stalled" else ["", cell, ""]
-                rows.append(row)
+                rows.append(row + ["", ""])
         return rows
 
     def pooled_ms(self, name: str, point: str, share: float) -> float | None:
@@ -316,6 +397,26 @@ class OpenLoop(Section):
                                  f"{got:.2f} (target <= {limit:g}: "
                                  f"{'met' if got <= limit else 'NOT met'}; of the rounds' "
                                  f"medians {of_medians}; rounds: {each})")
+        plain = self.pooled_ms("gproxyd", point, 0.99)
+        again = self.pooled_ms(AGAIN, point, 0.99)
+        if plain and again:
+            aa = again / plain
+            spread = max(aa, 1 / aa)
+            trusted = spread <= min(TARGETS.values())
+            lines.append(f"{describe(point)}: A/A, p99 of a second plain route / the plain "
+                         f"route's, pooled = {aa:.2f}: "
+                         + ("identical routes read within the targets' margins"
+                            if trusted else "identical routes differ by more than the "
+                            f"targets' margins: a ratio between {1 / spread:.2f} and "
+                            f"{spread:.2f} is this machine's noise, not a measured "
+                            "difference"))
+        loaded = self.pooled_ms(CONTROL, point, 0.99)
+        healthy = self.pooled_ms("gproxyd+healthy", point, 0.99)
+        if plain and loaded and healthy:
+            lines.append(f"{describe(point)}: the shadow's load alone (the plain route while a "
+                         f"second sender loads the shadow's nginx) makes p99 "
+                         f"{loaded / plain:.2f}x the plain route's; the healthy route is "
+                         f"{healthy / loaded:.2f}x that: what mirroring in gproxyd adds")
         return lines
 
     def intro(self, rig: Rig) -> str:
