@@ -27,6 +27,7 @@ theirs imports the lifecycle.
 """
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import os
@@ -61,6 +62,13 @@ from ..systemd import sd_notify, watchdog_interval
 log = logging.getLogger("gproxyd")
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+# The collector's youngest generation is collected after this many allocations of objects
+# it tracks (Python's default is 700). A proxied connection's objects are freed by their
+# reference counts, not by the collector, but with the default a collection came every
+# ~45 connections and walked every live connection's objects: 4.4 us of a connection
+# with a shadow (37 us of Python), 0.8 us of one without (#19).
+YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
 class StartError(Exception):
@@ -160,6 +168,17 @@ def _is_loopback(host: str) -> bool:
 def set_process_title(title: str) -> None:
     """What ps and /proc/PID/cmdline show for this process (workers and arbiter)."""
     setproctitle(title)
+
+
+def settle_collector() -> None:
+    """Once serving: collect what start-up left over, keep everything it built (modules,
+    config, routes, hooks) out of the collector's passes for good (gc.freeze: a full
+    collection then walks what came since, not ~30,000 start-up objects), and collect
+    the youngest generation every YOUNG_COLLECTION_THRESHOLD allocations. Garbage in
+    reference cycles is still collected, after more allocations than by default."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def describe_route(route: Route) -> str:
@@ -298,6 +317,7 @@ class MainProcess(Lifecycle):
         if interval:
             gevent.spawn(self._watchdog, interval)
         gevent.spawn(self._log_summaries)
+        settle_collector()
         log.info("gproxyd ready: %s", ready)
         sd_notify("READY=1\nSTATUS=serving")
 

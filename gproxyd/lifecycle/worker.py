@@ -29,7 +29,7 @@ from ..config import Config
 from ..exitcodes import EX_CONFIG, EX_FAILURE, EX_OK
 from ..hooks import HookLoadError, HookSet, load_route_hooks
 from ..listener import adopt_listening
-from . import Lifecycle, StartError, listen_key, set_process_title
+from . import Lifecycle, StartError, listen_key, set_process_title, settle_collector
 from .serving import Listeners
 
 log = logging.getLogger("gproxyd")
@@ -117,6 +117,7 @@ class Worker(Lifecycle):
         self.install_signal_handlers()
         self._set_title()
         gevent.spawn(self._report_until_orphaned)
+        settle_collector()
 
     def install_signal_handlers(self) -> None:
         super().install_signal_handlers()
