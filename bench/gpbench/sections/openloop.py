@@ -200,17 +200,8 @@ class OpenLoop(Section):
 
     def start_again(self, rig: Rig) -> None:
         """AGAIN: a gproxyd of its own with the plain route, the same code."""
-        target = rig.targets[AGAIN] = Target(AGAIN, "the plain route again, another gproxyd")
-        target.http_port = free_port()
-        conf = os.path.join(rig.workdir, "again.conf")
-        with open(conf, "w") as handle:
-            handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port, ())]))
-        try:
-            target.proc, target.log = start_gproxyd(rig, AGAIN, conf, rig.gproxyd_source,
-                                                    [target.http_port])
-            rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
-        except BenchError as error:
-            target.error = str(error)
+        start_route(rig, Target(AGAIN, "the plain route again, another gproxyd"),
+                    rig.gproxyd_source, ())
 
     def start_before(self, rig: Rig) -> None:
         """The three routes again, each a gproxyd of its own, as committed at BEFORE."""
@@ -225,19 +216,7 @@ class OpenLoop(Section):
             target = Target(f"before:{name}", f"{name} at {self.before}")
             if "stalled" in name:
                 target.shadow_port = rig.stall_port
-            rig.targets[target.name] = target
-            target.http_port = free_port()
-            conf = os.path.join(rig.workdir, f"before-{name}.conf")
-            lines = (f"shadow = {shadow}",) if shadow else ()
-            with open(conf, "w") as handle:
-                handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port,
-                                                lines)]))
-            try:
-                target.proc, target.log = start_gproxyd(rig, target.name, conf, code,
-                                                        [target.http_port])
-                rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
-            except BenchError as error:
-                target.error = str(error)
+            start_route(rig, target, code, (f"shadow = {shadow}",) if shadow else ())
 
     def send(self, rig: Rig, target: Target, rate: int, seconds: float,
              latencies: str = "") -> dict[str, Any]:
@@ -454,6 +433,23 @@ class OpenLoop(Section):
             lines += ["", f"at {describe(point)}, {rate:,} req/s offered:",
                       text_table(self.table(rig, point)), *self.verdict(rig, point)]
         return lines
+
+
+def start_route(rig: Rig, target: Target, code: str, lines: tuple[str, ...]) -> None:
+    """TARGET (added to the rig): a gproxyd of its own, from the source tree CODE, with
+    one route to nginx configured by LINES, warmed up; a failure to start is the
+    target's error."""
+    rig.targets[target.name] = target
+    target.http_port = free_port()
+    conf = os.path.join(rig.workdir, f"{target.name.replace(':', '-')}.conf")
+    with open(conf, "w") as handle:
+        handle.write(gproxyd_conf((), [("http", target.http_port, rig.nginx_port, lines)]))
+    try:
+        target.proc, target.log = start_gproxyd(rig, target.name, conf, code,
+                                                [target.http_port])
+        rig.wrk.run(target, "/small", 10, 1, rig.wrk.script())
+    except BenchError as error:
+        target.error = str(error)
 
 
 def measurement(point: str) -> str:
